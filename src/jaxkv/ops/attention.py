@@ -1,0 +1,223 @@
+"""Causal attention of new queries over what a cache holds, read block by block.
+
+A cache's ``concatenate_to_cache`` returns a ``CachedKV``: one or more ``KVSegment``\\ s (runs of
+key/value slots with their absolute positions) plus the positions of the new queries. ``attention``
+scans each segment in blocks of ``block_size`` slots with an online (streaming) softmax, and the
+number of blocks is a *dynamic* loop trip count taken from the live length, so a decode step costs
+what the live context costs, not what the cache capacity costs.
+
+Masking is by absolute position: a query at position ``q`` sees a key at position ``k`` when
+``0 <= k <= q`` and, with a sliding window ``W``, ``q - k < W``. Slots with position ``-1`` are
+empty; queries with position ``-1`` are padding and produce zeros.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxkv.abstracts import pytree_dataclass, static_field
+
+DEFAULT_BLOCK_SIZE = 256
+
+
+@pytree_dataclass
+class KVSegment:
+    """A run of key/value slots that attention reads.
+
+    Attributes:
+        keys: ``[batch, slots, key_heads, key_dim]``.
+        values: ``[batch, slots, value_heads, value_dim]``.
+        positions: ``[batch, slots]`` int32 absolute position of each slot, ``-1`` when empty; or
+            ``None``, meaning slot ``s`` holds position ``s`` (a contiguous cache).
+        live: ``[batch]`` int32; only slots ``[0, live)`` can hold keys. Attention scans
+            ``ceil(max(live) / block_size)`` blocks.
+        stored_as: the float dtype ``keys``/``values`` hold as raw bits (static), or ``None``
+            when they are plain float arrays. Caches keep 16-bit floats as ``uint16`` words so
+            that XLA's CPU backend updates them in place; blocks are bit-cast back when read.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    positions: jax.Array | None
+    live: jax.Array
+    stored_as: np.dtype | None = static_field(None)
+
+
+@pytree_dataclass
+class CachedKV:
+    """What attention needs from a cache after a write (returned by ``concatenate_to_cache``).
+
+    Attributes:
+        segments: the key/value runs to attend over, in any order.
+        query_positions: ``[batch, new_tokens]`` int32 absolute position of each new query,
+            ``-1`` for padding.
+        overflow: ``[batch]`` bool; ``True`` where the write did not fit the cache. That row's
+            write was dropped (nothing cached was overwritten) and its outputs are meaningless.
+        sliding_window: the cache's window (static), or ``None``.
+    """
+
+    segments: tuple[KVSegment, ...]
+    query_positions: jax.Array
+    overflow: jax.Array
+    sliding_window: int | None = static_field(None)
+
+
+def _combine_windows(first: int | None, second: int | None) -> int | None:
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return min(first, second)
+
+
+def attention(
+    query: jax.Array,
+    kv: CachedKV,
+    *,
+    scale: float | None = None,
+    logit_soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> jax.Array:
+    """Causal grouped-query attention of ``query`` over a cache's ``CachedKV``.
+
+    Args:
+        query: ``[batch, new_tokens, query_heads, key_dim]``; ``query_heads`` must be a multiple of
+            the key heads and of the value heads.
+        kv: the ``CachedKV`` returned by the cache's ``concatenate_to_cache``.
+        scale: multiplier of the logits; default ``key_dim ** -0.5``.
+        logit_soft_cap: if set, logits become ``cap * tanh(logits / cap)``.
+        sliding_window: an extra window on top of the cache's own (the smaller wins).
+        block_size: key slots read per loop step.
+
+    Returns:
+        ``[batch, new_tokens, query_heads, value_dim]`` in ``query.dtype``; softmax and
+        accumulation run in float32 whatever the storage dtype. Padding queries give zeros.
+    """
+    if query.ndim != 4:
+        raise ValueError(
+            f"attention: query must be [batch, new_tokens, query_heads, key_dim], "
+            f"got shape {query.shape}"
+        )
+    if not kv.segments:
+        raise ValueError("attention: kv has no segments to attend over")
+    batch, new_tokens, query_heads, key_dim = query.shape
+    first = kv.segments[0]
+    key_heads, value_heads = first.keys.shape[2], first.values.shape[2]
+    value_dim = first.values.shape[3]
+    if first.keys.shape[3] != key_dim:
+        raise ValueError(
+            f"attention: query key_dim {key_dim} does not match the cache's key_dim "
+            f"{first.keys.shape[3]}"
+        )
+    if query_heads % key_heads or query_heads % value_heads:
+        raise ValueError(
+            f"attention: query_heads={query_heads} must be a multiple of key_heads={key_heads} "
+            f"and value_heads={value_heads}"
+        )
+    if kv.query_positions.shape != (batch, new_tokens):
+        raise ValueError(
+            f"attention: query is [batch={batch}, new_tokens={new_tokens}, ...] but the cache "
+            f"wrote positions of shape {kv.query_positions.shape}"
+        )
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"attention: block_size must be a positive int, got {block_size!r}")
+    if logit_soft_cap is not None and not logit_soft_cap > 0:
+        raise ValueError(f"attention: logit_soft_cap must be > 0, got {logit_soft_cap!r}")
+    window = _combine_windows(kv.sliding_window, sliding_window)
+    if scale is None:
+        scale = 1.0 / math.sqrt(key_dim)
+
+    # When key and value head counts differ, attend per query head (groups of one).
+    grouped = key_heads == value_heads
+    heads = key_heads if grouped else query_heads
+    groups = query_heads // heads
+    q = query.astype(jnp.float32) * scale
+    q = q.reshape(batch, new_tokens, heads, groups, key_dim)
+
+    state = (
+        jnp.full((batch, heads, groups, new_tokens), -jnp.inf, jnp.float32),
+        jnp.zeros((batch, heads, groups, new_tokens), jnp.float32),
+        jnp.zeros((batch, heads, groups, new_tokens, value_dim), jnp.float32),
+    )
+    for segment in kv.segments:
+        state = _scan_segment(
+            q,
+            kv.query_positions,
+            segment,
+            state,
+            heads=heads,
+            window=window,
+            soft_cap=logit_soft_cap,
+            block_size=block_size,
+        )
+    _, denominator, accumulator = state
+    out = accumulator / jnp.where(denominator > 0, denominator, 1.0)[..., None]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, new_tokens, query_heads, value_dim)
+    return out.astype(query.dtype)
+
+
+def _expand_heads(block: jax.Array, heads: int) -> jax.Array:
+    """``[batch, slots, h, dim]`` -> ``[batch, slots, heads, dim]`` by repeating each head."""
+    if block.shape[2] == heads:
+        return block
+    return jnp.repeat(block, heads // block.shape[2], axis=2)
+
+
+def _scan_segment(q, query_positions, segment, state, *, heads, window, soft_cap, block_size):
+    """Online-softmax pass over the live blocks of one segment.
+
+    q: ``[batch, new_tokens, heads, groups, key_dim]`` float32, pre-scaled.
+    state: running max ``m``, denominator ``l`` ``[batch, heads, groups, new_tokens]`` and
+    accumulator ``[batch, heads, groups, new_tokens, value_dim]``.
+    """
+    slots = segment.keys.shape[1]
+    block = min(block_size, slots)
+    live = jnp.minimum(jnp.max(segment.live), slots)
+    num_blocks = (live + block - 1) // block
+    offsets = jnp.arange(block, dtype=jnp.int32)
+    query_pos = query_positions[:, :, None]  # [batch, new_tokens, 1]
+
+    def body(index, carry):
+        running_max, denominator, accumulator = carry
+        nominal_start = index * block
+        # The last block may be shifted left to stay in bounds; slots it re-reads are masked.
+        start = jnp.minimum(nominal_start, slots - block)
+        keys = lax.dynamic_slice_in_dim(segment.keys, start, block, axis=1)
+        values = lax.dynamic_slice_in_dim(segment.values, start, block, axis=1)
+        if segment.stored_as is not None:
+            keys = lax.bitcast_convert_type(keys, segment.stored_as)
+            values = lax.bitcast_convert_type(values, segment.stored_as)
+        keys = _expand_heads(keys, heads).astype(jnp.float32)
+        values = _expand_heads(values, heads).astype(jnp.float32)
+        slot_ids = start + offsets  # [block]
+        if segment.positions is None:
+            key_pos = jnp.broadcast_to(slot_ids, (keys.shape[0], block))
+        else:
+            key_pos = lax.dynamic_slice_in_dim(segment.positions, start, block, axis=1)
+        valid = (slot_ids >= nominal_start)[None, :] & (slot_ids[None, :] < segment.live[:, None])
+        valid &= key_pos >= 0
+        key_pos = key_pos[:, None, :]  # [batch, 1, block]
+        visible = valid[:, None, :] & (key_pos <= query_pos) & (query_pos >= 0)
+        if window is not None:
+            visible &= query_pos - key_pos < window
+        logits = jnp.einsum("bthgd,bshd->bhgts", q, keys)
+        if soft_cap is not None:
+            logits = soft_cap * jnp.tanh(logits / soft_cap)
+        logits = jnp.where(visible[:, None, None, :, :], logits, -jnp.inf)
+        new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
+        safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+        probs = jnp.exp(logits - safe_max[..., None])
+        correction = jnp.exp(running_max - safe_max)
+        denominator = denominator * correction + jnp.sum(probs, axis=-1)
+        accumulator = accumulator * correction[..., None] + jnp.einsum(
+            "bhgts,bshd->bhgtd", probs, values
+        )
+        return new_max, denominator, accumulator
+
+    return lax.fori_loop(0, num_blocks, body, state)

@@ -1,0 +1,48 @@
+"""Host-side bookkeeping of the paged KV cache, in plain Python and NumPy.
+
+`PageManager` decides which device page each token of each sequence goes to, shares identical
+prompt prefixes through a hash-keyed prefix cache, forks sequences with copy-on-write, and produces
+the `StepMetadata` arrays a jitted device step consumes. Nothing here imports JAX.
+"""
+
+from jaxkv.pages.allocator import PageAllocator
+from jaxkv.pages.errors import (
+    CapacityError,
+    DuplicateSequenceError,
+    OutOfPagesError,
+    PagesError,
+    SchedulingError,
+    StepPendingError,
+    UnknownSequenceError,
+)
+from jaxkv.pages.manager import PageManager, PageStats, SequenceInfo
+from jaxkv.pages.prefix_cache import ROOT_HASH, CachedPage, PrefixCache
+from jaxkv.pages.step import (
+    StepMetadata,
+    StepRow,
+    build_step_metadata,
+    default_token_buckets,
+    select_bucket,
+)
+
+__all__ = [
+    "CachedPage",
+    "CapacityError",
+    "DuplicateSequenceError",
+    "OutOfPagesError",
+    "PageAllocator",
+    "PageManager",
+    "PageStats",
+    "PagesError",
+    "PrefixCache",
+    "ROOT_HASH",
+    "SchedulingError",
+    "SequenceInfo",
+    "StepMetadata",
+    "StepPendingError",
+    "StepRow",
+    "UnknownSequenceError",
+    "build_step_metadata",
+    "default_token_buckets",
+    "select_bucket",
+]

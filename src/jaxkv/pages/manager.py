@@ -1,0 +1,828 @@
+"""`PageManager`: which device page holds each token of each sequence.
+
+The device keeps the KV of every sequence in one pool of `num_pages` pages of `page_size` tokens.
+The manager owns the host-side truth about that pool: a page allocator (free queue + refcounts), a
+prefix cache (digest -> full computed page, LRU of unreferenced cached pages) and, per sequence,
+its token ids, how many of them already have KV on the device (`num_computed`) and its page table.
+
+Life of a step:
+
+1. `add_sequence(seq_id, prompt)` reuses cached full pages of the prompt (prefix hits start the
+   sequence's `num_computed` past them) and returns the number of hit tokens. It allocates nothing.
+2. `schedule([(seq_id, num_new_tokens), ...])` allocates the pages the new tokens need, copies
+   shared partially filled pages on first write (copy-on-write), and returns a `StepMetadata` (the
+   device arrays, including the copy ops to apply before the writes). The step is now pending.
+3. The device runs the step (copies, then writes KV at `slot_mapping`, then attention).
+4. `commit_step(step)` marks the new tokens computed and registers newly full pages in the prefix
+   cache. After sampling, `append_tokens(seq_id, [token])` extends a sequence; the next decode step
+   schedules it with `num_new_tokens=1`.
+
+One step is pending at a time. While it is pending, `schedule` raises `StepPendingError`, and so do
+`fork` and `append_tokens` of a sequence in that step; `add_sequence`, `free` and all reads are
+allowed (a sequence freed while pending is skipped at commit). Once scheduled, a step must run and
+be committed: its copy ops have already been folded into the page tables.
+
+Every public method validates its arguments first and either succeeds or raises leaving the manager
+exactly as it was (compare `snapshot()` before and after).
+
+Invariants (checked by `check_invariants`, written down where the data lives):
+
+- every page is exactly one of: free (in the allocator's free queue, refcount 0, not cached),
+  evictable (cached, refcount 0, in the prefix cache's LRU) or in use (refcount > 0);
+- a page's refcount equals the number of live sequences whose page table holds it, and no page
+  table holds a page twice;
+- every cached page's digest matches its recorded contents, and a sequence holding a cached page
+  at index i has exactly those token ids at positions `i * page_size ...`;
+- a sequence holds `ceil(end / page_size)` pages where `end` is `num_computed` (plus its pending
+  new tokens while a step is pending), and never more than `max_pages_per_seq`;
+- once every sequence is freed, `num_free_pages + num_evictable_pages == num_pages` (no leak).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from jaxkv.pages.allocator import PageAllocator
+from jaxkv.pages.errors import (
+    CapacityError,
+    DuplicateSequenceError,
+    OutOfPagesError,
+    SchedulingError,
+    StepPendingError,
+    UnknownSequenceError,
+)
+from jaxkv.pages.prefix_cache import ROOT_HASH, PrefixCache
+from jaxkv.pages.step import (
+    StepMetadata,
+    StepRow,
+    build_step_metadata,
+    default_token_buckets,
+    select_bucket,
+    validate_token_buckets,
+)
+
+MAX_TOKEN_ID = 2**31 - 1
+"""Token ids travel to the device as int32."""
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _positive_int(argument: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{argument} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _token_list(argument: str, token_ids: object, *, allow_empty: bool) -> list[int]:
+    if isinstance(token_ids, str | bytes) or not isinstance(token_ids, Iterable):
+        raise TypeError(f"{argument} must be a sequence of int token ids, got {token_ids!r:.80}")
+    tokens = list(token_ids)
+    if not tokens and not allow_empty:
+        raise ValueError(f"{argument} must hold at least one token id, got an empty sequence")
+    for index, token in enumerate(tokens):
+        if isinstance(token, bool) or not isinstance(token, int | np.integer):
+            raise TypeError(f"{argument}[{index}] must be an int token id, got {token!r}")
+        if not 0 <= token <= MAX_TOKEN_ID:
+            raise ValueError(
+                f"{argument}[{index}]={token} is out of range; expected 0 <= id <= {MAX_TOKEN_ID}"
+            )
+    return [int(token) for token in tokens]
+
+
+def _salt_bytes(cache_salt: object) -> bytes:
+    if cache_salt is None:
+        return b""
+    if isinstance(cache_salt, str):
+        cache_salt = cache_salt.encode("utf-8")
+    if not isinstance(cache_salt, bytes) or not cache_salt:
+        raise ValueError(f"cache_salt must be None or a non-empty str/bytes, got {cache_salt!r}")
+    return cache_salt
+
+
+def _hashable_id(argument: str, seq_id: object) -> Hashable:
+    try:
+        hash(seq_id)
+    except TypeError:
+        raise TypeError(f"{argument} must be hashable, got {seq_id!r}") from None
+    return seq_id
+
+
+@dataclass
+class _Sequence:
+    """Mutable per-sequence state (internal).
+
+    `tokens[:num_computed]` have KV on the device; `pages[i]` holds positions
+    `i * page_size .. (i + 1) * page_size - 1`; `page_hashes[i]` is the chained digest of full
+    page i, kept for the first `num_computed // page_size` pages when prefix caching is on.
+    """
+
+    seq_id: Hashable
+    tokens: list[int]
+    num_computed: int
+    pages: list[int]
+    salt: bytes
+    page_hashes: list[bytes]
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+    def copy(self, seq_id: Hashable) -> _Sequence:
+        return _Sequence(
+            seq_id=seq_id,
+            tokens=list(self.tokens),
+            num_computed=self.num_computed,
+            pages=list(self.pages),
+            salt=self.salt,
+            page_hashes=list(self.page_hashes),
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_cached_tokens=self.num_cached_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class SequenceInfo:
+    """A read-only view of one sequence.
+
+    Attributes:
+        seq_id: its id.
+        token_ids: every known token id (prompt, then appended).
+        num_computed: how many of them have KV on the device.
+        page_ids: its page table, in position order.
+        num_prompt_tokens: prompt length at `add_sequence`.
+        num_cached_tokens: prompt tokens served by the prefix cache at `add_sequence`.
+        cache_salt: the salt it was added with (bytes), or None.
+    """
+
+    seq_id: Hashable
+    token_ids: tuple[int, ...]
+    num_computed: int
+    page_ids: tuple[int, ...]
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    cache_salt: bytes | None
+
+
+@dataclass(frozen=True)
+class PageStats:
+    """Pool occupancy and prefix-cache counters.
+
+    Attributes:
+        num_pages: pages in the pool.
+        num_used_pages: pages held by at least one sequence.
+        num_evictable_pages: cached pages nobody holds (reusable, evicted on demand).
+        num_free_pages: pages in the free queue.
+        num_cached_pages: pages registered in the prefix cache (held or evictable).
+        num_seqs: live sequences.
+        prefix_queries: `add_sequence` calls that consulted the prefix cache.
+        prefix_query_tokens: prompt tokens those calls asked about.
+        prefix_hit_tokens: prompt tokens served from the cache.
+        prefix_hit_rate: `prefix_hit_tokens / prefix_query_tokens` (0.0 before any query).
+        num_evictions: cached pages evicted to make room.
+        num_copies: copy-on-write page copies issued.
+    """
+
+    num_pages: int
+    num_used_pages: int
+    num_evictable_pages: int
+    num_free_pages: int
+    num_cached_pages: int
+    num_seqs: int
+    prefix_queries: int
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    prefix_hit_rate: float
+    num_evictions: int
+    num_copies: int
+
+
+@dataclass
+class _Counters:
+    prefix_queries: int = 0
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    num_evictions: int = 0
+    num_copies: int = 0
+
+
+@dataclass
+class _PendingStep:
+    step: StepMetadata
+    # (sequence object at schedule time, new tokens). Kept by identity, so that a sequence freed
+    # and re-added under the same id while the step is pending is skipped at commit.
+    entries: list[tuple[_Sequence, int]] = field(default_factory=list)
+
+
+class PageManager:
+    """Host-side bookkeeping of a paged KV pool (see the module docstring for the step protocol).
+
+    Args:
+        num_pages: pages in the device pool (page ids `0 .. num_pages - 1`).
+        page_size: tokens per page.
+        max_num_seqs: most live sequences at once; also the row count of every step array.
+        max_pages_per_seq: most pages one sequence may hold; a sequence holds at most
+            `max_pages_per_seq * page_size` tokens.
+        enable_prefix_caching: share identical full prompt pages between sequences.
+        hash_key: key of the page digests (1 to 64 bytes); a fresh random key when None.
+        token_buckets: increasing sizes the packed token axis is padded to; by default powers of two
+            from 8 up to the first one >= `max_num_seqs * max_pages_per_seq * page_size`.
+    """
+
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        max_num_seqs: int,
+        max_pages_per_seq: int,
+        enable_prefix_caching: bool = True,
+        hash_key: bytes | None = None,
+        token_buckets: Sequence[int] | None = None,
+    ) -> None:
+        self._num_pages = _positive_int("num_pages", num_pages)
+        self._page_size = _positive_int("page_size", page_size)
+        self._max_num_seqs = _positive_int("max_num_seqs", max_num_seqs)
+        self._max_pages_per_seq = _positive_int("max_pages_per_seq", max_pages_per_seq)
+        if self._num_pages * self._page_size > MAX_TOKEN_ID:
+            raise ValueError(
+                f"num_pages * page_size = {self._num_pages * self._page_size} slots do not fit the "
+                f"int32 slot_mapping; expected at most {MAX_TOKEN_ID}"
+            )
+        if self._max_pages_per_seq > self._num_pages:
+            raise ValueError(
+                f"max_pages_per_seq={self._max_pages_per_seq} exceeds num_pages={self._num_pages}; "
+                "one sequence could never hold that many pages"
+            )
+        if not isinstance(enable_prefix_caching, bool):
+            raise TypeError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
+        if hash_key is None:
+            hash_key = secrets.token_bytes(32)
+        elif not isinstance(hash_key, bytes) or not 1 <= len(hash_key) <= 64:
+            raise ValueError(f"hash_key must be None or 1 to 64 bytes, got {hash_key!r:.40}")
+        if token_buckets is None:
+            max_tokens = self._max_num_seqs * self._max_pages_per_seq * self._page_size
+            self._token_buckets = default_token_buckets(max_tokens)
+        else:
+            self._token_buckets = validate_token_buckets(token_buckets)
+        self._enable_prefix_caching = enable_prefix_caching
+        self._allocator = PageAllocator(self._num_pages)
+        self._prefix_cache = PrefixCache(self._page_size, hash_key)
+        # Live sequences in insertion order.
+        self._seqs: dict[Hashable, _Sequence] = {}
+        self._pending: _PendingStep | None = None
+        self._counters = _Counters()
+
+    # -- configuration and reads -----------------------------------------------------------------
+
+    @property
+    def num_pages(self) -> int:
+        """Pages in the device pool."""
+        return self._num_pages
+
+    @property
+    def page_size(self) -> int:
+        """Tokens per page."""
+        return self._page_size
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Most live sequences; the row count of every step array."""
+        return self._max_num_seqs
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        """Most pages one sequence may hold; the page-table width."""
+        return self._max_pages_per_seq
+
+    @property
+    def max_seq_len(self) -> int:
+        """Most tokens one sequence may hold: `max_pages_per_seq * page_size`."""
+        return self._max_pages_per_seq * self._page_size
+
+    @property
+    def token_buckets(self) -> tuple[int, ...]:
+        """Sizes the packed token axis is padded to, increasing."""
+        return self._token_buckets
+
+    @property
+    def enable_prefix_caching(self) -> bool:
+        """Whether full computed pages are shared by content."""
+        return self._enable_prefix_caching
+
+    @property
+    def num_free_pages(self) -> int:
+        """Pages in the free queue."""
+        return self._allocator.num_free
+
+    @property
+    def num_evictable_pages(self) -> int:
+        """Unreferenced cached pages (reusable by a prefix hit, or evicted for new data)."""
+        return self._prefix_cache.num_evictable
+
+    @property
+    def num_available_pages(self) -> int:
+        """Pages a schedule may allocate right now: free plus evictable."""
+        return self._allocator.num_free + self._prefix_cache.num_evictable
+
+    @property
+    def num_used_pages(self) -> int:
+        """Pages held by at least one sequence."""
+        return self._num_pages - self.num_available_pages
+
+    @property
+    def pending_step(self) -> StepMetadata | None:
+        """The scheduled, not yet committed step, or None."""
+        return None if self._pending is None else self._pending.step
+
+    @property
+    def seq_ids(self) -> tuple[Hashable, ...]:
+        """Live sequence ids, in the order they were added."""
+        return tuple(self._seqs)
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def __contains__(self, seq_id: object) -> bool:
+        try:
+            return seq_id in self._seqs
+        except TypeError:
+            return False
+
+    def get_sequence(self, seq_id: Hashable) -> SequenceInfo:
+        """A read-only view of a live sequence.
+
+        Raises:
+            UnknownSequenceError: `seq_id` is not live.
+        """
+        seq = self._lookup("seq_id", seq_id)
+        return SequenceInfo(
+            seq_id=seq.seq_id,
+            token_ids=tuple(seq.tokens),
+            num_computed=seq.num_computed,
+            page_ids=tuple(seq.pages),
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            cache_salt=seq.salt or None,
+        )
+
+    def stats(self) -> PageStats:
+        """Current occupancy and cumulative prefix-cache counters."""
+        counters = self._counters
+        hit_rate = (
+            counters.prefix_hit_tokens / counters.prefix_query_tokens
+            if counters.prefix_query_tokens
+            else 0.0
+        )
+        return PageStats(
+            num_pages=self._num_pages,
+            num_used_pages=self.num_used_pages,
+            num_evictable_pages=self.num_evictable_pages,
+            num_free_pages=self.num_free_pages,
+            num_cached_pages=self._prefix_cache.num_cached,
+            num_seqs=len(self._seqs),
+            prefix_queries=counters.prefix_queries,
+            prefix_query_tokens=counters.prefix_query_tokens,
+            prefix_hit_tokens=counters.prefix_hit_tokens,
+            prefix_hit_rate=hit_rate,
+            num_evictions=counters.num_evictions,
+            num_copies=counters.num_copies,
+        )
+
+    # -- sequence lifecycle ----------------------------------------------------------------------
+
+    def add_sequence(
+        self,
+        seq_id: Hashable,
+        prompt_token_ids: Sequence[int],
+        *,
+        cache_salt: str | bytes | None = None,
+    ) -> int:
+        """Add a sequence with its prompt; reuse cached full pages of the prompt's prefix.
+
+        Allocates nothing: pages for the uncached rest come with `schedule`. At least the last
+        prompt token is always left to compute (the model needs its logits), so at most
+        `(len(prompt) - 1) // page_size` pages can hit.
+
+        Args:
+            seq_id: a new, hashable id.
+            prompt_token_ids: 1 to `max_seq_len` token ids in `[0, 2**31 - 1]`.
+            cache_salt: requests with different salts never share pages (None shares with None).
+
+        Returns:
+            The number of prompt tokens served by the prefix cache (the sequence's `num_computed`).
+
+        Raises:
+            DuplicateSequenceError: `seq_id` is already live.
+            CapacityError: `max_num_seqs` sequences are live, or the prompt exceeds `max_seq_len`.
+            TypeError, ValueError: malformed arguments.
+        """
+        _hashable_id("seq_id", seq_id)
+        if seq_id in self._seqs:
+            raise DuplicateSequenceError(f"seq_id={seq_id!r} is already a live sequence")
+        tokens = _token_list("prompt_token_ids", prompt_token_ids, allow_empty=False)
+        salt = _salt_bytes(cache_salt)
+        if len(tokens) > self.max_seq_len:
+            raise CapacityError(
+                f"prompt_token_ids has {len(tokens)} tokens; a sequence holds at most "
+                f"max_pages_per_seq * page_size = {self.max_seq_len}"
+            )
+        if len(self._seqs) >= self._max_num_seqs:
+            raise CapacityError(
+                f"cannot add seq_id={seq_id!r}: max_num_seqs={self._max_num_seqs} sequences "
+                "are live"
+            )
+
+        pages: list[int] = []
+        page_hashes: list[bytes] = []
+        if self._enable_prefix_caching:
+            parent = ROOT_HASH
+            size = self._page_size
+            for index in range((len(tokens) - 1) // size):
+                page_tokens = tokens[index * size : (index + 1) * size]
+                page_hash = self._prefix_cache.hash_page(parent, salt, page_tokens)
+                page = self._prefix_cache.match(page_hash, parent, salt, page_tokens)
+                if page is None:
+                    break
+                pages.append(page)
+                page_hashes.append(page_hash)
+                parent = page_hash
+            # Nothing can fail past this point: take the hits.
+            for page in pages:
+                if self._prefix_cache.is_evictable(page):
+                    self._prefix_cache.unpark(page)
+                self._allocator.incref(page)
+            self._counters.prefix_queries += 1
+            self._counters.prefix_query_tokens += len(tokens)
+            self._counters.prefix_hit_tokens += len(pages) * self._page_size
+
+        num_hit = len(pages) * self._page_size
+        self._seqs[seq_id] = _Sequence(
+            seq_id=seq_id,
+            tokens=tokens,
+            num_computed=num_hit,
+            pages=pages,
+            salt=salt,
+            page_hashes=page_hashes,
+            num_prompt_tokens=len(tokens),
+            num_cached_tokens=num_hit,
+        )
+        return num_hit
+
+    def append_tokens(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
+        """Append known tokens (e.g. the sampled one) to a sequence; they are computed by a later
+        `schedule`. Allocates nothing.
+
+        Raises:
+            UnknownSequenceError: `seq_id` is not live.
+            StepPendingError: `seq_id` is in the pending step.
+            CapacityError: the sequence would exceed `max_seq_len`.
+        """
+        seq = self._lookup("seq_id", seq_id)
+        tokens = _token_list("token_ids", token_ids, allow_empty=True)
+        self._refuse_if_pending("append_tokens", seq)
+        if len(seq.tokens) + len(tokens) > self.max_seq_len:
+            raise CapacityError(
+                f"appending {len(tokens)} token(s) to seq_id={seq_id!r} ({len(seq.tokens)} tokens) "
+                f"exceeds max_pages_per_seq * page_size = {self.max_seq_len}"
+            )
+        seq.tokens.extend(tokens)
+
+    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
+        """Start `child_id` as a copy of `parent_id` sharing all of its pages (refcounts + 1).
+
+        The first write into a shared, partially filled page gives the writer a private copy; the
+        copy appears in that step's `StepMetadata.copy_ops`. Allocates nothing.
+
+        Raises:
+            UnknownSequenceError: `parent_id` is not live.
+            DuplicateSequenceError: `child_id` is already live.
+            CapacityError: `max_num_seqs` sequences are live.
+            StepPendingError: `parent_id` is in the pending step.
+        """
+        parent = self._lookup("parent_id", parent_id)
+        _hashable_id("child_id", child_id)
+        if child_id in self._seqs:
+            raise DuplicateSequenceError(f"child_id={child_id!r} is already a live sequence")
+        if len(self._seqs) >= self._max_num_seqs:
+            raise CapacityError(
+                f"cannot fork into child_id={child_id!r}: max_num_seqs={self._max_num_seqs} "
+                "sequences are live"
+            )
+        self._refuse_if_pending("fork", parent)
+        for page in parent.pages:
+            self._allocator.incref(page)
+        self._seqs[child_id] = parent.copy(child_id)
+
+    def free(self, seq_id: Hashable) -> None:
+        """Remove a sequence and drop its hold on its pages.
+
+        A page nobody holds any more becomes evictable if it is cached (reusable by a later prefix
+        hit), free otherwise. Pages are released last-to-first, so a sequence's tail pages are
+        evicted before its head pages (heads are the likeliest to be shared again).
+
+        Raises:
+            UnknownSequenceError: `seq_id` is not live (never added or already freed).
+        """
+        seq = self._lookup("seq_id", seq_id)
+        del self._seqs[seq_id]
+        for page in reversed(seq.pages):
+            if self._allocator.decref(page) == 0:
+                if self._prefix_cache.is_cached(page):
+                    self._prefix_cache.park(page)
+                else:
+                    self._allocator.release(page)
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def pages_needed(self, batch: Sequence[tuple[Hashable, int]]) -> int:
+        """Pages `schedule(batch)` would allocate (new pages plus copy-on-write copies).
+
+        Raises the same validation errors as `schedule`, but never `OutOfPagesError`.
+        """
+        entries = self._validate_batch(batch)
+        return self._plan(entries)
+
+    def schedule(self, batch: Sequence[tuple[Hashable, int]]) -> StepMetadata:
+        """Allocate pages for a step and build its device arrays; the step becomes pending.
+
+        Args:
+            batch: `(seq_id, num_new_tokens)` pairs, each sequence at most once, in the row order
+                the arrays use; `1 <= num_new_tokens <= len(tokens) - num_computed` (a prefill
+                chunk, or 1 for decode). The sequence's next `num_new_tokens` uncomputed tokens
+                are scheduled.
+
+        Returns:
+            The `StepMetadata` of the step; apply its `copy_ops`, run it, then `commit_step` it.
+
+        Raises:
+            StepPendingError: a step is already pending.
+            UnknownSequenceError: a `seq_id` is not live.
+            SchedulingError: an empty batch, a sequence listed twice, a bad `num_new_tokens`.
+            CapacityError: more tokens than the largest token bucket.
+            OutOfPagesError: not enough free plus evictable pages.
+        """
+        if self._pending is not None:
+            raise StepPendingError(
+                "schedule() called while a step is pending; commit_step() it first"
+            )
+        entries = self._validate_batch(batch)
+        needed = self._plan(entries)
+        free, evictable = self._allocator.num_free, self._prefix_cache.num_evictable
+        if needed > free + evictable:
+            raise OutOfPagesError(
+                needed, free, evictable, what=f"schedule() of {len(entries)} seq(s)"
+            )
+
+        # Nothing can fail past this point.
+        copy_ops: list[tuple[int, int]] = []
+        rows: list[StepRow] = []
+        size = self._page_size
+        for seq, count in entries:
+            start = seq.num_computed
+            if start % size:
+                index = start // size
+                shared = seq.pages[index]
+                if self._allocator.refcount(shared) > 1:
+                    private = self._take_page()
+                    self._allocator.decref(shared)  # stays >= 1: another sequence holds it
+                    seq.pages[index] = private
+                    copy_ops.append((shared, private))
+            while len(seq.pages) * size < start + count:
+                seq.pages.append(self._take_page())
+            rows.append(
+                StepRow(
+                    seq_id=seq.seq_id,
+                    page_ids=tuple(seq.pages),
+                    num_computed=start,
+                    new_token_ids=tuple(seq.tokens[start : start + count]),
+                )
+            )
+        self._counters.num_copies += len(copy_ops)
+        step = build_step_metadata(
+            rows,
+            copy_ops,
+            num_pages=self._num_pages,
+            page_size=size,
+            max_num_seqs=self._max_num_seqs,
+            max_pages_per_seq=self._max_pages_per_seq,
+            token_buckets=self._token_buckets,
+        )
+        self._pending = _PendingStep(step=step, entries=list(entries))
+        return step
+
+    def commit_step(self, step: StepMetadata) -> None:
+        """The device ran `step`: its new tokens are computed; newly full pages become cached.
+
+        Sequences freed since `schedule` are skipped.
+
+        Raises:
+            StepPendingError: `step` is not the pending step (none pending, or another one).
+        """
+        if self._pending is None:
+            raise StepPendingError("commit_step() called with no pending step")
+        if step is not self._pending.step:
+            raise StepPendingError("commit_step(step): step is not the pending step")
+        for seq, count in self._pending.entries:
+            if self._seqs.get(seq.seq_id) is not seq:
+                continue
+            seq.num_computed += count
+            if self._enable_prefix_caching:
+                self._register_full_pages(seq)
+        self._pending = None
+
+    # -- state inspection ------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """A deep, comparable copy of the whole state (for tests and debugging).
+
+        Two snapshots compare equal iff free queue order, refcounts, cache contents, LRU order,
+        sequences, pending step and counters are all equal.
+        """
+        return {
+            "free_queue": tuple(self._allocator.free_pages()),
+            "refcounts": tuple(self._allocator.refcounts()),
+            "cached": tuple(
+                sorted(
+                    (e.page, e.page_hash, e.parent_hash, e.salt, e.token_ids)
+                    for e in self._prefix_cache.entries()
+                )
+            ),
+            "lru": tuple(self._prefix_cache.evictable_pages()),
+            "seqs": tuple(
+                (
+                    seq_id,
+                    tuple(seq.tokens),
+                    seq.num_computed,
+                    tuple(seq.pages),
+                    seq.salt,
+                    tuple(seq.page_hashes),
+                    seq.num_prompt_tokens,
+                    seq.num_cached_tokens,
+                )
+                for seq_id, seq in self._seqs.items()
+            ),
+            "pending": None if self._pending is None else id(self._pending.step),
+            "counters": (
+                self._counters.prefix_queries,
+                self._counters.prefix_query_tokens,
+                self._counters.prefix_hit_tokens,
+                self._counters.num_evictions,
+                self._counters.num_copies,
+            ),
+        }
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if any invariant in the module docstring is broken."""
+        self._allocator.check()
+        self._prefix_cache.check()
+        size = self._page_size
+        holders = [0] * self._num_pages
+        pending_new = {}
+        if self._pending is not None:
+            pending_new = {id(seq): count for seq, count in self._pending.entries}
+        if len(self._seqs) > self._max_num_seqs:
+            raise AssertionError(f"{len(self._seqs)} live sequences > max_num_seqs")
+        for seq_id, seq in self._seqs.items():
+            if len(set(seq.pages)) != len(seq.pages):
+                raise AssertionError(f"sequence {seq_id!r} holds a page twice: {seq.pages}")
+            for page in seq.pages:
+                holders[page] += 1
+            if not 0 <= seq.num_computed <= len(seq.tokens) <= self.max_seq_len:
+                raise AssertionError(
+                    f"sequence {seq_id!r}: num_computed={seq.num_computed}, "
+                    f"{len(seq.tokens)} tokens, max_seq_len={self.max_seq_len}"
+                )
+            end = seq.num_computed + pending_new.get(id(seq), 0)
+            if len(seq.pages) != _ceil_div(end, size) or len(seq.pages) > self._max_pages_per_seq:
+                raise AssertionError(
+                    f"sequence {seq_id!r} holds {len(seq.pages)} pages for {end} tokens"
+                )
+            if self._enable_prefix_caching and len(seq.page_hashes) != seq.num_computed // size:
+                raise AssertionError(
+                    f"sequence {seq_id!r}: {len(seq.page_hashes)} page digests for "
+                    f"{seq.num_computed // size} full computed pages"
+                )
+            for index, page in enumerate(seq.pages):
+                if self._prefix_cache.is_cached(page):
+                    entry = self._prefix_cache.entry(page)
+                    if entry.token_ids != tuple(seq.tokens[index * size : (index + 1) * size]):
+                        raise AssertionError(
+                            f"sequence {seq_id!r} page {index} (id {page}) is cached with "
+                            "other token ids"
+                        )
+                    if index < len(seq.page_hashes) and seq.page_hashes[index] != entry.page_hash:
+                        raise AssertionError(
+                            f"sequence {seq_id!r} page {index} (id {page}): digest mismatch"
+                        )
+        refcounts = self._allocator.refcounts()
+        for page in range(self._num_pages):
+            if refcounts[page] != holders[page]:
+                raise AssertionError(
+                    f"page {page}: refcount {refcounts[page]} but {holders[page]} holder(s)"
+                )
+            is_free = self._allocator.is_free(page)
+            is_evictable = self._prefix_cache.is_evictable(page)
+            in_use = refcounts[page] > 0
+            if is_free + is_evictable + in_use != 1:
+                raise AssertionError(
+                    f"page {page}: free={is_free}, evictable={is_evictable}, in_use={in_use}; "
+                    "expected exactly one"
+                )
+            if is_free and self._prefix_cache.is_cached(page):
+                raise AssertionError(f"page {page} is free but still cached")
+        if not self._seqs and self.num_available_pages != self._num_pages:
+            raise AssertionError(
+                f"no live sequence but only {self.num_available_pages} of {self._num_pages} "
+                "pages are free or evictable"
+            )
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _lookup(self, argument: str, seq_id: object) -> _Sequence:
+        _hashable_id(argument, seq_id)
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            raise UnknownSequenceError(argument, seq_id)
+        return seq
+
+    def _refuse_if_pending(self, what: str, seq: _Sequence) -> None:
+        if self._pending is not None and any(s is seq for s, _ in self._pending.entries):
+            raise StepPendingError(
+                f"{what}() of seq_id={seq.seq_id!r}: it is in the pending step; commit_step() first"
+            )
+
+    def _validate_batch(self, batch: object) -> list[tuple[_Sequence, int]]:
+        if isinstance(batch, str | bytes) or not isinstance(batch, Sequence):
+            raise TypeError(
+                f"batch must be a sequence of (seq_id, num_new_tokens), got {batch!r:.80}"
+            )
+        if not batch:
+            raise SchedulingError("batch is empty; schedule at least one sequence")
+        entries: list[tuple[_Sequence, int]] = []
+        seen: set[Hashable] = set()
+        for position, item in enumerate(batch):
+            if not isinstance(item, tuple | list) or len(item) != 2:
+                raise TypeError(
+                    f"batch[{position}] must be a (seq_id, num_new_tokens) pair, got {item!r}"
+                )
+            seq_id, count = item
+            seq = self._lookup(f"batch[{position}] seq_id", seq_id)
+            if seq_id in seen:
+                raise SchedulingError(f"batch lists seq_id={seq_id!r} more than once")
+            seen.add(seq_id)
+            remaining = len(seq.tokens) - seq.num_computed
+            if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
+                raise SchedulingError(
+                    f"num_new_tokens for seq_id={seq_id!r} must be an int >= 1, got {count!r}"
+                )
+            if count > remaining:
+                raise SchedulingError(
+                    f"num_new_tokens={count} for seq_id={seq_id!r} exceeds its {remaining} "
+                    "uncomputed token(s); append_tokens() first"
+                )
+            entries.append((seq, int(count)))
+        if len(entries) > self._max_num_seqs:  # unreachable while live seqs <= max_num_seqs
+            raise CapacityError(f"batch has {len(entries)} sequences > max_num_seqs")
+        select_bucket(sum(count for _, count in entries), self._token_buckets)
+        return entries
+
+    def _plan(self, entries: list[tuple[_Sequence, int]]) -> int:
+        """Pages the entries need, simulating the refcount drops of earlier copies in the batch."""
+        size = self._page_size
+        simulated: dict[int, int] = {}
+        needed = 0
+        for seq, count in entries:
+            start = seq.num_computed
+            if start % size:
+                shared = seq.pages[start // size]
+                refcount = simulated.get(shared, self._allocator.refcount(shared))
+                if refcount > 1:
+                    needed += 1
+                    simulated[shared] = refcount - 1
+            needed += _ceil_div(start + count, size) - len(seq.pages)
+        return needed
+
+    def _take_page(self) -> int:
+        """A page with refcount 1: the oldest free page, else the least recently used evictable
+        cached page (its digest is forgotten). The caller has checked that one exists."""
+        if self._allocator.num_free:
+            return self._allocator.allocate()
+        page = self._prefix_cache.evict()
+        self._allocator.incref(page)
+        self._counters.num_evictions += 1
+        return page
+
+    def _register_full_pages(self, seq: _Sequence) -> None:
+        size = self._page_size
+        for index in range(len(seq.page_hashes), seq.num_computed // size):
+            parent = seq.page_hashes[-1] if seq.page_hashes else ROOT_HASH
+            page_tokens = seq.tokens[index * size : (index + 1) * size]
+            page_hash = self._prefix_cache.hash_page(parent, seq.salt, page_tokens)
+            seq.page_hashes.append(page_hash)
+            # False when the same prefix is already cached under another page (two sequences
+            # computed it concurrently); this page then stays private and is freed normally.
+            self._prefix_cache.insert(seq.pages[index], page_hash, parent, seq.salt, page_tokens)

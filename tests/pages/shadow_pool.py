@@ -1,0 +1,36 @@
+"""A plain-Python stand-in for the device page pool, driven by `StepMetadata` arrays.
+
+It applies a step the way the device must: every copy op first (from the pool as it was before the
+step), then each real token's write at its `slot_mapping` slot. Reads follow a page table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jaxkv.pages import StepMetadata
+
+
+class ShadowPool:
+    """`pages[page][offset]`: the token id whose KV the device holds there (None: unwritten)."""
+
+    def __init__(self, num_pages: int, page_size: int) -> None:
+        self.page_size = page_size
+        self.pages: list[list[int | None]] = [[None] * page_size for _ in range(num_pages)]
+
+    def apply(self, step: StepMetadata) -> None:
+        before = [list(page) for page in self.pages]
+        for src, dst in step.copy_ops[: step.num_copies].tolist():
+            self.pages[dst] = list(before[src])
+        slots = step.slot_mapping[: step.num_tokens].tolist()
+        tokens = step.token_ids[: step.num_tokens].tolist()
+        for slot, token in zip(slots, tokens, strict=True):
+            page, offset = divmod(slot, self.page_size)
+            self.pages[page][offset] = token
+
+    def read(self, page_ids: Sequence[int], length: int) -> list[int | None]:
+        """The token ids at positions `0 .. length - 1` of a sequence with this page table."""
+        return [
+            self.pages[page_ids[position // self.page_size]][position % self.page_size]
+            for position in range(length)
+        ]
