@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/jaxkv generate "Write a haiku about caches." --max-new-tokens 48
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 bench: $(STAMP)
 	for f in benchmarks/*.py; do $(BIN)/python $$f || exit 1; done

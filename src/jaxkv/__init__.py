@@ -18,6 +18,18 @@ from jaxkv.errors import CacheOverflowError
 
 __version__ = "0.1.0"
 
+_LAZY = {"generate": "jaxkv.engine", "Model": "jaxkv.engine", "ChatSession": "jaxkv.engine"}
+
+
+def __getattr__(name: str):
+    # The engine needs the model extras (gguf, tokenizers); load it only when asked for.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jaxkv' has no attribute {name!r}")
+
+
 __all__ = [
     "BaseCache",
     "BaseCacheMetadata",

@@ -24,6 +24,7 @@ check it with ``TransformerCache.check_overflow`` (or ``overflow_rows``) after t
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import jax
@@ -385,6 +386,25 @@ class TransformerCacheView(BaseCacheView):
         )
         return kv, new_view
 
+    def truncate(self, lengths: Any) -> TransformerCacheView:
+        """A view whose rows keep only their first ``lengths[b]`` tokens (``lengths: [batch]``,
+        each at most the row's current length), e.g. to roll a conversation back to the longest
+        prefix it shares with a new prompt. Not possible on a ring, whose old slots are gone."""
+        owner = "TransformerCacheView.truncate"
+        if self.metadata.is_ring:
+            raise ValueError(f"{owner}: a sliding-window ring cannot be truncated")
+        lengths = jnp.asarray(lengths, jnp.int32)
+        v.check_array(owner, "lengths", lengths, (self.metadata.batch_size,))
+        if not v.is_traced(lengths, self.lengths):
+            current = np.asarray(self.lengths)
+            wanted = np.asarray(lengths)
+            if (wanted < 0).any() or (wanted > current).any():
+                raise ValueError(
+                    f"{owner}: lengths must lie in [0, current lengths {current.tolist()}], "
+                    f"got {wanted.tolist()}"
+                )
+        return dataclasses.replace(self, lengths=jnp.minimum(lengths, self.lengths))
+
     def reset_rows(self, rows: Any) -> TransformerCacheView:
         """A view whose selected rows are empty again (length 0, overflow cleared), so a batch
         slot can take a new sequence. ``rows``: ``[batch]`` bool mask or a sequence of row ids."""
@@ -462,6 +482,12 @@ class TransformerCache(BaseCache):
         """Empty the selected rows in every layer (see ``TransformerCacheView.reset_rows``)."""
         return self.with_views(
             view if view is None else view.reset_rows(rows) for view in self.views
+        )
+
+    def truncate(self, lengths: Any) -> TransformerCache:
+        """Keep only the first ``lengths[b]`` tokens of each row in every layer."""
+        return self.with_views(
+            view if view is None else view.truncate(lengths) for view in self.views
         )
 
     def overflow_rows(self) -> jax.Array:

@@ -1,0 +1,194 @@
+"""A functional Llama decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embeddings)
+written against the cache API.
+
+The model knows nothing of a cache's internals: each layer asks its view for the positions of the
+new tokens (``view.query_positions``), writes keys/values with ``view.concatenate_to_cache`` and
+reads them back with ``jaxkv.ops.attention``. The same code therefore runs a contiguous cache
+(tokens ``[batch, T]``, ``TransformerMetadata``) and a paged cache (packed tokens ``[num_tokens]``,
+``PagedRuntimeMetadata``). ``forward_uncached`` is an independent dense implementation used as
+the reference for cached decoding.
+
+Shapes: ``B`` batch, ``T`` new tokens, ``H`` query heads, ``K`` KV heads, ``D`` head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv.abstracts import BaseCache
+from jaxkv.models.config import LlamaConfig
+from jaxkv.ops import attention
+
+Params = dict[str, Any]
+
+
+def params_to_device(params: Params, dtype: Any = jnp.float32) -> Params:
+    """NumPy params from ``jaxkv.io.gguf.load_gguf`` -> JAX arrays of ``dtype`` (norm weights stay
+    float32). The layer list is kept as a list: one dict per layer."""
+
+    def put(name: str, array: np.ndarray | None) -> jax.Array | None:
+        if array is None:
+            return None
+        target = jnp.float32 if name.endswith("norm") else dtype
+        return jnp.asarray(array, dtype=target)
+
+    return {
+        "embed": put("embed", params["embed"]),
+        "final_norm": put("final_norm", params["final_norm"]),
+        "lm_head": put("lm_head", params["lm_head"]),
+        "layers": [{name: put(name, value) for name, value in layer.items()}
+                   for layer in params["layers"]],
+    }
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """``x: [..., hidden]`` normalised by its root mean square (in float32), times ``weight``."""
+    x32 = x.astype(jnp.float32)
+    scale = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * scale * weight).astype(x.dtype)
+
+
+def rope_frequencies(config: LlamaConfig) -> jax.Array:
+    """``[head_dim // 2]`` inverse frequencies ``theta ** (-2j / head_dim)``."""
+    exponents = jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim
+    return 1.0 / (config.rope_theta**exponents)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, config: LlamaConfig) -> jax.Array:
+    """Rotate ``x: [..., heads, head_dim]`` by ``positions: [...]`` (rotate-half convention).
+
+    Padding positions (``-1``) are rotated like any other; their outputs are never used.
+    """
+    positions = positions.astype(jnp.float32)
+    if config.rope_scaling_type == "linear":
+        positions = positions / config.rope_scaling_factor
+    angles = positions[..., None] * rope_frequencies(config)  # [..., D/2]
+    cos = jnp.cos(angles)[..., None, :]
+    sin = jnp.sin(angles)[..., None, :]
+    half = config.head_dim // 2
+    x32 = x.astype(jnp.float32)
+    first, second = x32[..., :half], x32[..., half:]
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def _mlp(x: jax.Array, layer: Params) -> jax.Array:
+    gate = x @ layer["w_gate"].astype(x.dtype)
+    up = x @ layer["w_up"].astype(x.dtype)
+    return (jax.nn.silu(gate) * up) @ layer["w_down"].astype(x.dtype)
+
+
+def _project_qkv(x: jax.Array, layer: Params, config: LlamaConfig):
+    lead = x.shape[:-1]
+    q = (x @ layer["wq"].astype(x.dtype)).reshape(*lead, config.num_heads, config.head_dim)
+    k = (x @ layer["wk"].astype(x.dtype)).reshape(*lead, config.num_kv_heads, config.head_dim)
+    v = (x @ layer["wv"].astype(x.dtype)).reshape(*lead, config.num_kv_heads, config.head_dim)
+    return q, k, v
+
+
+def lm_head(params: Params, config: LlamaConfig, hidden: jax.Array) -> jax.Array:
+    """``hidden: [..., hidden_size]`` (after the final norm) -> float32 logits ``[..., vocab]``."""
+    if params["lm_head"] is None:
+        weight = params["embed"]
+        logits = jnp.einsum("...h,vh->...v", hidden, weight.astype(hidden.dtype))
+    else:
+        logits = hidden @ params["lm_head"].astype(hidden.dtype)
+    return logits.astype(jnp.float32)
+
+
+def forward(
+    params: Params,
+    config: LlamaConfig,
+    token_ids: jax.Array,
+    cache: BaseCache,
+    runtime: Any = None,
+    *,
+    logits_indices: jax.Array | None = None,
+    compute_dtype: Any = jnp.float32,
+) -> tuple[jax.Array, BaseCache]:
+    """Run new tokens through the model, writing their keys/values into ``cache``.
+
+    Args:
+        params: from ``params_to_device``.
+        config: the model's ``LlamaConfig`` (static under jit).
+        token_ids: ``[B, T]`` int32 for a contiguous cache, ``[num_tokens]`` for a paged cache.
+        cache: a cache with one attention view per layer.
+        runtime: the cache family's runtime metadata (which tokens are real, page tables ...).
+        logits_indices: if given, logits are computed only at these indices of the token axis:
+            ``[B]`` (one per row) for ``[B, T]`` tokens, ``[S]`` for packed tokens. Otherwise at
+            every token.
+        compute_dtype: dtype of activations and matmuls.
+
+    Returns:
+        ``(logits, new_cache)``: float32 logits ``[B, T, vocab]`` / ``[num_tokens, vocab]``, or
+        ``[B, vocab]`` / ``[S, vocab]`` with ``logits_indices``.
+    """
+    if len(cache) != config.num_layers:
+        raise ValueError(
+            f"forward: cache has {len(cache)} views but the model has {config.num_layers} layers"
+        )
+    new_tokens = token_ids.shape[-1]
+    positions = cache[0].query_positions(runtime, new_tokens)
+    x = params["embed"][token_ids].astype(compute_dtype)
+    views = []
+    for layer, view in zip(params["layers"], cache, strict=True):
+        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+        q, k, v = _project_qkv(h, layer, config)
+        q = apply_rope(q, positions, config)
+        k = apply_rope(k, positions, config)
+        kv, view = view.concatenate_to_cache(k, v, runtime)
+        views.append(view)
+        out = attention(q, kv)
+        x = x + out.reshape(*out.shape[:-2], -1) @ layer["wo"].astype(compute_dtype)
+        x = x + _mlp(rms_norm(x, layer["mlp_norm"], config.rms_norm_eps), layer)
+    if logits_indices is not None:
+        if token_ids.ndim == 2:
+            x = jnp.take_along_axis(x, logits_indices[:, None, None], axis=1)[:, 0]
+        else:
+            x = x[logits_indices]
+    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    return lm_head(params, config, x), cache.with_views(views)
+
+
+def forward_uncached(
+    params: Params,
+    config: LlamaConfig,
+    token_ids: jax.Array,
+    lengths: jax.Array | None = None,
+) -> jax.Array:
+    """Reference forward over whole right-padded sequences with dense causal attention, no cache.
+
+    Args:
+        token_ids: ``[B, L]`` int32.
+        lengths: ``[B]`` real tokens per row (default ``L``); logits past a row's length are junk.
+
+    Returns:
+        float32 logits ``[B, L, vocab]``.
+    """
+    batch, length = token_ids.shape
+    if lengths is None:
+        lengths = jnp.full((batch,), length, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    real = positions < lengths[:, None]
+    visible = (positions[:, None, :] <= positions[:, :, None]) & real[:, None, :]  # [B, Lq, Lk]
+    groups = config.num_query_groups
+    x = params["embed"][token_ids].astype(jnp.float32)
+    for layer in params["layers"]:
+        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+        q, k, v = _project_qkv(h, layer, config)
+        q = apply_rope(q, positions, config)
+        k = apply_rope(k, positions, config)
+        k = jnp.repeat(k, groups, axis=2)
+        v = jnp.repeat(v, groups, axis=2)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(config.head_dim)
+        logits = jnp.where(visible[:, None], logits, -jnp.inf)
+        weights = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, -1)
+        x = x + out @ layer["wo"]
+        x = x + _mlp(rms_norm(x, layer["mlp_norm"], config.rms_norm_eps), layer)
+    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    return lm_head(params, config, x)
