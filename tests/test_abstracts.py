@@ -177,6 +177,8 @@ def test_runtime_metadata_round_trips_arrays_exactly():
     step = _step()
     _assert_same_step(StepInfo.from_dict(step.to_dict()), step)
     _assert_same_step(StepInfo.from_json(step.to_json()), step)
+    scalar = step.replace(weights=jnp.asarray(3.5, jnp.bfloat16))
+    assert StepInfo.from_json(scalar.to_json()).weights.shape == ()
     empty = step.replace(weights=None)
     assert StepInfo.from_json(empty.to_json()).weights is None
 

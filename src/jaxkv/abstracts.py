@@ -120,7 +120,7 @@ def _to_json_tree(value: Any) -> Any:
     if isinstance(value, list):
         return [_to_json_tree(item) for item in value]
     if isinstance(value, np.ndarray):
-        contiguous = np.ascontiguousarray(value)
+        contiguous = np.asarray(value, order="C")  # keeps 0-d arrays 0-d
         return {
             "__array__": {
                 "dtype": contiguous.dtype.name,

@@ -1,6 +1,12 @@
 """Concrete caches, one module per family: each defines its metadata, view, cache and runtime
 metadata on the base classes of ``jaxkv.abstracts``."""
 
+from jaxkv.caches.paged import (
+    PagedCache,
+    PagedCacheMetadata,
+    PagedCacheView,
+    PagedRuntimeMetadata,
+)
 from jaxkv.caches.transformer import (
     TransformerCache,
     TransformerCacheMetadata,
@@ -9,6 +15,10 @@ from jaxkv.caches.transformer import (
 )
 
 __all__ = [
+    "PagedCache",
+    "PagedCacheMetadata",
+    "PagedCacheView",
+    "PagedRuntimeMetadata",
     "TransformerCache",
     "TransformerCacheMetadata",
     "TransformerCacheView",

@@ -250,6 +250,7 @@ def generate(
     cache: CacheKind = "contiguous",
     on_text: TextCallback | None = None,
     page_size: int = 16,
+    ignore_eos: bool = False,
 ) -> GenerationResult:
     """Generate continuations of a batch of prompts.
 
@@ -263,6 +264,8 @@ def generate(
         cache: ``"contiguous"`` (one row per prompt) or ``"paged"`` (a shared page pool).
         on_text: streaming callback ``on_text(row, new_text)``.
         page_size: tokens per page of the paged cache.
+        ignore_eos: keep generating past EOS tokens (benchmarks use this to produce exactly
+            ``max_new_tokens`` tokens).
 
     Returns:
         A ``GenerationResult`` with one ``Generation`` per prompt and timings.
@@ -280,6 +283,8 @@ def generate(
             f"of {model.config.max_position_embeddings}"
         )
     eos_ids = frozenset(model.tokenizer.eos_token_ids) | frozenset(model.config.eos_token_ids)
+    if ignore_eos:
+        eos_ids = frozenset()
     rows = [
         _RowState(i, ids, model.tokenizer, eos_ids, tuple(stop), on_text)
         for i, ids in enumerate(prompt_ids)

@@ -14,6 +14,7 @@ empty; queries with position ``-1`` are padding and produce zeros.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,9 @@ import numpy as np
 from jax import lax
 
 from jaxkv.abstracts import pytree_dataclass, static_field
+
+if TYPE_CHECKING:
+    from jaxkv.ops.paged_attention import PagedKV
 
 DEFAULT_BLOCK_SIZE = 256
 
@@ -77,7 +81,7 @@ def _combine_windows(first: int | None, second: int | None) -> int | None:
 
 def attention(
     query: jax.Array,
-    kv: CachedKV,
+    kv: CachedKV | PagedKV,
     *,
     scale: float | None = None,
     logit_soft_cap: float | None = None,
@@ -85,6 +89,11 @@ def attention(
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> jax.Array:
     """Causal grouped-query attention of ``query`` over a cache's ``CachedKV``.
+
+    A ``PagedKV`` (from a paged cache) is handed to ``jaxkv.ops.paged_attention.paged_attention``
+    with the same options (``block_size`` rounded down to whole pages), so a model calls
+    ``attention(query, kv)`` whatever its cache; the query is then the packed
+    ``[num_tokens, query_heads, key_dim]`` and so is the result.
 
     Args:
         query: ``[batch, new_tokens, query_heads, key_dim]``; ``query_heads`` must be a multiple of
@@ -99,6 +108,19 @@ def attention(
         ``[batch, new_tokens, query_heads, value_dim]`` in ``query.dtype``; softmax and
         accumulation run in float32 whatever the storage dtype. Padding queries give zeros.
     """
+    from jaxkv.ops.paged_attention import PagedKV, paged_attention
+
+    if isinstance(kv, PagedKV):
+        if not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"attention: block_size must be a positive int, got {block_size!r}")
+        return paged_attention(
+            query,
+            kv,
+            scale=scale,
+            logit_soft_cap=logit_soft_cap,
+            sliding_window=sliding_window,
+            pages_per_block=max(1, block_size // kv.page_size),
+        )
     if query.ndim != 4:
         raise ValueError(
             f"attention: query must be [batch, new_tokens, query_heads, key_dim], "
@@ -140,11 +162,7 @@ def attention(
     q = query.astype(jnp.float32) * scale
     q = q.reshape(batch, new_tokens, heads, groups, key_dim)
 
-    state = (
-        jnp.full((batch, heads, groups, new_tokens), -jnp.inf, jnp.float32),
-        jnp.zeros((batch, heads, groups, new_tokens), jnp.float32),
-        jnp.zeros((batch, heads, groups, new_tokens, value_dim), jnp.float32),
-    )
+    state = init_softmax_state(batch, heads, groups, new_tokens, value_dim)
     for segment in kv.segments:
         state = _scan_segment(
             q,
@@ -156,10 +174,68 @@ def attention(
             soft_cap=logit_soft_cap,
             block_size=block_size,
         )
+    return finish_softmax(state).astype(query.dtype)
+
+
+SoftmaxState = tuple[jax.Array, jax.Array, jax.Array]
+"""Online-softmax carry: running max and denominator ``[batch, heads, groups, new_tokens]``
+float32, and the unnormalised output ``[batch, heads, groups, new_tokens, value_dim]`` float32."""
+
+
+def init_softmax_state(
+    batch: int, heads: int, groups: int, new_tokens: int, value_dim: int
+) -> SoftmaxState:
+    """The empty online-softmax carry (no key seen yet)."""
+    return (
+        jnp.full((batch, heads, groups, new_tokens), -jnp.inf, jnp.float32),
+        jnp.zeros((batch, heads, groups, new_tokens), jnp.float32),
+        jnp.zeros((batch, heads, groups, new_tokens, value_dim), jnp.float32),
+    )
+
+
+def online_softmax_update(
+    state: SoftmaxState,
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    visible: jax.Array,
+    *,
+    soft_cap: float | None,
+) -> SoftmaxState:
+    """Fold one block of keys into the online-softmax carry.
+
+    Args:
+        state: the carry (see ``SoftmaxState``).
+        q: ``[batch, new_tokens, heads, groups, key_dim]`` float32, already scaled.
+        keys: ``[batch, slots, heads, key_dim]`` float32.
+        values: ``[batch, slots, heads, value_dim]`` float32.
+        visible: ``[batch, new_tokens, slots]`` bool, which keys each query may see.
+        soft_cap: if set, logits become ``cap * tanh(logits / cap)``.
+    """
+    running_max, denominator, accumulator = state
+    logits = jnp.einsum("bthgd,bshd->bhgts", q, keys)
+    if soft_cap is not None:
+        logits = soft_cap * jnp.tanh(logits / soft_cap)
+    logits = jnp.where(visible[:, None, None, :, :], logits, -jnp.inf)
+    new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
+    # A query that has seen no visible key yet keeps max -inf; use 0 so exp() stays finite.
+    safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+    probs = jnp.exp(logits - safe_max[..., None])
+    correction = jnp.exp(running_max - safe_max)
+    denominator = denominator * correction + jnp.sum(probs, axis=-1)
+    accumulator = accumulator * correction[..., None] + jnp.einsum(
+        "bhgts,bshd->bhgtd", probs, values
+    )
+    return new_max, denominator, accumulator
+
+
+def finish_softmax(state: SoftmaxState) -> jax.Array:
+    """Normalise the carry: ``[batch, new_tokens, heads * groups, value_dim]`` float32; queries
+    that saw no key (padding) give zeros."""
     _, denominator, accumulator = state
+    batch, heads, groups, new_tokens, value_dim = accumulator.shape
     out = accumulator / jnp.where(denominator > 0, denominator, 1.0)[..., None]
-    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, new_tokens, query_heads, value_dim)
-    return out.astype(query.dtype)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, new_tokens, heads * groups, value_dim)
 
 
 def _expand_heads(block: jax.Array, heads: int) -> jax.Array:
@@ -184,7 +260,6 @@ def _scan_segment(q, query_positions, segment, state, *, heads, window, soft_cap
     query_pos = query_positions[:, :, None]  # [batch, new_tokens, 1]
 
     def body(index, carry):
-        running_max, denominator, accumulator = carry
         nominal_start = index * block
         # The last block may be shifted left to stay in bounds; slots it re-reads are masked.
         start = jnp.minimum(nominal_start, slots - block)
@@ -206,18 +281,6 @@ def _scan_segment(q, query_positions, segment, state, *, heads, window, soft_cap
         visible = valid[:, None, :] & (key_pos <= query_pos) & (query_pos >= 0)
         if window is not None:
             visible &= query_pos - key_pos < window
-        logits = jnp.einsum("bthgd,bshd->bhgts", q, keys)
-        if soft_cap is not None:
-            logits = soft_cap * jnp.tanh(logits / soft_cap)
-        logits = jnp.where(visible[:, None, None, :, :], logits, -jnp.inf)
-        new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
-        safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
-        probs = jnp.exp(logits - safe_max[..., None])
-        correction = jnp.exp(running_max - safe_max)
-        denominator = denominator * correction + jnp.sum(probs, axis=-1)
-        accumulator = accumulator * correction[..., None] + jnp.einsum(
-            "bhgts,bshd->bhgtd", probs, values
-        )
-        return new_max, denominator, accumulator
+        return online_softmax_update(carry, q, keys, values, visible, soft_cap=soft_cap)
 
     return lax.fori_loop(0, num_blocks, body, state)

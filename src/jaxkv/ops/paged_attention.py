@@ -1,0 +1,233 @@
+"""Ragged attention over a paged KV pool: prefill chunks and decodes of many sequences in one call.
+
+A paged cache keeps every layer's keys and values in a pool of pages,
+``[num_pages, page_size, kv_heads, head_dim]``; a sequence's tokens live in the pages its row of
+``page_tables`` lists, in position order. One step packs the new tokens of up to ``max_num_seqs``
+sequences into one axis (``query_start_loc`` says where each sequence's run starts), so some
+sequences prefill a chunk while others decode a single token.
+
+``paged_attention`` gives each packed query its sequence (from ``query_start_loc``), then scans
+blocks of ``pages_per_block`` pages with an online softmax. The number of blocks is a *dynamic*
+loop trip count: ``ceil(max(context_lens) / (pages_per_block * page_size))`` (and, with a sliding
+window, blocks wholly before every query's window are skipped), so the cost follows the live
+context, never ``max_pages_per_seq``. In each block, every query gathers the pages of its own
+sequence (``[num_tokens, pages_per_block * page_size, kv_heads, head_dim]``): for decode that is
+exactly one read of the live keys per sequence, like a contiguous cache; a prefill chunk of
+``n`` tokens re-reads its sequence's block once per token, which costs memory traffic of the
+same order as the attention arithmetic itself.
+
+Masking is by absolute position, as in ``jaxkv.ops.attention``: a query at position ``q`` of
+sequence ``s`` sees the keys of ``s`` at positions ``k`` with ``k <= q``, ``k < context_lens[s]``
+and, with a window ``W``, ``q - k < W``. Queries with position ``-1`` are padding and give zeros.
+The step's own new keys are already in the pool (``concatenate_to_cache`` writes before it
+returns the ``PagedKV``), so causality inside a chunk comes from the same rule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxkv.abstracts import pytree_dataclass, static_field
+from jaxkv.ops.attention import (
+    DEFAULT_BLOCK_SIZE,
+    finish_softmax,
+    init_softmax_state,
+    online_softmax_update,
+)
+
+
+@pytree_dataclass
+class PagedKV:
+    """What ``paged_attention`` reads after a paged cache's write (from ``concatenate_to_cache``).
+
+    Attributes:
+        key_pages: ``[num_pages, page_size, kv_heads, key_dim]`` pool of one layer (16-bit floats
+            as ``uint16`` words, see ``stored_as``).
+        value_pages: ``[num_pages, page_size, kv_heads, value_dim]``.
+        page_tables: ``[max_num_seqs, max_pages_per_seq]`` int32, each row's pages in position
+            order, ``-1`` where unused.
+        context_lens: ``[max_num_seqs]`` int32, tokens in the pool per row after this step's
+            writes (``0`` for unused rows).
+        query_start_loc: ``[max_num_seqs + 1]`` int32, where each row's new tokens start in the
+            packed axis (non-decreasing; entries past the last real row repeat the token count).
+        query_positions: ``[num_tokens]`` int32 absolute position of each packed query, ``-1``
+            for padding.
+        sliding_window: the cache's window (static), or ``None``.
+        stored_as: the float dtype the pools hold as raw words (static), or ``None``.
+    """
+
+    key_pages: jax.Array
+    value_pages: jax.Array
+    page_tables: jax.Array
+    context_lens: jax.Array
+    query_start_loc: jax.Array
+    query_positions: jax.Array
+    sliding_window: int | None = static_field(None)
+    stored_as: np.dtype | None = static_field(None)
+
+    @property
+    def page_size(self) -> int:
+        """Tokens per page."""
+        return self.key_pages.shape[1]
+
+
+def _combine_windows(first: int | None, second: int | None) -> int | None:
+    windows = [w for w in (first, second) if w is not None]
+    return min(windows) if windows else None
+
+
+def _check_inputs(query, kv, scale, logit_soft_cap, sliding_window, pages_per_block):
+    owner = "paged_attention"
+    if not isinstance(kv, PagedKV):
+        raise TypeError(f"{owner}: kv must be a PagedKV, got {type(kv).__name__}")
+    if not hasattr(query, "ndim") or query.ndim != 3:
+        raise ValueError(
+            f"{owner}: query must be [num_tokens, query_heads, key_dim], "
+            f"got shape {getattr(query, 'shape', None)}"
+        )
+    if not jnp.issubdtype(query.dtype, jnp.floating):
+        raise TypeError(f"{owner}: query must be a float array, got {query.dtype}")
+    num_tokens, query_heads, key_dim = query.shape
+    kv_heads, pool_key_dim = kv.key_pages.shape[2], kv.key_pages.shape[3]
+    if pool_key_dim != key_dim:
+        raise ValueError(
+            f"{owner}: query key_dim {key_dim} does not match the pool's key_dim {pool_key_dim}"
+        )
+    if query_heads % kv_heads:
+        raise ValueError(
+            f"{owner}: query_heads={query_heads} must be a multiple of kv_heads={kv_heads}"
+        )
+    if kv.query_positions.shape != (num_tokens,):
+        raise ValueError(
+            f"{owner}: query holds {num_tokens} tokens but kv.query_positions has shape "
+            f"{kv.query_positions.shape}"
+        )
+    num_seqs = kv.page_tables.shape[0]
+    if kv.context_lens.shape != (num_seqs,) or kv.query_start_loc.shape != (num_seqs + 1,):
+        raise ValueError(
+            f"{owner}: page_tables has {num_seqs} rows, so context_lens must be ({num_seqs},) and "
+            f"query_start_loc ({num_seqs + 1},); got {kv.context_lens.shape} and "
+            f"{kv.query_start_loc.shape}"
+        )
+    if scale is not None and not (isinstance(scale, int | float) and math.isfinite(scale)):
+        raise ValueError(f"{owner}: scale must be a finite float or None, got {scale!r}")
+    if logit_soft_cap is not None and not (
+        isinstance(logit_soft_cap, int | float) and logit_soft_cap > 0
+    ):
+        raise ValueError(f"{owner}: logit_soft_cap must be > 0, got {logit_soft_cap!r}")
+    if sliding_window is not None and (
+        isinstance(sliding_window, bool)
+        or not isinstance(sliding_window, int)
+        or sliding_window < 1
+    ):
+        raise ValueError(f"{owner}: sliding_window must be an int >= 1, got {sliding_window!r}")
+    if pages_per_block is not None and (
+        isinstance(pages_per_block, bool)
+        or not isinstance(pages_per_block, int)
+        or pages_per_block < 1
+    ):
+        raise ValueError(f"{owner}: pages_per_block must be an int >= 1, got {pages_per_block!r}")
+
+
+def paged_attention(
+    query: jax.Array,
+    kv: PagedKV,
+    *,
+    scale: float | None = None,
+    logit_soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    pages_per_block: int | None = None,
+) -> jax.Array:
+    """Causal grouped-query attention of a packed ragged batch over a paged pool.
+
+    Args:
+        query: ``[num_tokens, query_heads, key_dim]``, the step's new queries packed like its new
+            keys (row ``i``'s tokens at ``query_start_loc[i] .. query_start_loc[i + 1] - 1``);
+            ``query_heads`` must be a multiple of the pool's kv heads.
+        kv: the ``PagedKV`` returned by ``PagedCacheView.concatenate_to_cache``.
+        scale: multiplier of the logits; default ``key_dim ** -0.5``.
+        logit_soft_cap: if set, logits become ``cap * tanh(logits / cap)``.
+        sliding_window: an extra window on top of the cache's own (the smaller wins).
+        pages_per_block: pages read per loop step; default about ``DEFAULT_BLOCK_SIZE`` tokens'
+            worth (at least one page, at most ``max_pages_per_seq``).
+
+    Returns:
+        ``[num_tokens, query_heads, value_dim]`` in ``query.dtype``; softmax and accumulation run
+        in float32 whatever the storage dtype. Padding queries give zeros.
+    """
+    _check_inputs(query, kv, scale, logit_soft_cap, sliding_window, pages_per_block)
+    num_tokens, query_heads, key_dim = query.shape
+    _, page_size, kv_heads, _ = kv.key_pages.shape
+    value_dim = kv.value_pages.shape[3]
+    max_pages = kv.page_tables.shape[1]
+    if pages_per_block is None:
+        pages_per_block = max(1, DEFAULT_BLOCK_SIZE // page_size)
+    pages_per_block = min(pages_per_block, max_pages)
+    block = pages_per_block * page_size
+    window = _combine_windows(kv.sliding_window, sliding_window)
+    if scale is None:
+        scale = 1.0 / math.sqrt(key_dim)
+    groups = query_heads // kv_heads
+
+    # Each packed query's row: the last row whose run starts at or before it.
+    token_ids = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq_of_token = jnp.searchsorted(kv.query_start_loc[1:], token_ids, side="right")
+    seq_of_token = jnp.minimum(seq_of_token, kv.page_tables.shape[0] - 1)
+    token_pages = kv.page_tables[seq_of_token]  # [T, max_pages]
+    token_context = kv.context_lens[seq_of_token]  # [T]
+    query_pos = kv.query_positions.astype(jnp.int32)
+    real = query_pos >= 0
+
+    # Live blocks: up to the longest context; with a window, from the earliest visible key.
+    live_pages = (jnp.max(kv.context_lens) + page_size - 1) // page_size
+    end_block = (jnp.minimum(live_pages, max_pages) + pages_per_block - 1) // pages_per_block
+    if window is None:
+        start_block = jnp.int32(0)
+    else:
+        first_key = jnp.min(jnp.where(real, jnp.maximum(query_pos - window + 1, 0), 2**30))
+        start_block = jnp.minimum(first_key // block, end_block)
+
+    q = query.astype(jnp.float32) * scale
+    q = q.reshape(num_tokens, 1, kv_heads, groups, key_dim)
+    state = init_softmax_state(num_tokens, kv_heads, groups, 1, value_dim)
+    page_offsets = jnp.arange(pages_per_block, dtype=jnp.int32)
+    slot_offsets = jnp.arange(block, dtype=jnp.int32)
+
+    def read(pool, pages):
+        blocks = pool.at[pages].get(mode="promise_in_bounds")  # [T, ppb, page_size, h, d]
+        blocks = blocks.reshape(num_tokens, block, *pool.shape[2:])
+        if kv.stored_as is not None:
+            blocks = lax.bitcast_convert_type(blocks, kv.stored_as)
+        return blocks.astype(jnp.float32)
+
+    def body(index, carry):
+        nominal_page = index * pages_per_block
+        # The last block may be shifted left to stay in the table; pages it re-reads are masked.
+        first_page = jnp.minimum(nominal_page, max_pages - pages_per_block)
+        pages = lax.dynamic_slice_in_dim(token_pages, first_page, pages_per_block, axis=1)
+        # Unused entries (-1) lie past the context and are masked; read page 0 in their place.
+        pages = jnp.maximum(pages, 0)
+        keys = read(kv.key_pages, pages)
+        values = read(kv.value_pages, pages)
+        key_pos = first_page * page_size + slot_offsets  # [block]
+        fresh = (page_offsets >= nominal_page - first_page).repeat(page_size)  # [block]
+        visible = (
+            fresh[None, :]
+            & (key_pos[None, :] < token_context[:, None])
+            & (key_pos[None, :] <= query_pos[:, None])
+            & real[:, None]
+        )
+        if window is not None:
+            visible &= query_pos[:, None] - key_pos[None, :] < window
+        return online_softmax_update(
+            carry, q, keys, values, visible[:, None, :], soft_cap=logit_soft_cap
+        )
+
+    state = lax.fori_loop(start_block, end_block, body, state)
+    out = finish_softmax(state).reshape(num_tokens, query_heads, value_dim)
+    return out.astype(query.dtype)
