@@ -171,7 +171,8 @@ def test_ragged_steps_with_page_manager_match_dense(window):
         for seq in ("a", "b", "c"):
             engine.append(seq, int(rng.integers(1, VOCAB)))
         engine.run([("c", 1), ("a", 1), ("b", 1)])
-    assert engine.traces == 1  # fixed shapes: one compilation for every step
+    # Fixed token buckets: one compilation per bound on new tokens per row (4, 8 and 1 here).
+    assert engine.traces == 3
 
 
 def test_fork_copy_on_write_gives_each_branch_its_own_continuation():
@@ -347,6 +348,9 @@ def test_pytree_and_serialisation_round_trips():
     ):
         for name in runtime.to_dict():
             got, want = getattr(restored, name), getattr(runtime, name)
+            if name == "max_query_len":
+                assert got == want
+                continue
             assert got.dtype == want.dtype and got.shape == want.shape
             np.testing.assert_array_equal(got, want)
     cache = PagedCache.init_cache(metadata, layers=[0])

@@ -285,6 +285,10 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
         copy_ops: ``[S, 2]`` ``(src_page, dst_page)`` copies to apply before the writes; ``-1``
             rows are no-ops.
         logits_indices: ``[S]`` packed index of each row's last new token.
+        max_query_len: (static) a bound on any row's new tokens this step, rounded up to a power
+            of two so steps of similar shape share a compiled function; attention lays queries
+            out as ``[S, max_query_len]`` and reads each row's pages once. ``0`` means unknown
+            (then the bound is ``T``).
     """
 
     page_tables: jax.Array
@@ -296,9 +300,11 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
     token_ids: jax.Array
     copy_ops: jax.Array
     logits_indices: jax.Array
+    max_query_len: int = static_field(0)
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
+        v.require_int(owner, "max_query_len", self.max_query_len, minimum=0)
         for name in (*_RUNTIME_ARRAYS, "num_seqs"):
             array = getattr(self, name)
             if not hasattr(array, "shape") or not hasattr(array, "dtype"):
@@ -337,6 +343,7 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
         runtime = cls(
             **{name: jnp.asarray(array, jnp.int32) for name, array in arrays.items()},
             num_seqs=jnp.asarray(step.num_seqs, jnp.int32),
+            max_query_len=_query_bucket(step),
         )
         seqs = arrays["page_tables"].shape[0]
         start = arrays["query_start_loc"]
@@ -363,6 +370,12 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
     def token_positions(self) -> jax.Array:
         """``[T]`` int32 positions of the new tokens, ``-1`` where ``slot_mapping`` is ``-1``."""
         return jnp.where(self.slot_mapping >= 0, self.positions, -1).astype(jnp.int32)
+
+
+def _query_bucket(step: StepMetadata) -> int:
+    """The power of two >= the step's longest run of new tokens (at most the padded count)."""
+    longest = max(step.num_new_tokens, default=1)
+    return min(1 << max(longest - 1, 0).bit_length(), step.num_tokens_padded)
 
 
 def _check_runtime(owner: str, runtime: Any, metadata: PagedCacheMetadata) -> None:
@@ -495,6 +508,7 @@ class PagedCacheView(BaseCacheView):
             context_lens=runtime.context_lens,
             query_start_loc=runtime.query_start_loc,
             query_positions=runtime.token_positions(),
+            max_query_len=runtime.max_query_len,
             sliding_window=m.sliding_window,
             stored_as=storage.stored_as(m.dtype),
         )

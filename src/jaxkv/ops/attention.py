@@ -213,6 +213,10 @@ def online_softmax_update(
         soft_cap: if set, logits become ``cap * tanh(logits / cap)``.
     """
     running_max, denominator, accumulator = state
+    # Slots no query may see can hold stale or uninitialised data; zero them so that even a NaN
+    # there cannot reach the output through 0 * NaN.
+    slot_used = jnp.any(visible, axis=1)[:, :, None, None]
+    values = jnp.where(slot_used, values, 0.0)
     logits = jnp.einsum("bthgd,bshd->bhgts", q, keys)
     if soft_cap is not None:
         logits = soft_cap * jnp.tanh(logits / soft_cap)

@@ -6,15 +6,15 @@ A paged cache keeps every layer's keys and values in a pool of pages,
 sequences into one axis (``query_start_loc`` says where each sequence's run starts), so some
 sequences prefill a chunk while others decode a single token.
 
-``paged_attention`` gives each packed query its sequence (from ``query_start_loc``), then scans
-blocks of ``pages_per_block`` pages with an online softmax. The number of blocks is a *dynamic*
-loop trip count: ``ceil(max(context_lens) / (pages_per_block * page_size))`` (and, with a sliding
-window, blocks wholly before every query's window are skipped), so the cost follows the live
-context, never ``max_pages_per_seq``. In each block, every query gathers the pages of its own
-sequence (``[num_tokens, pages_per_block * page_size, kv_heads, head_dim]``): for decode that is
-exactly one read of the live keys per sequence, like a contiguous cache; a prefill chunk of
-``n`` tokens re-reads its sequence's block once per token, which costs memory traffic of the
-same order as the attention arithmetic itself.
+``paged_attention`` lays the packed queries out per sequence, ``[max_num_seqs, max_query_len]``
+(``max_query_len`` is a static bound on any sequence's new tokens: 1 in a pure decode step), then
+scans blocks of ``pages_per_block`` pages with an online softmax, gathering each block of each
+sequence's pages once, and scatters the outputs back to the packed order. The number of blocks
+is a *dynamic* loop trip count, ``ceil(max(context_lens) / (pages_per_block * page_size))`` (with
+a sliding window, blocks wholly before every query's window are skipped), so the cost follows
+the live context, never ``max_pages_per_seq``. Each block reads
+``[max_num_seqs, pages_per_block * page_size, kv_heads, head_dim]``: one read of the live keys per
+sequence, whether it decodes one token or prefills a chunk.
 
 Masking is by absolute position, as in ``jaxkv.ops.attention``: a query at position ``q`` of
 sequence ``s`` sees the keys of ``s`` at positions ``k`` with ``k <= q``, ``k < context_lens[s]``
@@ -57,6 +57,7 @@ class PagedKV:
             packed axis (non-decreasing; entries past the last real row repeat the token count).
         query_positions: ``[num_tokens]`` int32 absolute position of each packed query, ``-1``
             for padding.
+        max_query_len: (static) bound on any row's new tokens; ``0`` = ``num_tokens``.
         sliding_window: the cache's window (static), or ``None``.
         stored_as: the float dtype the pools hold as raw words (static), or ``None``.
     """
@@ -67,6 +68,7 @@ class PagedKV:
     context_lens: jax.Array
     query_start_loc: jax.Array
     query_positions: jax.Array
+    max_query_len: int = static_field(0)
     sliding_window: int | None = static_field(None)
     stored_as: np.dtype | None = static_field(None)
 
@@ -173,15 +175,18 @@ def paged_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(key_dim)
     groups = query_heads // kv_heads
+    num_seqs = kv.page_tables.shape[0]
+    max_query_len = min(kv.max_query_len or num_tokens, num_tokens)
 
-    # Each packed query's row: the last row whose run starts at or before it.
-    token_ids = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq_of_token = jnp.searchsorted(kv.query_start_loc[1:], token_ids, side="right")
-    seq_of_token = jnp.minimum(seq_of_token, kv.page_tables.shape[0] - 1)
-    token_pages = kv.page_tables[seq_of_token]  # [T, max_pages]
-    token_context = kv.context_lens[seq_of_token]  # [T]
-    query_pos = kv.query_positions.astype(jnp.int32)
-    real = query_pos >= 0
+    # Per-sequence layout: row s, slot j holds packed query query_start_loc[s] + j.
+    starts = kv.query_start_loc[:-1]
+    counts = kv.query_start_loc[1:] - starts
+    slot = jnp.arange(max_query_len, dtype=jnp.int32)
+    packed_index = starts[:, None] + slot[None, :]  # [S, Q]
+    present = slot[None, :] < counts[:, None]
+    gather_index = jnp.where(present, packed_index, 0)
+    query_pos = jnp.where(present, kv.query_positions[gather_index], -1).astype(jnp.int32)
+    real = query_pos >= 0  # [S, Q]
 
     # Live blocks: up to the longest context; with a window, from the earliest visible key.
     live_pages = (jnp.max(kv.context_lens) + page_size - 1) // page_size
@@ -192,15 +197,17 @@ def paged_attention(
         first_key = jnp.min(jnp.where(real, jnp.maximum(query_pos - window + 1, 0), 2**30))
         start_block = jnp.minimum(first_key // block, end_block)
 
-    q = query.astype(jnp.float32) * scale
-    q = q.reshape(num_tokens, 1, kv_heads, groups, key_dim)
-    state = init_softmax_state(num_tokens, kv_heads, groups, 1, value_dim)
+    q = query.astype(jnp.float32)[gather_index] * scale  # [S, Q, Hq, D]
+    q = q.reshape(num_seqs, max_query_len, kv_heads, groups, key_dim)
+    state = init_softmax_state(num_seqs, kv_heads, groups, max_query_len, value_dim)
     page_offsets = jnp.arange(pages_per_block, dtype=jnp.int32)
     slot_offsets = jnp.arange(block, dtype=jnp.int32)
+    context = kv.context_lens[:, None, None]
+    query_pos_3d = query_pos[:, :, None]
 
     def read(pool, pages):
-        blocks = pool.at[pages].get(mode="promise_in_bounds")  # [T, ppb, page_size, h, d]
-        blocks = blocks.reshape(num_tokens, block, *pool.shape[2:])
+        blocks = pool.at[pages].get(mode="promise_in_bounds")  # [S, ppb, page_size, h, d]
+        blocks = blocks.reshape(num_seqs, block, *pool.shape[2:])
         if kv.stored_as is not None:
             blocks = lax.bitcast_convert_type(blocks, kv.stored_as)
         return blocks.astype(jnp.float32)
@@ -209,25 +216,21 @@ def paged_attention(
         nominal_page = index * pages_per_block
         # The last block may be shifted left to stay in the table; pages it re-reads are masked.
         first_page = jnp.minimum(nominal_page, max_pages - pages_per_block)
-        pages = lax.dynamic_slice_in_dim(token_pages, first_page, pages_per_block, axis=1)
+        pages = lax.dynamic_slice_in_dim(kv.page_tables, first_page, pages_per_block, axis=1)
         # Unused entries (-1) lie past the context and are masked; read page 0 in their place.
         pages = jnp.maximum(pages, 0)
         keys = read(kv.key_pages, pages)
         values = read(kv.value_pages, pages)
-        key_pos = first_page * page_size + slot_offsets  # [block]
-        fresh = (page_offsets >= nominal_page - first_page).repeat(page_size)  # [block]
-        visible = (
-            fresh[None, :]
-            & (key_pos[None, :] < token_context[:, None])
-            & (key_pos[None, :] <= query_pos[:, None])
-            & real[:, None]
-        )
+        key_pos = (first_page * page_size + slot_offsets)[None, None, :]  # [1, 1, block]
+        fresh = (page_offsets >= nominal_page - first_page).repeat(page_size)[None, None, :]
+        visible = fresh & (key_pos < context) & (key_pos <= query_pos_3d) & real[:, :, None]
         if window is not None:
-            visible &= query_pos[:, None] - key_pos[None, :] < window
-        return online_softmax_update(
-            carry, q, keys, values, visible[:, None, :], soft_cap=logit_soft_cap
-        )
+            visible &= query_pos_3d - key_pos < window
+        return online_softmax_update(carry, q, keys, values, visible, soft_cap=logit_soft_cap)
 
     state = lax.fori_loop(start_block, end_block, body, state)
-    out = finish_softmax(state).reshape(num_tokens, query_heads, value_dim)
-    return out.astype(query.dtype)
+    out = finish_softmax(state)  # [S, Q, Hq, Dv]
+    scatter_index = jnp.where(present, packed_index, num_tokens)  # absent slots are dropped
+    packed = jnp.zeros((num_tokens, query_heads, value_dim), jnp.float32)
+    packed = packed.at[scatter_index].set(out, mode="drop")
+    return packed.astype(query.dtype)
