@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxkv.caches import TransformerCache, TransformerCacheMetadata, TransformerMetadata
-from jaxkv.engine import Model
+from jaxkv.engine import Model, generate
 from jaxkv.models.llama import forward, forward_uncached
 
 DATA = pathlib.Path(__file__).parents[1] / "data"
@@ -127,3 +127,31 @@ def test_cached_decode_equals_uncached_forward_on_ragged_batch(model):
             np.testing.assert_allclose(
                 logits[step, row], reference[row, position], atol=1e-3, rtol=0
             )
+
+
+@pytest.fixture(scope="module")
+def paged_run(model, reference):
+    """The three reference prompts as one ragged batch through the paged engine, greedy."""
+    meta, _ = reference
+    prompts = [p["prompt_ids"] for p in meta["prompts"]]
+    return generate(
+        model, prompts, max_new_tokens=STEPS, cache="paged", ignore_eos=True, output_logits=True
+    )
+
+
+def test_paged_cache_matches_reference_logits_and_tokens(paged_run, reference):
+    meta, arrays = reference
+    for generation, prompt in zip(paged_run.generations, meta["prompts"], strict=True):
+        name = prompt["name"]
+        assert generation.token_ids == prompt["generated_ids"], name
+        np.testing.assert_allclose(
+            generation.logits[0], arrays[f"{name}/last_prompt_logits"], atol=1e-3, rtol=0
+        )
+        got = np.take_along_axis(generation.logits, arrays[f"{name}/topk_ids"], axis=-1)
+        np.testing.assert_allclose(got, arrays[f"{name}/topk_values"], atol=2e-3, rtol=0)
+
+
+def test_paged_and_contiguous_agree(paged_run, contiguous_run):
+    logits, _ = contiguous_run
+    for row, generation in enumerate(paged_run.generations):
+        np.testing.assert_allclose(generation.logits, logits[:, row], atol=1e-4, rtol=0)

@@ -76,12 +76,15 @@ class Generation:
         token_ids: generated ids (the EOS token, if hit, excluded).
         text: the decoded continuation (cut before a stop string).
         finish_reason: ``"eos"``, ``"stop"`` (a stop string) or ``"length"``.
+        logits: with ``output_logits=True``, float32 ``[steps, vocab]``: the logits each
+            sampled token was drawn from (the EOS step included).
     """
 
     prompt_ids: list[int]
     token_ids: list[int]
     text: str
     finish_reason: str
+    logits: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -177,6 +180,7 @@ class _RowState:
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.on_text = on_text
         self.finish_reason: str | None = None
+        self.logits: list[np.ndarray] | None = None
 
     @property
     def active(self) -> bool:
@@ -212,7 +216,13 @@ class _RowState:
 
     def result(self) -> Generation:
         reason = self.finish_reason or "length"
-        return Generation(self.prompt_ids, self.token_ids, self.text, reason)
+        logits = None if self.logits is None else np.stack(self.logits)
+        return Generation(self.prompt_ids, self.token_ids, self.text, reason, logits)
+
+    def record(self, logits: np.ndarray) -> None:
+        """Keep the logits of this step (when the caller asked for them)."""
+        if self.logits is not None:
+            self.logits.append(np.asarray(logits, np.float32))
 
 
 def _check_prompts(model: Model, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
@@ -251,6 +261,7 @@ def generate(
     on_text: TextCallback | None = None,
     page_size: int = 16,
     ignore_eos: bool = False,
+    output_logits: bool = False,
 ) -> GenerationResult:
     """Generate continuations of a batch of prompts.
 
@@ -266,6 +277,7 @@ def generate(
         page_size: tokens per page of the paged cache.
         ignore_eos: keep generating past EOS tokens (benchmarks use this to produce exactly
             ``max_new_tokens`` tokens).
+        output_logits: keep each step's logits in ``Generation.logits``.
 
     Returns:
         A ``GenerationResult`` with one ``Generation`` per prompt and timings.
@@ -289,6 +301,9 @@ def generate(
         _RowState(i, ids, model.tokenizer, eos_ids, tuple(stop), on_text)
         for i, ids in enumerate(prompt_ids)
     ]
+    if output_logits:
+        for row in rows:
+            row.logits = []
     runner = _ContiguousRunner if cache == "contiguous" else _paged_runner()
     return runner(model, sampling, page_size=page_size).run(rows, max_new_tokens)
 
@@ -332,10 +347,13 @@ class _ContiguousRunner:
         compile_seconds += seconds
 
         start = time.perf_counter()
-        next_tokens, _, cache = prefill(*prefill_args)
+        next_tokens, logits, cache = prefill(*prefill_args)
         next_tokens = np.asarray(next_tokens)
         prefill_seconds = time.perf_counter() - start
+        keep_logits = rows[0].logits is not None
         for r, token in zip(rows, next_tokens, strict=True):
+            if keep_logits:
+                r.record(logits[r.row])
             r.push(int(token), max_new_tokens)
 
         start = time.perf_counter()
@@ -343,7 +361,7 @@ class _ContiguousRunner:
         while any(r.active for r in rows):
             active = np.array([r.active for r in rows], np.int32)
             key, subkey = jax.random.split(key)
-            next_tokens, _, cache = decode(
+            next_tokens, logits, cache = decode(
                 model.params, cache, jnp.asarray(next_tokens[:, None]),
                 TransformerMetadata.create(active), zeros, subkey, knobs,
             )
@@ -351,6 +369,8 @@ class _ContiguousRunner:
             steps += 1
             for r, token in zip(rows, next_tokens, strict=True):
                 if r.active:
+                    if keep_logits:
+                        r.record(logits[r.row])
                     r.push(int(token), max_new_tokens)
         decode_seconds = time.perf_counter() - start
         cache.check_overflow()

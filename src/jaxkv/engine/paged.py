@@ -66,6 +66,8 @@ class PagedRunner:
         key = jax.random.key(self.sampling.seed)
         compile_seconds = 0.0
 
+        keep_logits = rows[0].logits is not None
+
         def run_step(batch: list[tuple[int, int]]) -> list[tuple[int, int]]:
             """Schedule, run and commit one step; ``(row, sampled token)`` per sequence."""
             nonlocal cache, key, compile_seconds
@@ -80,9 +82,12 @@ class PagedRunner:
             )
             compiled, seconds = compiled_step(config, greedy, *args)
             compile_seconds += seconds
-            tokens, _, cache = compiled(*args)
+            tokens, logits, cache = compiled(*args)
             manager.commit_step(step)
             tokens = np.asarray(tokens)[: step.num_seqs]
+            if keep_logits:
+                for position, seq_id in enumerate(step.seq_ids):
+                    rows[seq_id].record(logits[position])
             return list(zip(step.seq_ids, tokens.tolist(), strict=True))
 
         # Compile the decode shape too before timing anything.
