@@ -76,7 +76,7 @@ def test_init_cache_builds_the_view_of_each_layers_kind():
     assert allocated == metadata.bytes_total()
     empty = HybridCache.init_empty(metadata)
     assert list(empty) == [None] * 7 and empty.metadata is metadata
-    assert tuple(ATTENTION_BACKENDS) == ("contiguous",)
+    assert tuple(ATTENTION_BACKENDS) == ("contiguous", "paged")
 
 
 def test_ready_metadata_may_stand_in_for_settings():
@@ -96,7 +96,7 @@ def test_ready_metadata_may_stand_in_for_settings():
         ("attention", {}, "layer_kinds must be a sequence of kind names"),
         (KINDS, dict(mamba=None), "1 layer.* have kind 'mamba' but no mamba settings"),
         (("attention",), {}, "sliding_attention settings given but no layer has kind"),
-        (KINDS, dict(attention_backend="paged"), "attention_backend must be one of"),
+        (KINDS, dict(attention_backend="ring"), "attention_backend must be one of"),
         (KINDS, dict(batch_size=0), "batch_size must be >= 1, got 0"),
         (
             KINDS,

@@ -7,6 +7,11 @@ grouped-query attention. ``hybrid_forward`` runs whole sequences without a cache
 attention, recurrent layers scanned from a zero state); ``hybrid_forward_cached`` runs a chunk of
 ``T >= 1`` tokens per row through a ``HybridCache``, reading attention with
 ``jaxkv.ops.attention.attention``. The two agree, which the tests check.
+
+The cached forward runs either attention backend. Activations live in the ``[batch, T]`` layout
+throughout; with the ``"paged"`` backend each attention layer gathers its input into the step's
+packed ``[num_tokens]`` axis (``HybridPagedMetadata.to_packed``), writes and attends there, and
+scatters its output back (``to_batch``), while recurrent layers and MLPs stay in ``[batch, T]``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from jaxkv.caches.hybrid import (
     HybridCache,
     HybridCacheMetadata,
     HybridMetadata,
+    HybridPagedMetadata,
 )
 from jaxkv.models import linear_attention as linear
 from jaxkv.models import mamba, mamba2
@@ -100,18 +106,44 @@ class HybridConfig:
                 )
 
     def cache_metadata(
-        self, batch_size: int, max_length: int, dtype: Any = jnp.float32
+        self,
+        batch_size: int,
+        max_length: int,
+        dtype: Any = jnp.float32,
+        *,
+        attention_backend: str = "contiguous",
+        page_size: int = 16,
+        num_pages: int | None = None,
     ) -> HybridCacheMetadata:
         """Cache metadata for this stack: attention layers hold up to ``max_length`` tokens per
-        row; every cache (KV and recurrent states) is stored in ``dtype``."""
+        row; every cache (KV and recurrent states) is stored in ``dtype``.
+
+        With ``attention_backend="paged"``, ``batch_size`` is also the ``max_num_seqs`` of every
+        step; each attention layer gets a pool of ``num_pages`` pages of ``page_size`` tokens
+        (default: ``batch_size * ceil(max_length / page_size)``, every sequence's worst case) and
+        a sequence holds up to ``ceil(max_length / page_size)`` pages.
+        """
+        owner = "HybridConfig.cache_metadata"
         kinds = self.layer_kinds
-        attention_settings = dict(
-            max_length=max_length, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim
-        )
+        v.require_choice(owner, "attention_backend", attention_backend, ("contiguous", "paged"))
+        v.require_int(owner, "max_length", max_length, minimum=1)
+        heads = dict(num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
+        if attention_backend == "paged":
+            v.require_int(owner, "page_size", page_size, minimum=1)
+            v.require_int(owner, "batch_size", batch_size, minimum=1)
+            max_pages_per_seq = -(-max_length // page_size)
+            if num_pages is None:
+                num_pages = batch_size * max_pages_per_seq
+            attention_settings = dict(
+                heads, num_pages=num_pages, page_size=page_size, max_pages_per_seq=max_pages_per_seq
+            )
+        else:
+            attention_settings = dict(heads, max_length=max_length)
         count = kinds.count
         return HybridCacheMetadata.create(
             kinds,
             batch_size=batch_size,
+            attention_backend=attention_backend,
             attention=dict(attention_settings, dtype=dtype) if "attention" in kinds else None,
             sliding_attention=(
                 dict(attention_settings, sliding_window=self.sliding_window, dtype=dtype)
@@ -245,6 +277,19 @@ def _attention_cached(params, config, hidden, view, runtime):
     return out.reshape(batch, length, -1) @ params["out_proj"], view
 
 
+def _attention_paged(params, config, hidden, view, runtime: HybridPagedMetadata):
+    """``hidden: [batch, T, hidden]`` -> packed ``[N, hidden]`` -> paged write and attention ->
+    ``[batch, T, hidden]``."""
+    c = config
+    packed = runtime.to_packed(hidden)[None]  # [1, N, hidden]: _qkv wants a batch axis
+    positions = view.query_positions(runtime.attention, runtime.num_tokens)  # [N], -1 padding
+    q, k, value = _qkv(params, c, packed, jnp.maximum(positions, 0)[None])
+    kv, view = view.concatenate_to_cache(k[0], value[0], runtime.attention)
+    out = attention(q[0], kv, block_size=c.attention_block_size)  # [N, heads, head_dim]
+    out = out.reshape(runtime.num_tokens, -1) @ params["out_proj"]
+    return runtime.to_batch(out), view
+
+
 # --------------------------------------------------------------------------------------------
 # The stack
 # --------------------------------------------------------------------------------------------
@@ -302,19 +347,24 @@ def hybrid_forward_cached(
     config: HybridConfig,
     tokens: jax.Array,
     cache: HybridCache,
-    runtime: HybridMetadata | None = None,
+    runtime: HybridMetadata | HybridPagedMetadata | None = None,
 ) -> tuple[jax.Array, HybridCache]:
     """A chunk of ``T >= 1`` tokens per row through ``cache``.
 
     Args:
         tokens: ``[batch, T]`` int token ids; padding tokens (per ``runtime``) may hold any id.
+            With the paged backend, ``runtime.batch_token_ids()`` gives them (row ``r`` = slot
+            ``r``, ``T = runtime.width``).
         cache: a ``HybridCache`` built from ``config.cache_metadata(...)``.
-        runtime: which tokens of each row are real (``HybridMetadata.create``; default: all).
+        runtime: contiguous backend: which tokens of each row are real
+            (``HybridMetadata.create``; default: all). Paged backend (required): the step's
+            ``HybridPagedMetadata.from_step(...)``; its copy ops are applied first.
 
     Returns:
         ``(logits, new_cache)``: ``logits: [batch, T, vocab_size]`` (meaningless at padding
-        tokens). Under ``jax.jit`` an attention overflow is flagged in the cache, see
-        ``HybridCache.check_overflow``.
+        tokens; ``runtime.to_packed(logits)[runtime.attention.logits_indices]`` gives each
+        scheduled sequence's last logits with the paged backend). Under ``jax.jit`` a contiguous
+        attention overflow is flagged in the cache, see ``HybridCache.check_overflow``.
     """
     owner = "hybrid_forward_cached"
     _check_tokens(owner, tokens, config)
@@ -325,10 +375,31 @@ def hybrid_forward_cached(
             f"{owner}: the cache's layer kinds {cache.metadata.layer_kinds} do not match the "
             f"config's {config.layer_kinds}"
         )
-    if runtime is None:
-        runtime = HybridMetadata.create()
-    if not isinstance(runtime, HybridMetadata):
-        raise TypeError(f"{owner}: runtime must be HybridMetadata, got {type(runtime).__name__}")
+    paged = cache.metadata.attention_backend == "paged"
+    if paged:
+        if not isinstance(runtime, HybridPagedMetadata):
+            raise TypeError(
+                f"{owner}: a paged cache needs runtime=HybridPagedMetadata, "
+                f"got {type(runtime).__name__}"
+            )
+        if runtime.batch_size != cache.metadata.batch_size:
+            raise ValueError(
+                f"{owner}: runtime has {runtime.batch_size} slots but the cache has batch_size="
+                f"{cache.metadata.batch_size}"
+            )
+        if tokens.shape != runtime.token_index.shape:
+            raise ValueError(
+                f"{owner}: tokens must be [batch, T] = {runtime.token_index.shape} like "
+                f"runtime.token_index, got {tokens.shape}"
+            )
+        cache = cache.copy_pages(runtime.attention.copy_ops)
+    else:
+        if runtime is None:
+            runtime = HybridMetadata.create()
+        if not isinstance(runtime, HybridMetadata):
+            raise TypeError(
+                f"{owner}: runtime must be HybridMetadata, got {type(runtime).__name__}"
+            )
     c = config
     hidden = params["embed"][tokens]
     views = list(cache.views)
@@ -337,7 +408,9 @@ def hybrid_forward_cached(
             x = rms_norm(hidden, layer["mixer_norm"])
             part = runtime.for_kind(kind)
             view = views[index]
-            if kind in ATTENTION_KINDS:
+            if kind in ATTENTION_KINDS and paged:
+                x, views[index] = _attention_paged(layer["mixer"], c, x, view, runtime)
+            elif kind in ATTENTION_KINDS:
                 x, views[index] = _attention_cached(layer["mixer"], c, x, view, part)
             elif kind == "mamba":
                 x, views[index] = mamba.mamba_cached(layer["mixer"], c.mamba, x, view, part)
