@@ -1,4 +1,4 @@
-"""KV-cache memory of a model for each cache type, as printed by ``jaxkv info``."""
+"""KV-cache memory of a model per cache type and storage codec, as printed by ``jaxkv info``."""
 
 from __future__ import annotations
 
@@ -6,30 +6,42 @@ import jax.numpy as jnp
 
 from jaxkv.caches import TransformerCacheMetadata
 from jaxkv.models.config import LlamaConfig
+from jaxkv.quantization import CODECS
 
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.2f} MiB"
 
 
+def _storages() -> list[tuple[str, dict]]:
+    """``(label, metadata keyword arguments)`` of every storage ``jaxkv info`` lists: float32 and
+    bfloat16 floats, then each quantised codec (its bytes do not depend on the float dtype)."""
+    storages = [(jnp.dtype(d).name, {"dtype": d}) for d in (jnp.float32, jnp.bfloat16)]
+    storages += [(codec, {"kv_quantization": codec}) for codec in CODECS if codec != "none"]
+    return storages
+
+
 def kv_memory_rows(config: LlamaConfig, length: int, page_size: int = 16) -> list[tuple]:
-    """``(cache type, bytes per token, bytes per sequence of length)`` rows."""
+    """``(cache type, bytes per token, bytes per sequence of length)`` rows, scales included for
+    the quantised codecs (int4 with its default group size)."""
     rows = []
-    for dtype in (jnp.float32, jnp.bfloat16):
+    for label, kwargs in _storages():
         metadata = TransformerCacheMetadata.create(
-            1, length, config.num_layers, config.num_kv_heads, config.head_dim, dtype=dtype
+            1, length, config.num_layers, config.num_kv_heads, config.head_dim, **kwargs
         )
         per_token = metadata.bytes_per_token()
-        name = jnp.dtype(dtype).name
-        rows.append((f"contiguous {name}", per_token, per_token * length))
+        rows.append((f"contiguous {label}", per_token, per_token * length))
         pages = -(-length // page_size)
-        rows.append((f"paged {name}", per_token, pages * page_size * per_token))
+        rows.append((f"paged {label}", per_token, pages * page_size * per_token))
     return rows
 
 
 def kv_memory_table(config: LlamaConfig, length: int, page_size: int = 16) -> str:
-    """A plain-text table of ``kv_memory_rows``."""
-    lines = [f"  {'cache':<24} {'bytes/token':>12} {'per sequence':>16}"]
-    for name, per_token, per_sequence in kv_memory_rows(config, length, page_size):
-        lines.append(f"  {name:<24} {per_token:>12,} {_mib(per_sequence):>16}")
+    """A plain-text table of ``kv_memory_rows``, with each row's size relative to bfloat16."""
+    rows = kv_memory_rows(config, length, page_size)
+    bfloat16 = dict((name, per_token) for name, per_token, _ in rows)["contiguous bfloat16"]
+    lines = [f"  {'cache':<24} {'bytes/token':>12} {'per sequence':>16} {'vs bf16':>8}"]
+    for name, per_token, per_sequence in rows:
+        ratio = f"{per_token / bfloat16:.3f}x"
+        lines.append(f"  {name:<24} {per_token:>12,} {_mib(per_sequence):>16} {ratio:>8}")
     return "\n".join(lines)

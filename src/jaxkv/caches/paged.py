@@ -17,7 +17,10 @@ Which page holds which token is decided on the host by ``jaxkv.pages.PageManager
 3. ``jaxkv.ops.attention(query, kv)`` -- ragged paged attention of the packed queries.
 
 16-bit floats are held as ``uint16`` words (see ``jaxkv.caches.storage``) so that XLA's CPU
-backend scatters into the pool in place; attention bit-casts the pages it reads.
+backend scatters into the pool in place; attention bit-casts the pages it reads. With
+``kv_quantization`` (``"int8"``, ``"int4"``, ``"fp8"``, see ``jaxkv.quantization``) the pools hold
+the codec's words and each layer also keeps ``[num_pages, page_size, kv_heads, groups]`` scale
+pools; tokens are quantised as they are written and attention dequantises each block it reads.
 
 Capacity is the host's business: the manager never hands out a slot outside the pool, and the
 device drops any write whose slot is ``-1`` (or otherwise outside the pool) instead of letting
@@ -34,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv import _validation as v
+from jaxkv import quantization
 from jaxkv.abstracts import (
     BaseCache,
     BaseCacheMetadata,
@@ -65,7 +69,12 @@ class PagedCacheMetadata(BaseCacheMetadata):
             ``max_pages_per_seq * page_size`` tokens.
         sliding_window: ``None``, or the attention window ``W`` (every page stays in the pool;
             attention skips the blocks before the window).
-        dtype: storage dtype of keys and values (float32, bfloat16 or float16).
+        dtype: storage dtype of keys and values (float32, bfloat16 or float16); with a codec,
+            the dtype ``key_states()``/``value_states()`` return.
+        kv_quantization: storage codec, one of ``jaxkv.quantization.CODECS`` (``"none"``:
+            plain ``dtype`` floats).
+        quantization_group_size: int4 only: channels per scale (must divide ``head_dim`` and
+            ``value_dim``); ``None`` for the other codecs.
     """
 
     num_layers: int
@@ -78,6 +87,8 @@ class PagedCacheMetadata(BaseCacheMetadata):
     max_pages_per_seq: int
     sliding_window: int | None = None
     dtype: np.dtype = np.dtype(np.float32)
+    kv_quantization: str = "none"
+    quantization_group_size: int | None = None
 
     @classmethod
     def create(
@@ -93,10 +104,14 @@ class PagedCacheMetadata(BaseCacheMetadata):
         *,
         value_dim: int | None = None,
         sliding_window: int | None = None,
+        kv_quantization: str = "none",
+        quantization_group_size: int | None = None,
     ) -> PagedCacheMetadata:
         """Validated metadata; raises ``ValueError``/``TypeError`` naming the field on bad input.
 
-        ``value_dim`` defaults to ``head_dim``.
+        ``value_dim`` defaults to ``head_dim``. ``kv_quantization`` picks the storage codec
+        (``"none"``, ``"int8"``, ``"int4"``, ``"fp8"``); int4's ``quantization_group_size``
+        defaults to ``min(64, head_dim, value_dim)``.
         """
         owner = "PagedCacheMetadata.create"
         return cls(
@@ -110,6 +125,8 @@ class PagedCacheMetadata(BaseCacheMetadata):
             max_pages_per_seq=max_pages_per_seq,
             sliding_window=sliding_window,
             dtype=v.require_float_dtype(owner, "dtype", dtype),
+            kv_quantization=kv_quantization,
+            quantization_group_size=quantization_group_size,
         )
 
     @classmethod
@@ -128,8 +145,11 @@ class PagedCacheMetadata(BaseCacheMetadata):
         device: jax.Device | None = None,
         value_dim: int | None = None,
         sliding_window: int | None = None,
+        kv_quantization: str = "none",
+        quantization_group_size: int | None = None,
     ) -> PagedCacheMetadata:
-        """Metadata whose ``num_pages`` is as many pages as a memory budget holds.
+        """Metadata whose ``num_pages`` is as many pages as a memory budget holds (pages are
+        sized with the codec's scales included).
 
         Give exactly one budget: ``memory_bytes`` (bytes for the pools of all layers), or
         ``memory_fraction`` of the memory the backend reports for ``device`` (default
@@ -184,6 +204,8 @@ class PagedCacheMetadata(BaseCacheMetadata):
             dtype,
             value_dim=value_dim,
             sliding_window=sliding_window,
+            kv_quantization=kv_quantization,
+            quantization_group_size=quantization_group_size,
         )
         num_pages = budget // probe.bytes_per_page()
         if num_pages < probe.max_pages_per_seq:
@@ -222,6 +244,20 @@ class PagedCacheMetadata(BaseCacheMetadata):
         if not isinstance(self.dtype, np.dtype):
             raise TypeError(f"{owner}: dtype must be a numpy dtype, got {self.dtype!r}")
         v.require_float_dtype(owner, "dtype", self.dtype)
+        group_size = quantization.resolve_group_size(
+            owner,
+            self.kv_quantization,
+            self.quantization_group_size,
+            (("head_dim", self.head_dim), ("value_dim", self.value_dim)),
+        )
+        if group_size != self.quantization_group_size:
+            # int4's default group size, fixed here so that it is part of the (static) metadata.
+            object.__setattr__(self, "quantization_group_size", group_size)
+
+    @property
+    def codec(self) -> quantization.KVCodec | None:
+        """The storage codec, or ``None`` when unquantised."""
+        return quantization.make_codec(self.kv_quantization, self.quantization_group_size)
 
     @property
     def num_slots(self) -> int:
@@ -239,9 +275,12 @@ class PagedCacheMetadata(BaseCacheMetadata):
         return self.max_pages_per_seq * self.page_size
 
     def bytes_per_token(self) -> int:
-        """Bytes of keys and values one token occupies across all layers."""
-        per_layer = self.num_kv_heads * (self.head_dim + self.value_dim)
-        return self.num_layers * per_layer * self.dtype.itemsize
+        """Bytes of keys and values one token occupies across all layers (scales included)."""
+        codec = self.codec
+        per_head = quantization.bytes_per_head(
+            codec, self.head_dim, self.dtype
+        ) + quantization.bytes_per_head(codec, self.value_dim, self.dtype)
+        return self.num_layers * self.num_kv_heads * per_head
 
     def bytes_per_page(self) -> int:
         """Bytes of one page across all layers."""
@@ -408,16 +447,22 @@ class PagedCacheView(BaseCacheView):
 
     Attributes:
         key_pages: ``[num_pages, page_size, kv_heads, head_dim]`` in ``metadata.dtype`` (16-bit
-            floats held as ``uint16`` words; ``key_states()`` gives the floats).
+            floats held as ``uint16`` words; ``key_states()`` gives the floats). With a codec:
+            its words, ``[num_pages, page_size, kv_heads, codec.stored_dim(head_dim)]``.
         value_pages: ``[num_pages, page_size, kv_heads, value_dim]``, likewise.
         metadata: the cache's ``PagedCacheMetadata`` (static).
         layer_index: which layer this view belongs to (static).
+        key_scales: with a codec, ``[num_pages, page_size, kv_heads, groups]`` uint16 (float16
+            bits); ``None`` unquantised.
+        value_scales: likewise for values.
     """
 
     key_pages: jax.Array
     value_pages: jax.Array
     metadata: PagedCacheMetadata = static_field()
     layer_index: int | None = static_field(None)
+    key_scales: jax.Array | None = None
+    value_scales: jax.Array | None = None
 
     @classmethod
     def init(cls, metadata: PagedCacheMetadata, layer_index: int | None = None) -> PagedCacheView:
@@ -428,21 +473,28 @@ class PagedCacheView(BaseCacheView):
                 f"got {type(metadata).__name__}"
             )
         m = metadata
-        store = storage.storage_dtype(m.dtype)
+        lead = (m.num_pages, m.page_size, m.num_kv_heads)
+        key_pages, key_scales = storage.allocate(lead, m.head_dim, m.dtype, m.codec)
+        value_pages, value_scales = storage.allocate(lead, m.value_dim, m.dtype, m.codec)
         return cls(
-            key_pages=jnp.zeros((m.num_pages, m.page_size, m.num_kv_heads, m.head_dim), store),
-            value_pages=jnp.zeros((m.num_pages, m.page_size, m.num_kv_heads, m.value_dim), store),
+            key_pages=key_pages,
+            value_pages=value_pages,
             metadata=m,
             layer_index=layer_index,
+            key_scales=key_scales,
+            value_scales=value_scales,
         )
 
     def key_states(self) -> jax.Array:
-        """``[num_pages, page_size, kv_heads, head_dim]`` keys as ``metadata.dtype`` floats."""
-        return storage.decode(self.key_pages, self.metadata.dtype)
+        """``[num_pages, page_size, kv_heads, head_dim]`` keys as ``metadata.dtype`` floats (a
+        quantised pool is dequantised whole: for inspection; attention reads block by block)."""
+        m = self.metadata
+        return storage.decode_values(self.key_pages, self.key_scales, m.dtype, m.codec)
 
     def value_states(self) -> jax.Array:
         """``[num_pages, page_size, kv_heads, value_dim]`` values as ``metadata.dtype`` floats."""
-        return storage.decode(self.value_pages, self.metadata.dtype)
+        m = self.metadata
+        return storage.decode_values(self.value_pages, self.value_scales, m.dtype, m.codec)
 
     def query_positions(self, runtime: PagedRuntimeMetadata, num_tokens: int) -> jax.Array:
         """``[num_tokens]`` int32 absolute positions of the step's new tokens (``-1`` for
@@ -466,7 +518,8 @@ class PagedCacheView(BaseCacheView):
 
         Args:
             key: ``[num_tokens, kv_heads, head_dim]``, any float dtype (cast to
-                ``metadata.dtype``), packed like ``runtime.slot_mapping``.
+                ``metadata.dtype``, or quantised token by token with the metadata's codec),
+                packed like ``runtime.slot_mapping``.
             value: ``[num_tokens, kv_heads, value_dim]``.
             runtime: the step's ``PagedRuntimeMetadata``.
 
@@ -494,13 +547,20 @@ class PagedCacheView(BaseCacheView):
         slots = runtime.slot_mapping.astype(jnp.int32)
         slots = jnp.where((slots >= 0) & (slots < m.num_slots), slots, m.num_slots)
 
-        def write(pool: jax.Array, new: jax.Array) -> jax.Array:
+        def write(pool: jax.Array | None, new: jax.Array | None) -> jax.Array | None:
+            if pool is None:
+                return None
             flat = pool.reshape(m.num_slots, *pool.shape[2:])
-            flat = flat.at[slots].set(storage.encode(new, m.dtype), mode="drop")
+            flat = flat.at[slots].set(new, mode="drop")
             return flat.reshape(pool.shape)
 
-        key_pages = write(self.key_pages, key)
-        value_pages = write(self.value_pages, value)
+        codec = m.codec
+        key_words, key_scale = storage.encode_values(key, m.dtype, codec)
+        value_words, value_scale = storage.encode_values(value, m.dtype, codec)
+        key_pages = write(self.key_pages, key_words)
+        value_pages = write(self.value_pages, value_words)
+        key_scales = write(self.key_scales, key_scale)
+        value_scales = write(self.value_scales, value_scale)
         kv = PagedKV(
             key_pages=key_pages,
             value_pages=value_pages,
@@ -510,9 +570,19 @@ class PagedCacheView(BaseCacheView):
             query_positions=runtime.token_positions(),
             max_query_len=runtime.max_query_len,
             sliding_window=m.sliding_window,
-            stored_as=storage.stored_as(m.dtype),
+            stored_as=None if codec is not None else storage.stored_as(m.dtype),
+            key_scales=key_scales,
+            value_scales=value_scales,
+            codec=codec,
         )
-        return kv, dataclasses.replace(self, key_pages=key_pages, value_pages=value_pages)
+        new_view = dataclasses.replace(
+            self,
+            key_pages=key_pages,
+            value_pages=value_pages,
+            key_scales=key_scales,
+            value_scales=value_scales,
+        )
+        return kv, new_view
 
     def copy_pages(self, copy_ops: jax.Array) -> PagedCacheView:
         """A view where page ``dst`` holds a copy of page ``src`` for each ``(src, dst)`` row of
@@ -520,10 +590,16 @@ class PagedCacheView(BaseCacheView):
 
         All sources are read before any destination is written."""
         src, dst = _copy_indices("PagedCacheView.copy_pages", copy_ops, self.metadata.num_pages)
+
+        def copy(pool: jax.Array | None) -> jax.Array | None:
+            return None if pool is None else pool.at[dst].set(pool[src], mode="drop")
+
         return dataclasses.replace(
             self,
-            key_pages=self.key_pages.at[dst].set(self.key_pages[src], mode="drop"),
-            value_pages=self.value_pages.at[dst].set(self.value_pages[src], mode="drop"),
+            key_pages=copy(self.key_pages),
+            value_pages=copy(self.value_pages),
+            key_scales=copy(self.key_scales),
+            value_scales=copy(self.value_scales),
         )
 
 

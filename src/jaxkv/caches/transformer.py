@@ -20,6 +20,10 @@ bounds the positions). A write that would pass it writes *nothing* for that row 
 called eagerly, ``concatenate_to_cache`` raises ``CacheOverflowError``; under ``jax.jit`` it cannot
 raise, so the returned view's ``overflow: [batch]`` flag turns (and stays) ``True`` for that row --
 check it with ``TransformerCache.check_overflow`` (or ``overflow_rows``) after the step.
+
+Quantised storage: with ``kv_quantization`` set to ``"int8"``, ``"int4"`` or ``"fp8"`` (see
+``jaxkv.quantization``) the views hold the codec's words plus ``key_scales``/``value_scales``;
+each token is quantised as it is written and attention dequantises block by block.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv import _validation as v
+from jaxkv import quantization
 from jaxkv.abstracts import (
     BaseCache,
     BaseCacheMetadata,
@@ -59,7 +64,12 @@ class TransformerCacheMetadata(BaseCacheMetadata):
         key_dim, value_dim: head dimension of keys and of values.
         sliding_window: ``None`` for a full cache, else the ring size ``W`` (slots per row are
             ``min(W, max_length)``).
-        dtype: storage dtype of keys and values (float32, bfloat16 or float16).
+        dtype: storage dtype of keys and values (float32, bfloat16 or float16); with a codec,
+            the dtype ``key_states()``/``value_states()`` return.
+        kv_quantization: storage codec, one of ``jaxkv.quantization.CODECS`` (``"none"``:
+            plain ``dtype`` floats).
+        quantization_group_size: int4 only: channels per scale (must divide ``key_dim`` and
+            ``value_dim``); ``None`` for the other codecs.
     """
 
     batch_size: int
@@ -71,6 +81,8 @@ class TransformerCacheMetadata(BaseCacheMetadata):
     value_dim: int
     sliding_window: int | None = None
     dtype: np.dtype = np.dtype(np.float32)
+    kv_quantization: str = "none"
+    quantization_group_size: int | None = None
 
     @classmethod
     def create(
@@ -87,12 +99,16 @@ class TransformerCacheMetadata(BaseCacheMetadata):
         value_dim: int | None = None,
         sliding_window: int | None = None,
         dtype: Any = jnp.float32,
+        kv_quantization: str = "none",
+        quantization_group_size: int | None = None,
     ) -> TransformerCacheMetadata:
         """Validated metadata.
 
         Give ``num_kv_heads``/``head_dim`` for the usual case, or ``key_heads``/``value_heads`` and
-        ``key_dim``/``value_dim`` when keys and values differ. Raises ``ValueError``/``TypeError``
-        naming the field on bad input.
+        ``key_dim``/``value_dim`` when keys and values differ. ``kv_quantization`` picks the
+        storage codec (``"none"``, ``"int8"``, ``"int4"``, ``"fp8"``); int4's
+        ``quantization_group_size`` defaults to ``min(64, key_dim, value_dim)``. Raises
+        ``ValueError``/``TypeError`` naming the field on bad input.
         """
         owner = "TransformerCacheMetadata.create"
         key_heads = _pick(owner, "key_heads", key_heads, "num_kv_heads", num_kv_heads)
@@ -109,6 +125,8 @@ class TransformerCacheMetadata(BaseCacheMetadata):
             value_dim=value_dim,
             sliding_window=sliding_window,
             dtype=v.require_float_dtype(owner, "dtype", dtype),
+            kv_quantization=kv_quantization,
+            quantization_group_size=quantization_group_size,
         )
 
     def validate(self) -> None:
@@ -127,6 +145,20 @@ class TransformerCacheMetadata(BaseCacheMetadata):
         if not isinstance(self.dtype, np.dtype):
             raise TypeError(f"{owner}: dtype must be a numpy dtype, got {self.dtype!r}")
         v.require_float_dtype(owner, "dtype", self.dtype)
+        group_size = quantization.resolve_group_size(
+            owner,
+            self.kv_quantization,
+            self.quantization_group_size,
+            (("key_dim", self.key_dim), ("value_dim", self.value_dim)),
+        )
+        if group_size != self.quantization_group_size:
+            # int4's default group size, fixed here so that it is part of the (static) metadata.
+            object.__setattr__(self, "quantization_group_size", group_size)
+
+    @property
+    def codec(self) -> quantization.KVCodec | None:
+        """The storage codec, or ``None`` when unquantised."""
+        return quantization.make_codec(self.kv_quantization, self.quantization_group_size)
 
     @property
     def num_slots(self) -> int:
@@ -141,9 +173,12 @@ class TransformerCacheMetadata(BaseCacheMetadata):
         return self.sliding_window is not None and self.sliding_window < self.max_length
 
     def bytes_per_token(self) -> int:
-        """Bytes of keys and values one token occupies across all layers."""
-        per_layer = self.key_heads * self.key_dim + self.value_heads * self.value_dim
-        return self.num_layers * per_layer * self.dtype.itemsize
+        """Bytes of keys and values one token occupies across all layers (scales included)."""
+        codec = self.codec
+        per_layer = self.key_heads * quantization.bytes_per_head(
+            codec, self.key_dim, self.dtype
+        ) + self.value_heads * quantization.bytes_per_head(codec, self.value_dim, self.dtype)
+        return self.num_layers * per_layer
 
     def bytes_total(self) -> int:
         """Bytes the whole cache allocates (keys, values and bookkeeping)."""
@@ -229,6 +264,7 @@ class TransformerCacheView(BaseCacheView):
     Attributes:
         keys: ``[batch, slots, key_heads, key_dim]`` in ``metadata.dtype``, 16-bit floats held as
             ``uint16`` words (see ``jaxkv.caches.storage``; ``key_states()`` gives the floats).
+            With a codec: its words, ``[batch, slots, key_heads, codec.stored_dim(key_dim)]``.
         values: ``[batch, slots, value_heads, value_dim]``, likewise.
         lengths: ``[batch]`` int32, tokens written so far per row (the next position).
         positions: ``[batch, slots]`` int32 position held by each ring slot (``-1`` empty); ``None``
@@ -236,6 +272,9 @@ class TransformerCacheView(BaseCacheView):
         overflow: ``[batch]`` bool, sticky: a write to this row did not fit and was dropped.
         metadata: the cache's ``TransformerCacheMetadata`` (static).
         layer_index: which layer this view belongs to (static).
+        key_scales: with a codec, ``[batch, slots, key_heads, groups]`` uint16 (float16 bits),
+            one scale per token per head (per channel group for int4); ``None`` unquantised.
+        value_scales: ``[batch, slots, value_heads, groups]``, likewise.
     """
 
     keys: jax.Array
@@ -245,6 +284,8 @@ class TransformerCacheView(BaseCacheView):
     overflow: jax.Array
     metadata: TransformerCacheMetadata = static_field()
     layer_index: int | None = static_field(None)
+    key_scales: jax.Array | None = None
+    value_scales: jax.Array | None = None
 
     @classmethod
     def init(
@@ -258,24 +299,35 @@ class TransformerCacheView(BaseCacheView):
             )
         m = metadata
         slots = m.num_slots
-        store = storage.storage_dtype(m.dtype)
+        codec = m.codec
+        keys, key_scales = storage.allocate(
+            (m.batch_size, slots, m.key_heads), m.key_dim, m.dtype, codec
+        )
+        values, value_scales = storage.allocate(
+            (m.batch_size, slots, m.value_heads), m.value_dim, m.dtype, codec
+        )
         return cls(
-            keys=jnp.zeros((m.batch_size, slots, m.key_heads, m.key_dim), store),
-            values=jnp.zeros((m.batch_size, slots, m.value_heads, m.value_dim), store),
+            keys=keys,
+            values=values,
             lengths=jnp.zeros((m.batch_size,), jnp.int32),
             positions=jnp.full((m.batch_size, slots), -1, jnp.int32) if m.is_ring else None,
             overflow=jnp.zeros((m.batch_size,), jnp.bool_),
             metadata=m,
             layer_index=layer_index,
+            key_scales=key_scales,
+            value_scales=value_scales,
         )
 
     def key_states(self) -> jax.Array:
-        """``[batch, slots, key_heads, key_dim]`` keys as ``metadata.dtype`` floats."""
-        return storage.decode(self.keys, self.metadata.dtype)
+        """``[batch, slots, key_heads, key_dim]`` keys as ``metadata.dtype`` floats (a quantised
+        cache is dequantised whole: for inspection, attention reads it block by block)."""
+        m = self.metadata
+        return storage.decode_values(self.keys, self.key_scales, m.dtype, m.codec)
 
     def value_states(self) -> jax.Array:
         """``[batch, slots, value_heads, value_dim]`` values as ``metadata.dtype`` floats."""
-        return storage.decode(self.values, self.metadata.dtype)
+        m = self.metadata
+        return storage.decode_values(self.values, self.value_scales, m.dtype, m.codec)
 
     def query_positions(self, runtime: TransformerMetadata | None, new_tokens: int) -> jax.Array:
         """``[batch, new_tokens]`` int32 absolute positions the next write will give its tokens
@@ -291,7 +343,8 @@ class TransformerCacheView(BaseCacheView):
         """Write ``T`` new tokens per row at each row's own position.
 
         Args:
-            key: ``[batch, T, key_heads, key_dim]``, any float dtype (cast to ``metadata.dtype``).
+            key: ``[batch, T, key_heads, key_dim]``, any float dtype (cast to ``metadata.dtype``,
+                or quantised token by token with the metadata's codec).
             value: ``[batch, T, value_heads, value_dim]``.
             runtime: which of the ``T`` tokens per row are real (default: all).
 
@@ -327,9 +380,19 @@ class TransformerCacheView(BaseCacheView):
                         f"{owner}: runtime.new_lengths must lie in [0, {new_tokens}], got {counts}"
                     )
 
-        key = storage.encode(key, m.dtype)
-        value = storage.encode(value, m.dtype)
-        stored_as = storage.stored_as(m.dtype)
+        codec = m.codec
+        key, key_scale = storage.encode_values(key, m.dtype, codec)
+        value, value_scale = storage.encode_values(value, m.dtype, codec)
+        stored_as = None if codec is not None else storage.stored_as(m.dtype)
+
+        def segment(keys, values, positions, live, key_scales, value_scales):
+            return KVSegment(
+                keys, values, positions, live, stored_as, key_scales, value_scales, codec
+            )
+
+        def scatter(buffer, rows, slots, new):
+            return None if buffer is None else buffer.at[rows, slots].set(new, mode="drop")
+
         index, positions = token_layout(self.lengths, runtime, new_tokens)
         real = positions >= 0
         counts = jnp.sum(real, axis=1, dtype=jnp.int32)
@@ -349,9 +412,11 @@ class TransformerCacheView(BaseCacheView):
         if not m.is_ring:
             # Dropped (out-of-range) slot ids write nothing: padding and overflowing rows.
             slots = jnp.where(write, positions, m.num_slots)
-            keys = self.keys.at[rows, slots].set(key, mode="drop")
-            values = self.values.at[rows, slots].set(value, mode="drop")
-            segments = (KVSegment(keys, values, None, new_lengths, stored_as),)
+            keys = scatter(self.keys, rows, slots, key)
+            values = scatter(self.values, rows, slots, value)
+            key_scales = scatter(self.key_scales, rows, slots, key_scale)
+            value_scales = scatter(self.value_scales, rows, slots, value_scale)
+            segments = (segment(keys, values, None, new_lengths, key_scales, value_scales),)
             slot_positions = None
         else:
             window = m.num_slots
@@ -359,14 +424,25 @@ class TransformerCacheView(BaseCacheView):
             # duplicate slot ids into one scatter, whose order is unspecified.
             keep = write & (index >= counts[:, None] - window)
             slots = jnp.where(keep, positions % window, window)
-            keys = self.keys.at[rows, slots].set(key, mode="drop")
-            values = self.values.at[rows, slots].set(value, mode="drop")
+            keys = scatter(self.keys, rows, slots, key)
+            values = scatter(self.values, rows, slots, value)
+            key_scales = scatter(self.key_scales, rows, slots, key_scale)
+            value_scales = scatter(self.value_scales, rows, slots, value_scale)
             slot_positions = self.positions.at[rows, slots].set(positions, mode="drop")
             filled = jnp.minimum(self.lengths, window)
             full_batch = jnp.full((m.batch_size,), new_tokens, jnp.int32)
+            # The chunk's own keys are read in stored form too, so that every query sees the
+            # same (quantised) keys whether its token came in this chunk or an earlier one.
             segments = (
-                KVSegment(self.keys, self.values, self.positions, filled, stored_as),
-                KVSegment(key, value, query_positions, full_batch, stored_as),
+                segment(
+                    self.keys,
+                    self.values,
+                    self.positions,
+                    filled,
+                    self.key_scales,
+                    self.value_scales,
+                ),
+                segment(key, value, query_positions, full_batch, key_scale, value_scale),
             )
 
         kv = CachedKV(
@@ -375,14 +451,15 @@ class TransformerCacheView(BaseCacheView):
             overflow=overflow,
             sliding_window=m.sliding_window,
         )
-        new_view = TransformerCacheView(
+        new_view = dataclasses.replace(
+            self,
             keys=keys,
             values=values,
             lengths=new_lengths,
             positions=slot_positions,
             overflow=self.overflow | overflow,
-            metadata=m,
-            layer_index=self.layer_index,
+            key_scales=key_scales,
+            value_scales=value_scales,
         )
         return kv, new_view
 
@@ -412,14 +489,11 @@ class TransformerCacheView(BaseCacheView):
         positions = self.positions
         if positions is not None:
             positions = jnp.where(mask[:, None], -1, positions)
-        return TransformerCacheView(
-            keys=self.keys,
-            values=self.values,
+        return dataclasses.replace(
+            self,
             lengths=jnp.where(mask, 0, self.lengths),
             positions=positions,
             overflow=self.overflow & ~mask,
-            metadata=self.metadata,
-            layer_index=self.layer_index,
         )
 
 

@@ -9,6 +9,10 @@ what the live context costs, not what the cache capacity costs.
 Masking is by absolute position: a query at position ``q`` sees a key at position ``k`` when
 ``0 <= k <= q`` and, with a sliding window ``W``, ``q - k < W``. Slots with position ``-1`` are
 empty; queries with position ``-1`` are padding and produce zeros.
+
+Quantised caches (``jaxkv.quantization``) hand over their stored words with per-token scales;
+each block is dequantised to float32 as it is read, so no full-precision copy of the cache is
+ever made.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxkv import quantization
 from jaxkv.abstracts import pytree_dataclass, static_field
 
 if TYPE_CHECKING:
@@ -34,8 +39,9 @@ class KVSegment:
     """A run of key/value slots that attention reads.
 
     Attributes:
-        keys: ``[batch, slots, key_heads, key_dim]``.
-        values: ``[batch, slots, value_heads, value_dim]``.
+        keys: ``[batch, slots, key_heads, key_dim]`` (with a codec: the stored words,
+            ``[batch, slots, key_heads, codec.stored_dim(key_dim)]``).
+        values: ``[batch, slots, value_heads, value_dim]``, likewise.
         positions: ``[batch, slots]`` int32 absolute position of each slot, ``-1`` when empty; or
             ``None``, meaning slot ``s`` holds position ``s`` (a contiguous cache).
         live: ``[batch]`` int32; only slots ``[0, live)`` can hold keys. Attention scans
@@ -43,6 +49,10 @@ class KVSegment:
         stored_as: the float dtype ``keys``/``values`` hold as raw bits (static), or ``None``
             when they are plain float arrays. Caches keep 16-bit floats as ``uint16`` words so
             that XLA's CPU backend updates them in place; blocks are bit-cast back when read.
+        key_scales: ``[batch, slots, key_heads, groups]`` uint16 (float16 bits) with a codec,
+            else ``None``.
+        value_scales: ``[batch, slots, value_heads, groups]`` likewise.
+        codec: the ``jaxkv.quantization.KVCodec`` the words are in (static), or ``None``.
     """
 
     keys: jax.Array
@@ -50,6 +60,19 @@ class KVSegment:
     positions: jax.Array | None
     live: jax.Array
     stored_as: np.dtype | None = static_field(None)
+    key_scales: jax.Array | None = None
+    value_scales: jax.Array | None = None
+    codec: quantization.KVCodec | None = static_field(None)
+
+    @property
+    def key_dim(self) -> int:
+        """Channels per key head (not stored words)."""
+        return quantization.head_dim_of(self.keys, self.codec)
+
+    @property
+    def value_dim(self) -> int:
+        """Channels per value head."""
+        return quantization.head_dim_of(self.values, self.codec)
 
 
 @pytree_dataclass
@@ -128,14 +151,25 @@ def attention(
         )
     if not kv.segments:
         raise ValueError("attention: kv has no segments to attend over")
+    for segment in kv.segments:
+        has_scales = (segment.key_scales is not None, segment.value_scales is not None)
+        if has_scales != ((segment.codec is not None),) * 2:
+            raise ValueError(
+                f"attention: a KVSegment's key_scales and value_scales must be given exactly "
+                f"when its codec is set; got codec={segment.codec!r} with scales present="
+                f"{has_scales}"
+            )
     batch, new_tokens, query_heads, key_dim = query.shape
     first = kv.segments[0]
+    codec = first.codec
+    if any(segment.codec != codec for segment in kv.segments):
+        codecs = [segment.codec for segment in kv.segments]
+        raise ValueError(f"attention: every KVSegment must share one codec, got {codecs}")
     key_heads, value_heads = first.keys.shape[2], first.values.shape[2]
-    value_dim = first.values.shape[3]
-    if first.keys.shape[3] != key_dim:
+    value_dim = first.value_dim
+    if first.key_dim != key_dim:
         raise ValueError(
-            f"attention: query key_dim {key_dim} does not match the cache's key_dim "
-            f"{first.keys.shape[3]}"
+            f"attention: query key_dim {key_dim} does not match the cache's key_dim {first.key_dim}"
         )
     if query_heads % key_heads or query_heads % value_heads:
         raise ValueError(
@@ -159,7 +193,9 @@ def attention(
     grouped = key_heads == value_heads
     heads = key_heads if grouped else query_heads
     groups = query_heads // heads
-    q = query.astype(jnp.float32) * scale
+    # A rotating codec stores keys and values rotated; rotate the queries to match, and the
+    # output back at the end (see jaxkv.quantization).
+    q = quantization.to_attention_basis(query.astype(jnp.float32), codec) * scale
     q = q.reshape(batch, new_tokens, heads, groups, key_dim)
 
     state = init_softmax_state(batch, heads, groups, new_tokens, value_dim)
@@ -174,7 +210,8 @@ def attention(
             soft_cap=logit_soft_cap,
             block_size=block_size,
         )
-    return finish_softmax(state).astype(query.dtype)
+    out = quantization.from_attention_basis(finish_softmax(state), codec)
+    return out.astype(query.dtype)
 
 
 SoftmaxState = tuple[jax.Array, jax.Array, jax.Array]
@@ -263,17 +300,19 @@ def _scan_segment(q, query_positions, segment, state, *, heads, window, soft_cap
     offsets = jnp.arange(block, dtype=jnp.int32)
     query_pos = query_positions[:, :, None]  # [batch, new_tokens, 1]
 
+    def read(words, scales, start):
+        """Slots ``[start, start + block)`` as float32 ``[batch, block, heads, dim]``."""
+        words = _expand_heads(lax.dynamic_slice_in_dim(words, start, block, axis=1), heads)
+        if scales is not None:
+            scales = _expand_heads(lax.dynamic_slice_in_dim(scales, start, block, axis=1), heads)
+        return quantization.read_block(words, scales, segment.codec, segment.stored_as)
+
     def body(index, carry):
         nominal_start = index * block
         # The last block may be shifted left to stay in bounds; slots it re-reads are masked.
         start = jnp.minimum(nominal_start, slots - block)
-        keys = lax.dynamic_slice_in_dim(segment.keys, start, block, axis=1)
-        values = lax.dynamic_slice_in_dim(segment.values, start, block, axis=1)
-        if segment.stored_as is not None:
-            keys = lax.bitcast_convert_type(keys, segment.stored_as)
-            values = lax.bitcast_convert_type(values, segment.stored_as)
-        keys = _expand_heads(keys, heads).astype(jnp.float32)
-        values = _expand_heads(values, heads).astype(jnp.float32)
+        keys = read(segment.keys, segment.key_scales, start)
+        values = read(segment.values, segment.value_scales, start)
         slot_ids = start + offsets  # [block]
         if segment.positions is None:
             key_pos = jnp.broadcast_to(slot_ids, (keys.shape[0], block))

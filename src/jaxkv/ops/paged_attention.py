@@ -21,6 +21,9 @@ sequence ``s`` sees the keys of ``s`` at positions ``k`` with ``k <= q``, ``k < 
 and, with a window ``W``, ``q - k < W``. Queries with position ``-1`` are padding and give zeros.
 The step's own new keys are already in the pool (``concatenate_to_cache`` writes before it
 returns the ``PagedKV``), so causality inside a chunk comes from the same rule.
+
+A quantised pool (``jaxkv.quantization``) comes with its scale pools; each gathered block is
+dequantised to float32 as it is read.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxkv import quantization
 from jaxkv.abstracts import pytree_dataclass, static_field
 from jaxkv.ops.attention import (
     DEFAULT_BLOCK_SIZE,
@@ -47,8 +51,9 @@ class PagedKV:
 
     Attributes:
         key_pages: ``[num_pages, page_size, kv_heads, key_dim]`` pool of one layer (16-bit floats
-            as ``uint16`` words, see ``stored_as``).
-        value_pages: ``[num_pages, page_size, kv_heads, value_dim]``.
+            as ``uint16`` words, see ``stored_as``; with a codec, its words
+            ``[..., codec.stored_dim(key_dim)]``).
+        value_pages: ``[num_pages, page_size, kv_heads, value_dim]``, likewise.
         page_tables: ``[max_num_seqs, max_pages_per_seq]`` int32, each row's pages in position
             order, ``-1`` where unused.
         context_lens: ``[max_num_seqs]`` int32, tokens in the pool per row after this step's
@@ -60,6 +65,10 @@ class PagedKV:
         max_query_len: (static) bound on any row's new tokens; ``0`` = ``num_tokens``.
         sliding_window: the cache's window (static), or ``None``.
         stored_as: the float dtype the pools hold as raw words (static), or ``None``.
+        key_scales: ``[num_pages, page_size, kv_heads, groups]`` uint16 (float16 bits) with a
+            codec, else ``None``.
+        value_scales: likewise for values.
+        codec: the ``jaxkv.quantization.KVCodec`` of the pools (static), or ``None``.
     """
 
     key_pages: jax.Array
@@ -71,11 +80,24 @@ class PagedKV:
     max_query_len: int = static_field(0)
     sliding_window: int | None = static_field(None)
     stored_as: np.dtype | None = static_field(None)
+    key_scales: jax.Array | None = None
+    value_scales: jax.Array | None = None
+    codec: quantization.KVCodec | None = static_field(None)
 
     @property
     def page_size(self) -> int:
         """Tokens per page."""
         return self.key_pages.shape[1]
+
+    @property
+    def key_dim(self) -> int:
+        """Channels per key head (not stored words)."""
+        return quantization.head_dim_of(self.key_pages, self.codec)
+
+    @property
+    def value_dim(self) -> int:
+        """Channels per value head."""
+        return quantization.head_dim_of(self.value_pages, self.codec)
 
 
 def _combine_windows(first: int | None, second: int | None) -> int | None:
@@ -94,8 +116,14 @@ def _check_inputs(query, kv, scale, logit_soft_cap, sliding_window, pages_per_bl
         )
     if not jnp.issubdtype(query.dtype, jnp.floating):
         raise TypeError(f"{owner}: query must be a float array, got {query.dtype}")
+    has_scales = (kv.key_scales is not None, kv.value_scales is not None)
+    if has_scales != ((kv.codec is not None),) * 2:
+        raise ValueError(
+            f"{owner}: kv.key_scales and kv.value_scales must be given exactly when kv.codec is "
+            f"set; got codec={kv.codec!r} with scales present={has_scales}"
+        )
     num_tokens, query_heads, key_dim = query.shape
-    kv_heads, pool_key_dim = kv.key_pages.shape[2], kv.key_pages.shape[3]
+    kv_heads, pool_key_dim = kv.key_pages.shape[2], kv.key_dim
     if pool_key_dim != key_dim:
         raise ValueError(
             f"{owner}: query key_dim {key_dim} does not match the pool's key_dim {pool_key_dim}"
@@ -165,7 +193,7 @@ def paged_attention(
     _check_inputs(query, kv, scale, logit_soft_cap, sliding_window, pages_per_block)
     num_tokens, query_heads, key_dim = query.shape
     _, page_size, kv_heads, _ = kv.key_pages.shape
-    value_dim = kv.value_pages.shape[3]
+    value_dim = kv.value_dim
     max_pages = kv.page_tables.shape[1]
     if pages_per_block is None:
         pages_per_block = max(1, DEFAULT_BLOCK_SIZE // page_size)
@@ -197,7 +225,10 @@ def paged_attention(
         first_key = jnp.min(jnp.where(real, jnp.maximum(query_pos - window + 1, 0), 2**30))
         start_block = jnp.minimum(first_key // block, end_block)
 
-    q = query.astype(jnp.float32)[gather_index] * scale  # [S, Q, Hq, D]
+    # A rotating codec stores keys and values rotated (see jaxkv.quantization): rotate the
+    # queries to match, and the output back.
+    q = quantization.to_attention_basis(query.astype(jnp.float32), kv.codec)
+    q = q[gather_index] * scale  # [S, Q, Hq, D]
     q = q.reshape(num_seqs, max_query_len, kv_heads, groups, key_dim)
     state = init_softmax_state(num_seqs, kv_heads, groups, max_query_len, value_dim)
     page_offsets = jnp.arange(pages_per_block, dtype=jnp.int32)
@@ -205,12 +236,14 @@ def paged_attention(
     context = kv.context_lens[:, None, None]
     query_pos_3d = query_pos[:, :, None]
 
-    def read(pool, pages):
+    def gather(pool, pages):
         blocks = pool.at[pages].get(mode="promise_in_bounds")  # [S, ppb, page_size, h, d]
-        blocks = blocks.reshape(num_seqs, block, *pool.shape[2:])
-        if kv.stored_as is not None:
-            blocks = lax.bitcast_convert_type(blocks, kv.stored_as)
-        return blocks.astype(jnp.float32)
+        return blocks.reshape(num_seqs, block, *pool.shape[2:])
+
+    def read(pool, scales, pages):
+        """The block's slots as float32 ``[S, block, kv_heads, dim]``."""
+        scales = None if scales is None else gather(scales, pages)
+        return quantization.read_block(gather(pool, pages), scales, kv.codec, kv.stored_as)
 
     def body(index, carry):
         nominal_page = index * pages_per_block
@@ -219,8 +252,8 @@ def paged_attention(
         pages = lax.dynamic_slice_in_dim(kv.page_tables, first_page, pages_per_block, axis=1)
         # Unused entries (-1) lie past the context and are masked; read page 0 in their place.
         pages = jnp.maximum(pages, 0)
-        keys = read(kv.key_pages, pages)
-        values = read(kv.value_pages, pages)
+        keys = read(kv.key_pages, kv.key_scales, pages)
+        values = read(kv.value_pages, kv.value_scales, pages)
         key_pos = (first_page * page_size + slot_offsets)[None, None, :]  # [1, 1, block]
         fresh = (page_offsets >= nominal_page - first_page).repeat(page_size)[None, None, :]
         visible = fresh & (key_pos < context) & (key_pos <= query_pos_3d) & real[:, :, None]
@@ -229,7 +262,7 @@ def paged_attention(
         return online_softmax_update(carry, q, keys, values, visible, soft_cap=logit_soft_cap)
 
     state = lax.fori_loop(start_block, end_block, body, state)
-    out = finish_softmax(state)  # [S, Q, Hq, Dv]
+    out = quantization.from_attention_basis(finish_softmax(state), kv.codec)  # [S, Q, Hq, Dv]
     scatter_index = jnp.where(present, packed_index, num_tokens)  # absent slots are dropped
     packed = jnp.zeros((num_tokens, query_heads, value_dim), jnp.float32)
     packed = packed.at[scatter_index].set(out, mode="drop")

@@ -1,0 +1,68 @@
+"""Small pieces shared by the benchmark scripts: a median-of-runs timer, process memory
+figures and plain-text tables.
+
+Standard library only, so a benchmark can import it from an interpreter that has neither JAX
+nor NumPy (for example one that runs only a peer library).
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls.
+
+    ``fn`` must block until its work is done (``block_until_ready`` for JAX results).
+    """
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"median_seconds: repeats must be an int >= 1, got {repeats!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"median_seconds: warmup must be an int >= 0, got {warmup!r}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB (``ru_maxrss``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def current_rss_mib() -> float | None:
+    """Resident set size of this process now, in MiB, or ``None`` where ``/proc`` is absent."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        return None
+    return None
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Right-aligned plain-text table; the first column is left-aligned. Cells are ``str()``-ed."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    if any(len(row) != len(headers) for row in cells):
+        raise ValueError(f"format_table: every row needs {len(headers)} cells")
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        first = row[0].ljust(widths[0])
+        rest = [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest])
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])

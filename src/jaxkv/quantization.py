@@ -1,0 +1,323 @@
+"""KV storage codecs: how a cache packs keys and values into fewer bytes, and reads them back.
+
+A codec quantises each token's keys (or values) on write and dequantises one block at a time on
+read, inside attention, so a full-precision copy of the cache never exists. Every cache family
+and both attention kernels go through this module: ``KVCodec.encode`` on write and
+``read_block`` on read.
+
+=========  ==============================================  ==========================
+codec      stored words per head of ``D`` channels          scales per token per head
+=========  ==============================================  ==========================
+``none``   ``D`` floats of the cache dtype (no scales)      none
+``int8``   ``D`` ``int8``, symmetric in ``[-127, 127]``    1
+``int4``   ``D / 2`` ``uint8``, two per byte, rotated      ``D / group_size``
+``fp8``    ``D`` ``uint8`` words of ``float8_e4m3fn``       1
+=========  ==============================================  ==========================
+
+Scales are float16 held as ``uint16`` words (like 16-bit float caches, see
+``jaxkv.caches.storage``), so every stored array is made of 1- or 2-byte integer words that XLA's
+CPU backend scatters in place. A group's scale is ``max|x| / qmax`` (``qmax`` = 127, 7 or 448),
+rounded *up* to the next float16 so that ``x / scale`` never leaves the code's range; the
+element error is then at most half a quantisation step (``scale / 2`` for int8 and int4, half an
+e4m3 spacing times ``scale`` for fp8). Scales saturate at float16's largest finite value, 65504:
+only magnitudes beyond ``qmax * 65504`` (about 8.3e6 for int8; for int4, whose rotation can
+gather a vector's length into one channel, ``7 * 65504 / sqrt(block)``) are clipped. NaN inputs
+are not handled (they poison their group).
+
+Each token is quantised on its own (its scales depend on nothing but its own channels), so
+writing the same keys and values in one chunk or one token at a time stores the same bits, and a
+teacher-forced forward reads what step-by-step decoding would. (In a model the keys themselves
+may differ in the last float32 bit between a long batch and a single token, and a value on a
+rounding boundary then gets the neighbouring code.)
+
+int4 packing: channel ``2i`` goes to the low nibble and ``2i + 1`` to the high nibble of byte
+``i``, each as ``q + 8`` with ``q`` in ``[-7, 7]``.
+
+int4 rotation: keys and values have a few outlier channels, and with 15 levels per group the
+outliers' scale rounds the other channels to nothing. int4 therefore stores each head vector
+rotated by a fixed orthonormal Hadamard matrix ``R`` (block-diagonal, blocks of the largest
+power of two dividing the head dim; ``R`` is symmetric and its own inverse), which spreads an
+outlier over all channels before quantising. Attention never un-rotates the cache: since
+``q . k = (q R) . (k R)`` and ``sum p v = (sum p (v R)) R``, the kernels rotate the queries once
+(``to_attention_basis``), read the rotated blocks (``decode_block``) and rotate the output back
+(``from_attention_basis``) -- ``head_dim**2`` multiply-adds per query, nothing per cached token.
+``decode`` returns the original basis, for inspection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+CODECS = ("none", "int8", "int4", "fp8")
+"""Names accepted as ``kv_quantization``."""
+
+DEFAULT_INT4_GROUP_SIZE = 64
+"""int4 channels per scale unless given (or the head dim when that is smaller)."""
+
+_FLOAT16_MAX = 65504.0
+_QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
+_WORD_DTYPES = {"int8": np.dtype(np.int8), "int4": np.dtype(np.uint8), "fp8": np.dtype(np.uint8)}
+SCALE_DTYPE = np.dtype(np.uint16)
+"""Storage dtype of scales: float16 values as ``uint16`` words."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCodec:
+    """A quantised storage format (static and hashable, so jitted code specialises on it).
+
+    Attributes:
+        name: ``"int8"``, ``"int4"`` or ``"fp8"``.
+        group_size: channels that share one scale; ``None`` means the whole head (one scale per
+            token per head), which is what int8 and fp8 use.
+    """
+
+    name: str
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in _QMAX:
+            raise ValueError(
+                f"KVCodec: name must be one of {tuple(_QMAX)}, got {self.name!r} "
+                f"(use None for unquantised storage)"
+            )
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool)
+            or not isinstance(self.group_size, int)
+            or self.group_size < 1
+        ):
+            raise ValueError(
+                f"KVCodec: group_size must be an int >= 1 or None, got {self.group_size!r}"
+            )
+
+    @property
+    def rotated(self) -> bool:
+        """Whether head vectors are stored Hadamard-rotated (int4)."""
+        return self.name == "int4"
+
+    @property
+    def word_dtype(self) -> np.dtype:
+        """Dtype of the stored words: ``int8`` for int8, ``uint8`` for int4 and fp8."""
+        return _WORD_DTYPES[self.name]
+
+    def stored_dim(self, head_dim: int) -> int:
+        """Words stored per head for ``head_dim`` channels (``head_dim / 2`` for int4)."""
+        return head_dim // 2 if self.name == "int4" else head_dim
+
+    def head_dim(self, stored_dim: int) -> int:
+        """Channels per head held in ``stored_dim`` words (inverse of ``stored_dim``)."""
+        return stored_dim * 2 if self.name == "int4" else stored_dim
+
+    def num_groups(self, head_dim: int) -> int:
+        """Scales per token per head."""
+        return 1 if self.group_size is None else head_dim // self.group_size
+
+    def bytes_per_head(self, head_dim: int) -> int:
+        """Bytes one token occupies in one head: words plus float16 scales."""
+        return self.stored_dim(head_dim) + SCALE_DTYPE.itemsize * self.num_groups(head_dim)
+
+    def encode(self, values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Quantise ``values: [..., head_dim]`` (any float dtype).
+
+        Returns:
+            ``words: [..., stored_dim(head_dim)]`` in ``word_dtype`` and
+            ``scales: [..., num_groups(head_dim)]`` uint16 (float16 bits).
+        """
+        head_dim = values.shape[-1]
+        lead = values.shape[:-1]
+        groups = self.num_groups(head_dim)
+        values = self.to_attention_basis(values.astype(jnp.float32))
+        grouped = values.reshape(*lead, groups, head_dim // groups)
+        qmax = _QMAX[self.name]
+        amax = jnp.max(jnp.abs(grouped), axis=-1)  # [..., groups]
+        scale16 = _float16_at_least(jnp.minimum(amax / qmax, _FLOAT16_MAX))
+        scale = scale16.astype(jnp.float32)
+        # An all-zero group has scale 0; divide by 1 instead (its values are 0 either way).
+        scaled = grouped / jnp.where(scale > 0, scale, 1.0)[..., None]
+        if self.name == "fp8":
+            # float8_e4m3fn has no infinity: a value past 448 would become NaN, so clip first.
+            fp8 = jnp.clip(scaled, -qmax, qmax).astype(jnp.float8_e4m3fn)
+            words = lax.bitcast_convert_type(fp8, jnp.uint8)
+        else:
+            codes = jnp.clip(jnp.round(scaled), -qmax, qmax).astype(jnp.int32)
+            if self.name == "int8":
+                words = codes.astype(jnp.int8)
+            else:
+                nibbles = (codes + 8).reshape(*lead, head_dim // 2, 2)
+                words = (nibbles[..., 0] | (nibbles[..., 1] << 4)).astype(jnp.uint8)
+        words = words.reshape(*lead, self.stored_dim(head_dim))
+        return words, lax.bitcast_convert_type(scale16, jnp.uint16)
+
+    def decode(self, words: jax.Array, scales: jax.Array) -> jax.Array:
+        """Dequantise ``words: [..., stored_dim]`` with ``scales: [..., num_groups]`` (uint16
+        float16 bits) to ``[..., head_dim]`` float32 in the original basis (for inspection)."""
+        return self.from_attention_basis(self.decode_block(words, scales))
+
+    def to_attention_basis(self, x: jax.Array) -> jax.Array:
+        """``x: [..., head_dim]`` (queries, or keys/values before quantising) in the basis the
+        stored vectors live in: ``x R`` for a rotated codec, else ``x`` unchanged."""
+        if not self.rotated:
+            return x
+        rotation = jnp.asarray(_rotation(x.shape[-1]))
+        return jnp.matmul(x.astype(jnp.float32), rotation, precision=lax.Precision.HIGHEST)
+
+    def from_attention_basis(self, x: jax.Array) -> jax.Array:
+        """Inverse of ``to_attention_basis`` (``R`` is its own inverse): attention outputs back
+        to the original basis."""
+        return self.to_attention_basis(x)
+
+    def decode_block(self, words: jax.Array, scales: jax.Array) -> jax.Array:
+        """Dequantise one block as attention reads it: like ``decode`` but left in the
+        attention basis (see ``to_attention_basis``). ``[..., head_dim]`` float32."""
+        lead = words.shape[:-1]
+        head_dim = self.head_dim(words.shape[-1])
+        if self.name == "fp8":
+            codes = lax.bitcast_convert_type(words, jnp.float8_e4m3fn).astype(jnp.float32)
+        elif self.name == "int8":
+            codes = words.astype(jnp.float32)
+        else:
+            wide = words.astype(jnp.int32)
+            pairs = jnp.stack([(wide & 0xF) - 8, (wide >> 4) - 8], axis=-1)
+            codes = pairs.reshape(*lead, head_dim).astype(jnp.float32)
+        scale = lax.bitcast_convert_type(scales, jnp.float16).astype(jnp.float32)
+        groups = scale.shape[-1]
+        if groups == 1:
+            return codes * scale
+        grouped = codes.reshape(*lead, groups, head_dim // groups) * scale[..., None]
+        return grouped.reshape(*lead, head_dim)
+
+
+@functools.cache
+def _rotation(head_dim: int) -> np.ndarray:
+    """``[head_dim, head_dim]`` float32 orthonormal, symmetric block-diagonal Hadamard matrix
+    (Sylvester construction; blocks of the largest power of two dividing ``head_dim``)."""
+    block = head_dim & -head_dim
+    hadamard = np.ones((1, 1))
+    while hadamard.shape[0] < block:
+        hadamard = np.block([[hadamard, hadamard], [hadamard, -hadamard]])
+    hadamard /= np.sqrt(block)
+    return np.kron(np.eye(head_dim // block), hadamard).astype(np.float32)
+
+
+def _float16_at_least(x: jax.Array) -> jax.Array:
+    """The smallest float16 ``>= x`` for finite ``x >= 0`` in float16 range (float16 result)."""
+    rounded = x.astype(jnp.float16)
+    below = rounded.astype(jnp.float32) < x
+    bits = lax.bitcast_convert_type(rounded, jnp.uint16)
+    # For positive floats the next representable value is the next integer bit pattern.
+    return lax.bitcast_convert_type(bits + below.astype(jnp.uint16), jnp.float16)
+
+
+def resolve_group_size(
+    owner: str, kv_quantization: Any, group_size: Any, head_dims: tuple[tuple[str, int], ...]
+) -> int | None:
+    """Validate a cache's codec settings and return its group size.
+
+    Args:
+        owner: who asks (for error messages).
+        kv_quantization: one of ``CODECS``.
+        group_size: ``quantization_group_size``; int4 only, ``None`` for the default
+            (``min(DEFAULT_INT4_GROUP_SIZE, smallest head dim)``).
+        head_dims: ``(field name, head dim)`` of keys and values.
+
+    Returns:
+        The group size to store: an int for int4, ``None`` otherwise.
+
+    Raises:
+        ValueError/TypeError naming ``kv_quantization`` or ``quantization_group_size``.
+    """
+    if not isinstance(kv_quantization, str) or kv_quantization not in CODECS:
+        raise ValueError(
+            f"{owner}: kv_quantization must be one of {CODECS}, got {kv_quantization!r}"
+        )
+    if kv_quantization != "int4":
+        if group_size is not None:
+            raise ValueError(
+                f"{owner}: quantization_group_size applies to kv_quantization='int4' only "
+                f"({kv_quantization!r} keeps one scale per token per head), got {group_size!r}"
+            )
+        return None
+    for name, dim in head_dims:
+        if dim % 2:
+            raise ValueError(
+                f"{owner}: kv_quantization='int4' packs two channels per byte, so {name} must be "
+                f"even, got {dim}"
+            )
+    if group_size is None:
+        return min(DEFAULT_INT4_GROUP_SIZE, *(dim for _, dim in head_dims))
+    if isinstance(group_size, bool) or not isinstance(group_size, int | np.integer):
+        raise TypeError(
+            f"{owner}: quantization_group_size must be an int or None, got "
+            f"{type(group_size).__name__} {group_size!r}"
+        )
+    if group_size < 1:
+        raise ValueError(f"{owner}: quantization_group_size must be >= 1, got {group_size}")
+    for name, dim in head_dims:
+        if dim % group_size:
+            raise ValueError(
+                f"{owner}: quantization_group_size={group_size} must divide {name}={dim}"
+            )
+    return int(group_size)
+
+
+def make_codec(kv_quantization: str, group_size: int | None) -> KVCodec | None:
+    """The ``KVCodec`` of validated settings, or ``None`` for ``"none"``."""
+    if kv_quantization == "none":
+        return None
+    return KVCodec(kv_quantization, group_size if kv_quantization == "int4" else None)
+
+
+def bytes_per_head(codec: KVCodec | None, head_dim: int, dtype: np.dtype) -> int:
+    """Bytes one token occupies in one head: ``head_dim * dtype.itemsize`` unquantised."""
+    if codec is None:
+        return head_dim * np.dtype(dtype).itemsize
+    return codec.bytes_per_head(head_dim)
+
+
+def head_dim_of(stored: jax.Array, codec: KVCodec | None) -> int:
+    """Channels per head of a stored ``[..., stored_dim]`` array."""
+    dim = stored.shape[-1]
+    return dim if codec is None else codec.head_dim(dim)
+
+
+def read_block(
+    words: jax.Array,
+    scales: jax.Array | None,
+    codec: KVCodec | None,
+    stored_as: np.dtype | None,
+) -> jax.Array:
+    """One block of stored keys or values as float32 -- the read path of every attention kernel.
+
+    Args:
+        words: ``[..., stored_dim]`` as the cache stores them.
+        scales: ``[..., num_groups]`` uint16 float16 bits with a codec, else ``None``.
+        codec: the cache's codec, or ``None`` when unquantised.
+        stored_as: unquantised only: the float dtype ``words`` hold as raw bits, or ``None`` for
+            plain floats.
+
+    Returns:
+        ``[..., head_dim]`` float32, in the codec's attention basis (see
+        ``KVCodec.to_attention_basis``: queries must be rotated the same way).
+    """
+    if codec is not None:
+        return codec.decode_block(words, scales)
+    if stored_as is not None:
+        words = lax.bitcast_convert_type(words, stored_as)
+    return words.astype(jnp.float32)
+
+
+def to_attention_basis(x: jax.Array, codec: KVCodec | None) -> jax.Array:
+    """Queries ``[..., head_dim]`` in the basis ``read_block`` returns keys in (unchanged unless
+    the codec rotates)."""
+    return x if codec is None else codec.to_attention_basis(x)
+
+
+def from_attention_basis(x: jax.Array, codec: KVCodec | None) -> jax.Array:
+    """Attention outputs ``[..., value_dim]`` from the values' basis back to the original one."""
+    return x if codec is None else codec.from_attention_basis(x)
