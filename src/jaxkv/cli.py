@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="continue a prompt, streaming the text")
     gen.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     gen.add_argument("--cache", default="contiguous", choices=("contiguous", "paged"))
+    gen.add_argument(
+        "--kv-quantization", default="none", choices=("none", "int8", "int4", "fp8"),
+        help="storage codec of the KV cache",
+    )
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument(
         "--raw", action="store_true", help="do not wrap the prompt in the chat template"
@@ -78,9 +82,11 @@ def _generate(args: argparse.Namespace) -> int:
         stop=args.stop,
         cache=args.cache,
         on_text=stream,
+        kv_quantization=args.kv_quantization,
     )
     sys.stdout.write("\n")
-    print(f"[{args.cache} cache] {result.summary()}", file=sys.stderr)
+    codec = "" if args.kv_quantization == "none" else f", {args.kv_quantization} KV"
+    print(f"[{args.cache} cache{codec}] {result.summary()}", file=sys.stderr)
     return 0
 
 

@@ -141,3 +141,14 @@ def test_cli_reports_bad_input(capsys, tmp_path):
     assert "error" in capsys.readouterr().err
     assert cli.main(["generate", "hi", "--max-new-tokens", "0"]) == 2
     assert "max_new_tokens must be >= 1" in capsys.readouterr().err
+
+
+def test_quantized_kv_generation_stays_close_to_full_precision(model, capsys):
+    prompt = ["The capital of France is"]
+    full = generate(model, prompt, max_new_tokens=6)
+    int8 = generate(model, prompt, max_new_tokens=6, kv_quantization="int8", cache="paged")
+    assert int8.generations[0].token_ids == full.generations[0].token_ids
+    with pytest.raises(ValueError, match="kv_quantization must be one of"):
+        generate(model, prompt, max_new_tokens=2, kv_quantization="int3")
+    code = cli.main(["generate", "Hi", "--raw", "--max-new-tokens", "2", "--kv-quantization", "fp8"])
+    assert code == 0 and "fp8 KV" in capsys.readouterr().err

@@ -31,7 +31,7 @@ States are kept in float32 by default (``dtype`` is configurable: float32, bfloa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -42,14 +42,10 @@ from jaxkv.abstracts import (
     BaseCache,
     BaseCacheMetadata,
     BaseCacheView,
-    BaseRunTimeMetadata,
     pytree_dataclass,
     static_field,
 )
-from jaxkv.caches.transformer import _row_mask, token_layout
-
-PaddingSide = Literal["right", "left"]
-
+from jaxkv.caches.rows import RaggedRows, row_mask, token_layout
 
 # --------------------------------------------------------------------------------------------
 # Metadata
@@ -326,35 +322,9 @@ RecurrentCacheMetadata = MambaCacheMetadata | Mamba2CacheMetadata | LinearAttent
 
 
 @pytree_dataclass
-class RecurrentMetadata(BaseRunTimeMetadata):
-    """Runtime metadata of one step of ``T`` tokens through a recurrent cache.
-
-    Attributes:
-        new_lengths: ``[batch]`` int32, real new tokens in each row of the ``T`` given; ``None``
-            means all ``T`` are real. A row with 0 keeps its state exactly.
-        padding_side: ``"right"`` (real tokens first) or ``"left"`` (real tokens last).
-    """
-
-    new_lengths: jax.Array | None = None
-    padding_side: str = static_field("right")
-
-    def __post_init__(self) -> None:
-        v.require_choice(type(self).__name__, "padding_side", self.padding_side, ("right", "left"))
-
-    @classmethod
-    def create(
-        cls, new_lengths: Any = None, padding_side: PaddingSide = "right"
-    ) -> RecurrentMetadata:
-        """Runtime metadata from per-row real token counts (``None``: every token is real)."""
-        if new_lengths is not None:
-            new_lengths = jnp.asarray(new_lengths)
-            if not jnp.issubdtype(new_lengths.dtype, jnp.integer) or new_lengths.ndim != 1:
-                raise ValueError(
-                    f"RecurrentMetadata.create: new_lengths must be a [batch] int array, got "
-                    f"shape {new_lengths.shape} dtype {new_lengths.dtype}"
-                )
-            new_lengths = new_lengths.astype(jnp.int32)
-        return cls(new_lengths=new_lengths, padding_side=padding_side)
+class RecurrentMetadata(RaggedRows):
+    """Runtime metadata of one step of ``T`` tokens through a recurrent cache: which tokens of
+    each row are real (see ``jaxkv.caches.rows.RaggedRows``); a row with 0 keeps its state."""
 
 
 @pytree_dataclass
@@ -581,7 +551,7 @@ class _ConvSSMCacheView(BaseCacheView):
     def reset_rows(self, rows: Any) -> _ConvSSMCacheView:
         """A view whose selected rows are empty again (zero states, length 0), so a batch slot
         can take a new sequence. ``rows``: ``[batch]`` bool mask or a sequence of row ids."""
-        mask = _row_mask(self._owner("reset_rows"), rows, self.metadata.batch_size)
+        mask = row_mask(self._owner("reset_rows"), rows, self.metadata.batch_size)
         return type(self)(
             conv_state=jnp.where(mask[:, None, None], 0, self.conv_state),
             ssm_state=_zero_rows(self.ssm_state, mask),
@@ -699,7 +669,7 @@ class LinearAttentionCacheView(BaseCacheView):
 
     def reset_rows(self, rows: Any) -> LinearAttentionCacheView:
         """A view whose selected rows are empty again (zero state, length 0)."""
-        mask = _row_mask(self._owner("reset_rows"), rows, self.metadata.batch_size)
+        mask = row_mask(self._owner("reset_rows"), rows, self.metadata.batch_size)
         return LinearAttentionCacheView(
             state=_zero_rows(self.state, mask),
             lengths=jnp.where(mask, 0, self.lengths),

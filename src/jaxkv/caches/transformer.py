@@ -29,7 +29,7 @@ each token is quantised as it is written and attention dequantises block by bloc
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,15 +41,13 @@ from jaxkv.abstracts import (
     BaseCache,
     BaseCacheMetadata,
     BaseCacheView,
-    BaseRunTimeMetadata,
     pytree_dataclass,
     static_field,
 )
 from jaxkv.caches import storage
+from jaxkv.caches.rows import RaggedRows, row_mask, token_layout
 from jaxkv.errors import CacheOverflowError
 from jaxkv.ops.attention import CachedKV, KVSegment
-
-PaddingSide = Literal["right", "left"]
 
 
 @pytree_dataclass
@@ -198,63 +196,9 @@ def _pick(owner: str, name: str, value: Any, fallback_name: str, fallback: Any) 
 
 
 @pytree_dataclass
-class TransformerMetadata(BaseRunTimeMetadata):
-    """Runtime metadata of one write into a ``TransformerCache``.
-
-    Attributes:
-        new_lengths: ``[batch]`` int32, real new tokens in each row of the ``T`` written; ``None``
-            means all ``T`` are real.
-        padding_side: ``"right"`` (real tokens first) or ``"left"`` (real tokens last).
-    """
-
-    new_lengths: jax.Array | None = None
-    padding_side: str = static_field("right")
-
-    def __post_init__(self) -> None:
-        v.require_choice(type(self).__name__, "padding_side", self.padding_side, ("right", "left"))
-
-    @classmethod
-    def create(
-        cls, new_lengths: Any = None, padding_side: PaddingSide = "right"
-    ) -> TransformerMetadata:
-        """Runtime metadata from per-row real token counts (``None``: every token is real)."""
-        if new_lengths is not None:
-            new_lengths = jnp.asarray(new_lengths, dtype=jnp.int32)
-            if new_lengths.ndim != 1:
-                raise ValueError(
-                    f"TransformerMetadata.create: new_lengths must be [batch], got shape "
-                    f"{new_lengths.shape}"
-                )
-        return cls(new_lengths=new_lengths, padding_side=padding_side)
-
-
-def token_layout(
-    lengths: jax.Array, runtime: TransformerMetadata | None, new_tokens: int
-) -> tuple[jax.Array, jax.Array]:
-    """Where each of ``new_tokens`` written per row lands.
-
-    Args:
-        lengths: ``[batch]`` int32 tokens already cached per row.
-        runtime: says which tokens are real (``None``: all of them).
-        new_tokens: ``T``.
-
-    Returns:
-        ``index: [batch, T]`` int32, the token's rank among the row's real new tokens, and
-        ``positions: [batch, T]`` int32 absolute positions, ``-1`` for padding.
-    """
-    batch = lengths.shape[0]
-    steps = jnp.arange(new_tokens, dtype=jnp.int32)[None, :]
-    if runtime is None or runtime.new_lengths is None:
-        counts = jnp.full((batch,), new_tokens, jnp.int32)
-        padding_side = "right"
-    else:
-        counts = runtime.new_lengths.astype(jnp.int32)
-        padding_side = runtime.padding_side
-    index = steps if padding_side == "right" else steps - (new_tokens - counts)[:, None]
-    index = jnp.broadcast_to(index, (batch, new_tokens))
-    real = (index >= 0) & (index < counts[:, None])
-    positions = jnp.where(real, lengths[:, None] + index, -1)
-    return index, positions
+class TransformerMetadata(RaggedRows):
+    """Runtime metadata of one write into a ``TransformerCache``: which of the ``T`` tokens of
+    each row are real (see ``jaxkv.caches.rows.RaggedRows``)."""
 
 
 @pytree_dataclass
@@ -485,7 +429,7 @@ class TransformerCacheView(BaseCacheView):
     def reset_rows(self, rows: Any) -> TransformerCacheView:
         """A view whose selected rows are empty again (length 0, overflow cleared), so a batch
         slot can take a new sequence. ``rows``: ``[batch]`` bool mask or a sequence of row ids."""
-        mask = _row_mask("TransformerCacheView.reset_rows", rows, self.metadata.batch_size)
+        mask = row_mask("TransformerCacheView.reset_rows", rows, self.metadata.batch_size)
         positions = self.positions
         if positions is not None:
             positions = jnp.where(mask[:, None], -1, positions)
@@ -495,20 +439,6 @@ class TransformerCacheView(BaseCacheView):
             positions=positions,
             overflow=self.overflow & ~mask,
         )
-
-
-def _row_mask(owner: str, rows: Any, batch_size: int) -> jax.Array:
-    array = jnp.asarray(rows)
-    if array.dtype == jnp.bool_:
-        v.check_array(owner, "rows", array, (batch_size,))
-        return array
-    if not jnp.issubdtype(array.dtype, jnp.integer) or array.ndim != 1:
-        raise TypeError(
-            f"{owner}: rows must be a [batch] bool mask or a list of row ids, got {rows!r}"
-        )
-    if not v.is_traced(array) and array.size and (array.min() < 0 or array.max() >= batch_size):
-        raise ValueError(f"{owner}: row ids must lie in [0, {batch_size}), got {np.asarray(array)}")
-    return jnp.zeros((batch_size,), jnp.bool_).at[array].set(True, mode="drop")
 
 
 @pytree_dataclass

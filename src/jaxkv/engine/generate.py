@@ -25,6 +25,7 @@ from jaxkv.caches import TransformerCache, TransformerCacheMetadata, Transformer
 from jaxkv.engine.sampling import SamplingParams, sample_dynamic
 from jaxkv.models.config import LlamaConfig
 from jaxkv.models.llama import Params, forward, params_to_device
+from jaxkv.quantization import CODECS
 
 CacheKind = Literal["contiguous", "paged"]
 CACHE_KINDS = ("contiguous", "paged")
@@ -262,6 +263,7 @@ def generate(
     page_size: int = 16,
     ignore_eos: bool = False,
     output_logits: bool = False,
+    kv_quantization: str = "none",
 ) -> GenerationResult:
     """Generate continuations of a batch of prompts.
 
@@ -278,12 +280,14 @@ def generate(
         ignore_eos: keep generating past EOS tokens (benchmarks use this to produce exactly
             ``max_new_tokens`` tokens).
         output_logits: keep each step's logits in ``Generation.logits``.
+        kv_quantization: KV storage codec, one of ``jaxkv.quantization.CODECS``.
 
     Returns:
         A ``GenerationResult`` with one ``Generation`` per prompt and timings.
     """
     v.require_int("generate", "max_new_tokens", max_new_tokens, minimum=1)
     v.require_choice("generate", "cache", cache, CACHE_KINDS)
+    v.require_choice("generate", "kv_quantization", kv_quantization, CODECS)
     if isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop):
         raise ValueError(f"generate: stop must be a list of non-empty strings, got {stop!r}")
     sampling = SamplingParams(temperature, top_k, top_p, seed)
@@ -305,15 +309,20 @@ def generate(
         for row in rows:
             row.logits = []
     runner = _ContiguousRunner if cache == "contiguous" else _paged_runner()
-    return runner(model, sampling, page_size=page_size).run(rows, max_new_tokens)
+    return runner(
+        model, sampling, page_size=page_size, kv_quantization=kv_quantization
+    ).run(rows, max_new_tokens)
 
 
 class _ContiguousRunner:
     """Rows of a ``TransformerCache``; prompts right-padded to a power-of-two bucket."""
 
-    def __init__(self, model: Model, sampling: SamplingParams, **_: Any):
+    def __init__(
+        self, model: Model, sampling: SamplingParams, *, kv_quantization: str = "none", **_: Any
+    ):
         self.model = model
         self.sampling = sampling
+        self.kv_quantization = kv_quantization
 
     def run(self, rows: list[_RowState], max_new_tokens: int) -> GenerationResult:
         model, config = self.model, self.model.config
@@ -324,7 +333,7 @@ class _ContiguousRunner:
         capacity = _next_power_of_two(int(lengths.max()) + max_new_tokens, 256)
         metadata = TransformerCacheMetadata.create(
             batch, capacity, config.num_layers, config.num_kv_heads, config.head_dim,
-            dtype=model.dtype,
+            dtype=model.dtype, kv_quantization=self.kv_quantization,
         )
         cache = TransformerCache.init_cache(metadata)
         tokens = np.zeros((batch, bucket), np.int32)

@@ -33,10 +33,19 @@ def _ceil_div(a: int, b: int) -> int:
 class PagedRunner:
     """Runs a batch of rows through a ``PagedCache`` driven by a ``PageManager``."""
 
-    def __init__(self, model: Model, sampling: SamplingParams, *, page_size: int = 16, **_: Any):
+    def __init__(
+        self,
+        model: Model,
+        sampling: SamplingParams,
+        *,
+        page_size: int = 16,
+        kv_quantization: str = "none",
+        **_: Any,
+    ):
         self.model = model
         self.sampling = sampling
         self.page_size = page_size
+        self.kv_quantization = kv_quantization
 
     def _pool(self, rows: list[_RowState], max_new_tokens: int) -> tuple[PageManager, PagedCache]:
         config, page_size = self.model.config, self.page_size
@@ -53,6 +62,7 @@ class PagedRunner:
         metadata = PagedCacheMetadata.create(
             config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim,
             len(rows), max_pages_per_seq, dtype=self.model.dtype,
+            kv_quantization=self.kv_quantization,
         )
         return manager, PagedCache.init_cache(metadata)
 

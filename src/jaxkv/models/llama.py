@@ -29,33 +29,54 @@ Params = dict[str, Any]
 def params_to_device(params: Params, dtype: Any = jnp.float32) -> Params:
     """NumPy params from ``jaxkv.io.gguf.load_gguf`` -> JAX arrays of ``dtype``.
 
-    Norm weights stay float32. Per layer, the query/key/value projections are fused into one
-    ``wqkv: [hidden, (heads + 2 * kv_heads) * head_dim]`` and gate/up into
-    ``w_gate_up: [hidden, 2 * intermediate]``: one wide matmul reads the weights in a single
-    pass, which matters in memory-bound decoding. The layer list stays a list of dicts.
+    Norm weights stay float32. Matrices are stored ``[out_features, in_features]``: XLA's CPU
+    matmul streams that layout faster for the few-row products of decoding. Per layer, the
+    query/key/value projections are fused into one ``wqkv: [(heads + 2 * kv_heads) * head_dim,
+    hidden]`` and gate/up into ``w_gate_up: [2 * intermediate, hidden]``: one wide matmul reads
+    the weights in a single pass, which matters in memory-bound decoding. The LM head is kept
+    ``[hidden, vocab]`` (``lm_head``); with tied embeddings the token embedding is looked up
+    from that same matrix, so the weights are stored once. The layer list stays a list of dicts.
     """
 
     def put(array: np.ndarray | None, target: Any = dtype) -> jax.Array | None:
         return None if array is None else jnp.asarray(array, dtype=target)
+
+    def out_in(*matrices: np.ndarray) -> jax.Array:
+        """``[in, out]`` matrices -> one ``[sum(out), in]`` matrix."""
+        return put(np.ascontiguousarray(np.concatenate(matrices, axis=1).T))
 
     layers = []
     for layer in params["layers"]:
         layers.append(
             {
                 "attn_norm": put(layer["attn_norm"], jnp.float32),
-                "wqkv": put(np.concatenate([layer["wq"], layer["wk"], layer["wv"]], axis=1)),
-                "wo": put(layer["wo"]),
+                "wqkv": out_in(layer["wq"], layer["wk"], layer["wv"]),
+                "wo": out_in(layer["wo"]),
                 "mlp_norm": put(layer["mlp_norm"], jnp.float32),
-                "w_gate_up": put(np.concatenate([layer["w_gate"], layer["w_up"]], axis=1)),
-                "w_down": put(layer["w_down"]),
+                "w_gate_up": out_in(layer["w_gate"], layer["w_up"]),
+                "w_down": out_in(layer["w_down"]),
             }
         )
+    tied = params["lm_head"] is None
+    head = params["embed"].T if tied else params["lm_head"]
     return {
-        "embed": put(params["embed"]),
+        "embed": None if tied else put(params["embed"]),
         "final_norm": put(params["final_norm"], jnp.float32),
-        "lm_head": put(params["lm_head"]),
+        "lm_head": put(np.ascontiguousarray(head)),
         "layers": layers,
     }
+
+
+def linear(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """``x: [..., in] @ weight.T`` for ``weight: [out, in]`` -> ``[..., out]``."""
+    return jnp.einsum("...k,nk->...n", x, weight.astype(x.dtype))
+
+
+def embed_tokens(params: Params, token_ids: jax.Array) -> jax.Array:
+    """``token_ids: [...]`` -> ``[..., hidden]`` rows of the embedding (or the tied LM head)."""
+    if params["embed"] is not None:
+        return params["embed"][token_ids]
+    return jnp.moveaxis(jnp.take(params["lm_head"], token_ids, axis=1), 0, -1)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -90,14 +111,14 @@ def apply_rope(x: jax.Array, positions: jax.Array, config: LlamaConfig) -> jax.A
 
 
 def _mlp(x: jax.Array, layer: Params) -> jax.Array:
-    gate, up = jnp.split(x @ layer["w_gate_up"].astype(x.dtype), 2, axis=-1)
-    return (jax.nn.silu(gate) * up) @ layer["w_down"].astype(x.dtype)
+    gate, up = jnp.split(linear(x, layer["w_gate_up"]), 2, axis=-1)
+    return linear(jax.nn.silu(gate) * up, layer["w_down"])
 
 
 def _project_qkv(x: jax.Array, layer: Params, config: LlamaConfig):
     """``x: [..., hidden]`` -> q ``[..., H, D]``, k and v ``[..., K, D]``."""
     lead = x.shape[:-1]
-    fused = x @ layer["wqkv"].astype(x.dtype)
+    fused = linear(x, layer["wqkv"])
     q_width = config.num_heads * config.head_dim
     kv_width = config.num_kv_heads * config.head_dim
     kv_shape = (*lead, config.num_kv_heads, config.head_dim)
@@ -109,12 +130,7 @@ def _project_qkv(x: jax.Array, layer: Params, config: LlamaConfig):
 
 def lm_head(params: Params, config: LlamaConfig, hidden: jax.Array) -> jax.Array:
     """``hidden: [..., hidden_size]`` (after the final norm) -> float32 logits ``[..., vocab]``."""
-    if params["lm_head"] is None:
-        weight = params["embed"]
-        logits = jnp.einsum("...h,vh->...v", hidden, weight.astype(hidden.dtype))
-    else:
-        logits = hidden @ params["lm_head"].astype(hidden.dtype)
-    return logits.astype(jnp.float32)
+    return (hidden @ params["lm_head"].astype(hidden.dtype)).astype(jnp.float32)
 
 
 def forward(
@@ -150,7 +166,7 @@ def forward(
         )
     new_tokens = token_ids.shape[-1]
     positions = cache[0].query_positions(runtime, new_tokens)
-    x = params["embed"][token_ids].astype(compute_dtype)
+    x = embed_tokens(params, token_ids).astype(compute_dtype)
     views = []
     for layer, view in zip(params["layers"], cache, strict=True):
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
@@ -160,7 +176,7 @@ def forward(
         kv, view = view.concatenate_to_cache(k, v, runtime)
         views.append(view)
         out = attention(q, kv)
-        x = x + out.reshape(*out.shape[:-2], -1) @ layer["wo"].astype(compute_dtype)
+        x = x + linear(out.reshape(*out.shape[:-2], -1), layer["wo"])
         x = x + _mlp(rms_norm(x, layer["mlp_norm"], config.rms_norm_eps), layer)
     if logits_indices is not None:
         if token_ids.ndim == 2:
@@ -193,7 +209,7 @@ def forward_uncached(
     real = positions < lengths[:, None]
     visible = (positions[:, None, :] <= positions[:, :, None]) & real[:, None, :]  # [B, Lq, Lk]
     groups = config.num_query_groups
-    x = params["embed"][token_ids].astype(jnp.float32)
+    x = embed_tokens(params, token_ids).astype(jnp.float32)
     for layer in params["layers"]:
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         q, k, v = _project_qkv(h, layer, config)
@@ -205,7 +221,7 @@ def forward_uncached(
         logits = jnp.where(visible[:, None], logits, -jnp.inf)
         weights = jax.nn.softmax(logits, axis=-1)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, -1)
-        x = x + out @ layer["wo"]
+        x = x + linear(out, layer["wo"])
         x = x + _mlp(rms_norm(x, layer["mlp_norm"], config.rms_norm_eps), layer)
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
     return lm_head(params, config, x)
