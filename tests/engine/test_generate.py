@@ -150,5 +150,6 @@ def test_quantized_kv_generation_stays_close_to_full_precision(model, capsys):
     assert int8.generations[0].token_ids == full.generations[0].token_ids
     with pytest.raises(ValueError, match="kv_quantization must be one of"):
         generate(model, prompt, max_new_tokens=2, kv_quantization="int3")
-    code = cli.main(["generate", "Hi", "--raw", "--max-new-tokens", "2", "--kv-quantization", "fp8"])
+    arguments = ["generate", "Hi", "--raw", "--max-new-tokens", "2", "--kv-quantization", "fp8"]
+    code = cli.main(arguments)
     assert code == 0 and "fp8 KV" in capsys.readouterr().err
