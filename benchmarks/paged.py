@@ -178,6 +178,7 @@ def _paged_decode(batch: int, live: int, max_context: int):
         token_ids=jnp.zeros((batch,), jnp.int32),
         copy_ops=jnp.full((batch, 2), -1, jnp.int32),
         logits_indices=jnp.arange(batch, dtype=jnp.int32),
+        max_query_len=1,  # a decode step: one new token per sequence
     )
     query = jax.random.normal(jax.random.key(1), (batch, Q_HEADS, HEAD_DIM), jnp.float32)
     token = jnp.ones((batch, KV_HEADS, HEAD_DIM), DTYPE)

@@ -53,8 +53,10 @@ class PagedRunner:
         max_pages_per_seq = _ceil_div(max(totals), page_size)
         # Every sequence's worst case, plus one page per sequence for copy-on-write.
         num_pages = sum(_ceil_div(t, page_size) for t in totals) + len(rows)
-        decode_bucket = max(8, 1 << (len(rows) - 1).bit_length())
-        prefill_bucket = max(8, 1 << (sum(len(r.prompt_ids) for r in rows) - 1).bit_length())
+        # A decode step packs at most one token per row: no padding beyond the batch, since the
+        # matmuls of a step cost what its padded token count costs.
+        decode_bucket = len(rows)
+        prefill_bucket = max(16, 1 << (sum(len(r.prompt_ids) for r in rows) - 1).bit_length())
         manager = PageManager(
             num_pages, page_size, len(rows), max_pages_per_seq,
             token_buckets=sorted({decode_bucket, max(prefill_bucket, decode_bucket)}),
