@@ -547,12 +547,14 @@ class PagedCacheView(BaseCacheView):
         slots = runtime.slot_mapping.astype(jnp.int32)
         slots = jnp.where((slots >= 0) & (slots < m.num_slots), slots, m.num_slots)
 
+        # Index pages and offsets directly: scattering into a reshaped (flattened) pool makes
+        # XLA copy the whole pool around the write instead of updating it in place.
+        pages, offsets = slots // m.page_size, slots % m.page_size
+
         def write(pool: jax.Array | None, new: jax.Array | None) -> jax.Array | None:
             if pool is None:
                 return None
-            flat = pool.reshape(m.num_slots, *pool.shape[2:])
-            flat = flat.at[slots].set(new, mode="drop")
-            return flat.reshape(pool.shape)
+            return pool.at[pages, offsets].set(new, mode="drop")
 
         codec = m.codec
         key_words, key_scale = storage.encode_values(key, m.dtype, codec)
