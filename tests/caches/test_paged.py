@@ -512,3 +512,38 @@ def test_view_and_cache_validation():
         PagedCache.init_cache(metadata, layers=[1])
     with pytest.raises(ValueError, match="num_layers must be >= 1"):
         PagedCache.init_empty(0)
+
+
+def test_donated_step_updates_the_pools_in_place_without_copies():
+    """A write followed by attention must not copy the pools (cost would grow with num_pages)."""
+    metadata = PagedCacheMetadata.create(1, 1024, 16, 3, 64, 1, 16)
+    view = PagedCacheView.init(metadata, 0)
+    tables = np.full((1, 16), -1, np.int32)
+    tables[0, :9] = np.arange(9)
+    runtime = PagedRuntimeMetadata(
+        page_tables=jnp.asarray(tables),
+        context_lens=jnp.asarray([129], jnp.int32),
+        query_start_loc=jnp.asarray([0, 1], jnp.int32),
+        num_seqs=jnp.asarray(1, jnp.int32),
+        slot_mapping=jnp.asarray([128], jnp.int32),
+        positions=jnp.asarray([128], jnp.int32),
+        token_ids=jnp.zeros((1,), jnp.int32),
+        copy_ops=jnp.full((1, 2), -1, jnp.int32),
+        logits_indices=jnp.zeros((1,), jnp.int32),
+        max_query_len=1,
+    )
+
+    def step(view, runtime, query, key):
+        kv, view = view.concatenate_to_cache(key, key, runtime)
+        return attention(query, kv), view
+
+    compiled = (
+        jax.jit(step, donate_argnums=0)
+        .lower(view, runtime, jnp.ones((1, 9, 64)), jnp.ones((1, 3, 64)))
+        .compile()
+        .as_text()
+    )
+    pool_copies = [
+        line for line in compiled.splitlines() if " copy(" in line and "1024,16,3,64" in line
+    ]
+    assert pool_copies == []
