@@ -13,26 +13,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+from _common import median_seconds
 
 from jaxkv.caches import TransformerCache, TransformerCacheMetadata, TransformerMetadata
 from jaxkv.ops import attention
 
 BATCH, KV_HEADS, Q_HEADS, HEAD_DIM, LAYERS = 1, 8, 32, 128, 1
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _metadata(capacity: int) -> TransformerCacheMetadata:
@@ -71,7 +60,7 @@ def bench_write(capacity: int, repeats: int) -> float:
         state["cache"] = step(state["cache"], token)
         jax.block_until_ready(state["cache"])
 
-    return _median_seconds(run, repeats * 20)
+    return median_seconds(run, repeats * 20)
 
 
 def bench_decode(capacity: int, live: int, repeats: int) -> float:
@@ -102,7 +91,7 @@ def bench_decode(capacity: int, live: int, repeats: int) -> float:
         out.block_until_ready()
         state["view"] = rewind(state["view"])
 
-    return _median_seconds(run, repeats)
+    return median_seconds(run, repeats)
 
 
 def main() -> None:

@@ -72,6 +72,17 @@ def check_array(
         )
 
 
+def require_layers(owner: str, layers: Any, num_layers: int) -> range | set[int]:
+    """The layer ids a cache builds views for: every layer when ``layers`` is ``None``, else
+    the given ids, each an int in ``[0, num_layers)``."""
+    wanted = range(num_layers) if layers is None else set(layers)
+    for layer in wanted:
+        require_int(owner, "layers[i]", layer, minimum=0)
+        if layer >= num_layers:
+            raise ValueError(f"{owner}: layer {layer} out of range for num_layers={num_layers}")
+    return wanted
+
+
 def is_traced(*arrays: Any) -> bool:
     """Whether any of ``arrays`` is a tracer (we are inside jit/vmap and cannot read values)."""
     return any(isinstance(a, jax.core.Tracer) for a in arrays)

@@ -646,13 +646,7 @@ class PagedCache(BaseCache):
             raise TypeError(
                 f"{owner}: metadata must be PagedCacheMetadata, got {type(metadata).__name__}"
             )
-        wanted = range(metadata.num_layers) if layers is None else set(layers)
-        for layer in wanted:
-            v.require_int(owner, "layers[i]", layer, minimum=0)
-            if layer >= metadata.num_layers:
-                raise ValueError(
-                    f"{owner}: layer {layer} out of range for num_layers={metadata.num_layers}"
-                )
+        wanted = v.require_layers(owner, layers, metadata.num_layers)
         return cls(
             views=tuple(
                 PagedCacheView.init(metadata, i) if i in wanted else None

@@ -721,13 +721,7 @@ class RecurrentCache(BaseCache):
             raise TypeError(
                 f"{owner}: metadata must be one of {allowed}, got {type(metadata).__name__}"
             )
-        wanted = range(metadata.num_layers) if layers is None else set(layers)
-        for layer in wanted:
-            v.require_int(owner, "layers[i]", layer, minimum=0)
-            if layer >= metadata.num_layers:
-                raise ValueError(
-                    f"{owner}: layer {layer} out of range for num_layers={metadata.num_layers}"
-                )
+        wanted = v.require_layers(owner, layers, metadata.num_layers)
         return cls(
             views=tuple(
                 init_view(metadata, i) if i in wanted else None for i in range(metadata.num_layers)

@@ -458,14 +458,7 @@ class TransformerCache(BaseCache):
                 f"TransformerCache.init_cache: metadata must be TransformerCacheMetadata, "
                 f"got {type(metadata).__name__}"
             )
-        wanted = range(metadata.num_layers) if layers is None else set(layers)
-        for layer in wanted:
-            v.require_int("TransformerCache.init_cache", "layers[i]", layer, minimum=0)
-            if layer >= metadata.num_layers:
-                raise ValueError(
-                    f"TransformerCache.init_cache: layer {layer} out of range for "
-                    f"num_layers={metadata.num_layers}"
-                )
+        wanted = v.require_layers("TransformerCache.init_cache", layers, metadata.num_layers)
         return cls(
             views=tuple(
                 TransformerCacheView.init(metadata, i) if i in wanted else None
