@@ -24,14 +24,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from transformer_cache import contiguous_decode_step
 
 from jaxkv.caches import (
     PagedCacheMetadata,
     PagedCacheView,
     PagedRuntimeMetadata,
-    TransformerCache,
-    TransformerCacheMetadata,
-    TransformerMetadata,
 )
 from jaxkv.ops import attention
 from jaxkv.pages import PageManager
@@ -124,31 +122,8 @@ def prefix_table() -> None:
 
 
 def _contiguous_decode(batch: int, live: int):
-    """A function running one contiguous-cache decode step at ``live`` tokens."""
-    metadata = TransformerCacheMetadata.create(batch, live, 1, KV_HEADS, HEAD_DIM, dtype=DTYPE)
-    view = TransformerCache.init_cache(metadata)[0]
-    prompt = jax.random.normal(jax.random.key(0), (batch, live - 1, KV_HEADS, HEAD_DIM), DTYPE)
-    _, view = jax.jit(lambda v, k: v.concatenate_to_cache(k, k))(view, prompt)
-    query = jax.random.normal(jax.random.key(1), (batch, 1, Q_HEADS, HEAD_DIM), jnp.float32)
-    token = jnp.ones((batch, 1, KV_HEADS, HEAD_DIM), DTYPE)
-    runtime = TransformerMetadata.create()
-
-    def decode(view, query, token):
-        kv, view = view.concatenate_to_cache(token, token, runtime)
-        return attention(query, kv), view
-
-    step = jax.jit(decode, donate_argnums=0)
-    rewind = jax.jit(
-        lambda view: dataclasses.replace(view, lengths=view.lengths - 1), donate_argnums=0
-    )
-    state = {"view": view}
-
-    def run():
-        out, state["view"] = step(state["view"], query, token)
-        out.block_until_ready()
-        state["view"] = rewind(state["view"])
-
-    return run
+    """A function running one contiguous-cache decode step at ``live`` tokens (same shapes)."""
+    return contiguous_decode_step(batch, live, live)
 
 
 def _paged_decode(batch: int, live: int, max_context: int):

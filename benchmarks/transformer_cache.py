@@ -63,17 +63,20 @@ def bench_write(capacity: int, repeats: int) -> float:
     return median_seconds(run, repeats * 20)
 
 
-def bench_decode(capacity: int, live: int, repeats: int) -> float:
-    """One real decode step (write 1 token, attend 32 query heads) with the view donated; the
-    row length is rewound after each step so every run attends over exactly ``live`` keys."""
-    metadata = _metadata(capacity)
+def contiguous_decode_step(batch: int, capacity: int, live: int):
+    """A function running one real decode step (write 1 token, attend 32 query heads) with the
+    view donated; the row length is rewound after each step so every run attends over exactly
+    ``live`` keys. ``benchmarks/paged.py`` uses it as its contiguous baseline."""
+    metadata = TransformerCacheMetadata.create(
+        batch, capacity, LAYERS, KV_HEADS, HEAD_DIM, dtype=jnp.bfloat16
+    )
     view = TransformerCache.init_cache(metadata)[0]
     prompt = jax.random.normal(
-        jax.random.key(0), (BATCH, live - 1, KV_HEADS, HEAD_DIM), jnp.bfloat16
+        jax.random.key(0), (batch, live - 1, KV_HEADS, HEAD_DIM), jnp.bfloat16
     )
     _, view = jax.jit(lambda v, k: v.concatenate_to_cache(k, k))(view, prompt)
-    query = jax.random.normal(jax.random.key(1), (BATCH, 1, Q_HEADS, HEAD_DIM), jnp.float32)
-    token = jnp.ones((BATCH, 1, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    query = jax.random.normal(jax.random.key(1), (batch, 1, Q_HEADS, HEAD_DIM), jnp.float32)
+    token = jnp.ones((batch, 1, KV_HEADS, HEAD_DIM), jnp.bfloat16)
     runtime = TransformerMetadata.create()
 
     def decode(view, query, token):
@@ -91,7 +94,12 @@ def bench_decode(capacity: int, live: int, repeats: int) -> float:
         out.block_until_ready()
         state["view"] = rewind(state["view"])
 
-    return median_seconds(run, repeats)
+    return run
+
+
+def bench_decode(capacity: int, live: int, repeats: int) -> float:
+    """Median seconds of ``contiguous_decode_step`` at batch ``BATCH``."""
+    return median_seconds(contiguous_decode_step(BATCH, capacity, live), repeats)
 
 
 def main() -> None:
