@@ -29,32 +29,34 @@ Params = dict[str, Any]
 def params_to_device(params: Params, dtype: Any = jnp.float32) -> Params:
     """NumPy params from ``jaxkv.io.gguf.load_gguf`` -> JAX arrays of ``dtype``.
 
-    Norm weights stay float32. Matrices are stored ``[out_features, in_features]``: XLA's CPU
-    matmul streams that layout faster for the few-row products of decoding. Per layer, the
-    query/key/value projections are fused into one ``wqkv: [(heads + 2 * kv_heads) * head_dim,
-    hidden]`` and gate/up into ``w_gate_up: [2 * intermediate, hidden]``: one wide matmul reads
-    the weights in a single pass, which matters in memory-bound decoding. The LM head is kept
-    ``[hidden, vocab]`` (``lm_head``); with tied embeddings the token embedding is looked up
-    from that same matrix, so the weights are stored once. The layer list stays a list of dicts.
+    Norm weights stay float32. Matrices keep the loader's ``x @ W`` orientation, ``[in_features,
+    out_features]``: for the few-row products of decoding XLA's CPU matmul runs that layout
+    faster (at batch 8 the layer matmuls take about a fifth less time than with ``[out, in]``, and
+    batch 1 is the same). Per layer, the query/key/value projections are fused into one ``wqkv:
+    [hidden, (heads + 2 * kv_heads) * head_dim]`` and gate/up into ``w_gate_up: [hidden, 2 *
+    intermediate]``: one wide matmul reads the weights in a single pass, which matters in
+    memory-bound decoding. The LM head is ``[hidden, vocab]`` (``lm_head``); with tied embeddings
+    the token embedding is looked up from that same matrix, so the weights are stored once. The
+    layer list stays a list of dicts.
     """
 
     def put(array: np.ndarray | None, target: Any = dtype) -> jax.Array | None:
         return None if array is None else jnp.asarray(array, dtype=target)
 
-    def out_in(*matrices: np.ndarray) -> jax.Array:
-        """``[in, out]`` matrices -> one ``[sum(out), in]`` matrix."""
-        return put(np.ascontiguousarray(np.concatenate(matrices, axis=1).T))
+    def fused(*matrices: np.ndarray) -> jax.Array:
+        """``[in, out_i]`` matrices -> one ``[in, sum(out_i)]`` matrix."""
+        return put(np.concatenate(matrices, axis=1))
 
     layers = []
     for layer in params["layers"]:
         layers.append(
             {
                 "attn_norm": put(layer["attn_norm"], jnp.float32),
-                "wqkv": out_in(layer["wq"], layer["wk"], layer["wv"]),
-                "wo": out_in(layer["wo"]),
+                "wqkv": fused(layer["wq"], layer["wk"], layer["wv"]),
+                "wo": put(layer["wo"]),
                 "mlp_norm": put(layer["mlp_norm"], jnp.float32),
-                "w_gate_up": out_in(layer["w_gate"], layer["w_up"]),
-                "w_down": out_in(layer["w_down"]),
+                "w_gate_up": fused(layer["w_gate"], layer["w_up"]),
+                "w_down": put(layer["w_down"]),
             }
         )
     tied = params["lm_head"] is None
@@ -68,8 +70,8 @@ def params_to_device(params: Params, dtype: Any = jnp.float32) -> Params:
 
 
 def linear(x: jax.Array, weight: jax.Array) -> jax.Array:
-    """``x: [..., in] @ weight.T`` for ``weight: [out, in]`` -> ``[..., out]``."""
-    return jnp.einsum("...k,nk->...n", x, weight.astype(x.dtype))
+    """``x: [..., in] @ weight`` for ``weight: [in, out]`` -> ``[..., out]``."""
+    return x @ weight.astype(x.dtype)
 
 
 def embed_tokens(params: Params, token_ids: jax.Array) -> jax.Array:
