@@ -73,6 +73,9 @@ IMPLEMENTATIONS = {
     "hf-static": ("HF StaticCache", "hf"),
 }
 TOKEN_REFERENCE = "hf-dynamic"
+# Decode speed targets: jaxkv tokens/s over HF's best at each batch size.
+DECODE_TARGETS = {1: 2.0, 8: 2.5}
+MATMUL_REPEATS = 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,9 +128,38 @@ def _jaxkv_runs(spec: dict[str, Any], cache_kind: str) -> dict[str, Any]:
                     "tokens": rows,
                 }
             )
-        return {"runs": runs, "compile_s": compile_s}
+        matmuls_s = _jaxkv_matmuls_seconds(model, len(prompts), MATMUL_REPEATS)
+        return {"runs": runs, "compile_s": compile_s, "matmuls_s": matmuls_s}
 
     return {**info, "batches": _per_batch(spec, one_batch)}
+
+
+def _jaxkv_matmuls_seconds(model, batch: int, repeats: int) -> float:
+    """Median seconds of the weight matmuls of one decode step alone, as jaxkv runs them: every
+    layer's fused QKV, output, fused gate/up and down projections, then the LM head, for
+    ``batch`` rows of one token (residual adds chain the layers; no norm, RoPE or attention)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxkv.models.llama import linear
+
+    def matmuls(params, x):
+        for layer in params["layers"]:
+            qkv = linear(x, layer["wqkv"])
+            x = x + linear(qkv[:, : layer["wo"].shape[0]], layer["wo"])
+            gate, up = jnp.split(linear(x, layer["w_gate_up"]), 2, axis=-1)
+            x = x + linear(gate * up, layer["w_down"])
+        return x @ params["lm_head"]
+
+    x = jnp.full((batch, model.config.hidden_size), 0.01, jnp.float32)
+    step = jax.jit(matmuls).lower(model.params, x).compile()
+    step(model.params, x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(model.params, x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _hf_runs(spec: dict[str, Any], cache_kind: str) -> dict[str, Any]:
@@ -190,9 +222,37 @@ def _hf_runs(spec: dict[str, Any], cache_kind: str) -> dict[str, Any]:
                     "tokens": rows,
                 }
             )
-        return {"runs": runs, "compile_s": 0.0}
+        matmuls_s = _torch_matmuls_seconds(model, len(prompts), MATMUL_REPEATS)
+        return {"runs": runs, "compile_s": 0.0, "matmuls_s": matmuls_s}
 
     return {**info, "batches": _per_batch(spec, one_batch)}
+
+
+def _torch_matmuls_seconds(model, batch: int, repeats: int) -> float:
+    """Median seconds of the weight matmuls of one decode step alone, as HF runs them (its own
+    ``nn.Linear`` modules: q, k, v, o, gate, up, down, then the LM head), for ``batch`` rows of
+    one token; the counterpart of ``_jaxkv_matmuls_seconds``."""
+    import torch
+
+    def matmuls(x):
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            q = attn.q_proj(x)
+            attn.k_proj(x)
+            attn.v_proj(x)
+            x = x + attn.o_proj(q)
+            x = x + mlp.down_proj(mlp.gate_proj(x) * mlp.up_proj(x))
+        return model.lm_head(x)
+
+    x = torch.full((batch, model.config.hidden_size), 0.01, dtype=torch.float32)
+    times = []
+    with torch.inference_mode():
+        matmuls(x)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matmuls(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _per_batch(spec: dict[str, Any], one_batch) -> dict[str, Any]:
@@ -340,6 +400,7 @@ def summarise(batch_result: dict[str, Any], batch: int) -> dict[str, Any]:
         "spread": (max(step_s) - min(step_s)) / median_step,
         "steps": runs[0]["decode_steps"],
         "tokens": runs[0]["tokens"],
+        "matmuls_s": batch_result.get("matmuls_s"),
     }
 
 
@@ -411,6 +472,39 @@ def build_table(
                 same,
             ])
     return headers, rows, summaries
+
+
+def matmul_table(summaries: dict) -> tuple[list[str], list[list[object]]]:
+    """Per batch: the weight matmuls of one decode step alone (jaxkv on XLA, HF on torch), next
+    to jaxkv's whole step and the step time the decode target asks for."""
+    headers = [
+        "batch", "jaxkv matmuls ms", "torch matmuls ms", "jaxkv step ms", "HF best step ms",
+        "target", "target step ms",
+    ]
+    rows: list[list[object]] = []
+
+    def cell(seconds: float | None) -> str:
+        return "n/a" if seconds is None else f"{seconds * 1e3:.2f}"
+
+    for batch in BATCHES:
+        ours = summaries[("jaxkv-contiguous", batch)]
+        hf = [
+            summaries[(n, batch)] for n, (_, lib) in IMPLEMENTATIONS.items()
+            if lib == "hf" and "error" not in summaries[(n, batch)]
+        ]
+        best = max(hf, key=lambda s: s["tokens_per_s"], default=None)
+        torch_matmuls = next((s["matmuls_s"] for s in hf if s.get("matmuls_s")), None)
+        ratio = DECODE_TARGETS[batch]
+        rows.append([
+            batch,
+            cell(ours.get("matmuls_s")),
+            cell(torch_matmuls),
+            cell(ours.get("step_s")),
+            cell(best["step_s"] if best else None),
+            f"{ratio:g}x HF",
+            cell(best["step_s"] / ratio if best else None),
+        ])
+    return headers, rows
 
 
 def print_table(headers: list[str], rows: list[list[object]]) -> None:
@@ -552,6 +646,16 @@ def main(argv: list[str] | None = None) -> None:
         "bytes per step / bandwidth;\nvs HF: speed relative to the faster HF cache at that "
         "batch (> 1 = faster); same as HF: leading\ntokens equal to HF DynamicCache's (worst "
         "row); peak RSS includes loading the checkpoint."
+    )
+    print(
+        "\nWeight matmuls alone, one decode step (every layer's projections, then the LM head; "
+        f"median of {MATMUL_REPEATS}):"
+    )
+    print(format_table(*matmul_table(summaries)))
+    print(
+        "target step ms: the step time that meets the decode target (HF's best step / target); "
+        "a matmul\ntime above it means the weight matmuls alone, on that library's kernels, "
+        "miss the target."
     )
     for name, (label, _) in IMPLEMENTATIONS.items():
         result = results[name]

@@ -369,7 +369,8 @@ class _ContiguousRunner:
         steps = 0
         while any(r.active for r in rows):
             active = np.array([r.active for r in rows], np.int32)
-            key, subkey = jax.random.split(key)
+            if not greedy:  # greedy steps ignore the key: skip a dispatch per step
+                key, subkey = jax.random.split(key)
             next_tokens, logits, cache = decode(
                 model.params, cache, jnp.asarray(next_tokens[:, None]),
                 TransformerMetadata.create(active), zeros, subkey, knobs,
@@ -475,7 +476,8 @@ class ChatSession:
         token = int(np.asarray(next_token)[0])
         row.push(token, max_new_tokens)
         while row.active:
-            self.key, subkey = jax.random.split(self.key)
+            if not greedy:
+                self.key, subkey = jax.random.split(self.key)
             next_token, _, self.cache = decode(
                 model.params, self.cache, jnp.asarray([[token]], jnp.int32),
                 TransformerMetadata.create(one), zero, subkey, knobs,

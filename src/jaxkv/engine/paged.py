@@ -75,19 +75,20 @@ class PagedRunner:
             manager.add_sequence(index, row.prompt_ids)
         knobs = sampling_arrays(self.sampling, config.vocab_size)
         greedy = self.sampling.greedy
-        key = jax.random.key(self.sampling.seed)
+        key = subkey = jax.random.key(self.sampling.seed)
         compile_seconds = 0.0
 
         keep_logits = rows[0].logits is not None
 
         def run_step(batch: list[tuple[int, int]]) -> list[tuple[int, int]]:
             """Schedule, run and commit one step; ``(row, sampled token)`` per sequence."""
-            nonlocal cache, key, compile_seconds
+            nonlocal cache, key, subkey, compile_seconds
             step = manager.schedule(batch)
             runtime = PagedRuntimeMetadata.from_step(step)
             if step.num_copies:
                 cache = cache.copy_pages(runtime.copy_ops)
-            key, subkey = jax.random.split(key)
+            if not greedy:  # greedy steps ignore the key: skip a dispatch per step
+                key, subkey = jax.random.split(key)
             args = (
                 model.params, cache, runtime.token_ids, runtime, runtime.logits_indices,
                 subkey, knobs,
