@@ -215,8 +215,8 @@ def attention(
 
 
 SoftmaxState = tuple[jax.Array, jax.Array, jax.Array]
-"""Online-softmax carry: running max and denominator ``[batch, heads, groups, new_tokens]``
-float32, and the unnormalised output ``[batch, heads, groups, new_tokens, value_dim]`` float32."""
+"""Online-softmax carry: running max and denominator ``[batch, heads, new_tokens, groups]``
+float32, and the unnormalised output ``[batch, heads, new_tokens, groups, value_dim]`` float32."""
 
 
 def init_softmax_state(
@@ -224,9 +224,9 @@ def init_softmax_state(
 ) -> SoftmaxState:
     """The empty online-softmax carry (no key seen yet)."""
     return (
-        jnp.full((batch, heads, groups, new_tokens), -jnp.inf, jnp.float32),
-        jnp.zeros((batch, heads, groups, new_tokens), jnp.float32),
-        jnp.zeros((batch, heads, groups, new_tokens, value_dim), jnp.float32),
+        jnp.full((batch, heads, new_tokens, groups), -jnp.inf, jnp.float32),
+        jnp.zeros((batch, heads, new_tokens, groups), jnp.float32),
+        jnp.zeros((batch, heads, new_tokens, groups, value_dim), jnp.float32),
     )
 
 
@@ -241,6 +241,10 @@ def online_softmax_update(
 ) -> SoftmaxState:
     """Fold one block of keys into the online-softmax carry.
 
+    Both products are plain batched matmuls over ``(batch, heads)`` with the query tokens and
+    their groups merged into one row axis: XLA's CPU backend runs that form about three times
+    faster than an einsum that keeps the groups apart.
+
     Args:
         state: the carry (see ``SoftmaxState``).
         q: ``[batch, new_tokens, heads, groups, key_dim]`` float32, already scaled.
@@ -250,23 +254,27 @@ def online_softmax_update(
         soft_cap: if set, logits become ``cap * tanh(logits / cap)``.
     """
     running_max, denominator, accumulator = state
+    batch, new_tokens, heads, groups, key_dim = q.shape
+    slots = keys.shape[1]
     # Slots no query may see can hold stale or uninitialised data; zero them so that even a NaN
     # there cannot reach the output through 0 * NaN.
     slot_used = jnp.any(visible, axis=1)[:, :, None, None]
     values = jnp.where(slot_used, values, 0.0)
-    logits = jnp.einsum("bthgd,bshd->bhgts", q, keys)
+    rows = q.transpose(0, 2, 1, 3, 4).reshape(batch, heads, new_tokens * groups, key_dim)
+    logits = rows @ keys.transpose(0, 2, 3, 1)  # [batch, heads, new_tokens * groups, slots]
+    logits = logits.reshape(batch, heads, new_tokens, groups, slots)
     if soft_cap is not None:
         logits = soft_cap * jnp.tanh(logits / soft_cap)
-    logits = jnp.where(visible[:, None, None, :, :], logits, -jnp.inf)
+    logits = jnp.where(visible[:, None, :, None, :], logits, -jnp.inf)
     new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
     # A query that has seen no visible key yet keeps max -inf; use 0 so exp() stays finite.
     safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
     probs = jnp.exp(logits - safe_max[..., None])
     correction = jnp.exp(running_max - safe_max)
     denominator = denominator * correction + jnp.sum(probs, axis=-1)
-    accumulator = accumulator * correction[..., None] + jnp.einsum(
-        "bhgts,bshd->bhgtd", probs, values
-    )
+    probs_rows = probs.reshape(batch, heads, new_tokens * groups, slots)
+    weighted = probs_rows @ values.transpose(0, 2, 1, 3)  # [batch, heads, rows, value_dim]
+    accumulator = accumulator * correction[..., None] + weighted.reshape(accumulator.shape)
     return new_max, denominator, accumulator
 
 
@@ -274,9 +282,9 @@ def finish_softmax(state: SoftmaxState) -> jax.Array:
     """Normalise the carry: ``[batch, new_tokens, heads * groups, value_dim]`` float32; queries
     that saw no key (padding) give zeros."""
     _, denominator, accumulator = state
-    batch, heads, groups, new_tokens, value_dim = accumulator.shape
+    batch, heads, new_tokens, groups, value_dim = accumulator.shape
     out = accumulator / jnp.where(denominator > 0, denominator, 1.0)[..., None]
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, new_tokens, heads * groups, value_dim)
+    return out.transpose(0, 2, 1, 3, 4).reshape(batch, new_tokens, heads * groups, value_dim)
 
 
 def _expand_heads(block: jax.Array, heads: int) -> jax.Array:
