@@ -265,7 +265,8 @@ def paged_attention(
         return online_softmax_update(carry, q, keys, values, visible, soft_cap=logit_soft_cap)
 
     state = lax.fori_loop(start_block, end_block, body, state)
-    out = quantization.from_attention_basis(finish_softmax(state), kv.codec)  # [S, Q, Hq, Dv]
+    out = finish_softmax(state, max_query_len)  # [S, Q, Hq, Dv]
+    out = quantization.from_attention_basis(out, kv.codec)
     scatter_index = jnp.where(present, packed_index, num_tokens)  # absent slots are dropped
     packed = jnp.zeros((num_tokens, query_heads, value_dim), jnp.float32)
     packed = packed.at[scatter_index].set(out, mode="drop")
