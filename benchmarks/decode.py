@@ -45,7 +45,7 @@ import time
 import traceback
 from typing import Any
 
-from _common import current_rss_mib, format_table, peak_rss_mib
+from _common import current_rss_mib, format_table, median_seconds, peak_rss_mib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REFERENCE_JSON = ROOT / "tests" / "data" / "reference.json"
@@ -153,13 +153,7 @@ def _jaxkv_matmuls_seconds(model, batch: int, repeats: int) -> float:
 
     x = jnp.full((batch, model.config.hidden_size), 0.01, jnp.float32)
     step = jax.jit(matmuls).lower(model.params, x).compile()
-    step(model.params, x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step(model.params, x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: step(model.params, x).block_until_ready(), repeats)
 
 
 def _hf_runs(spec: dict[str, Any], cache_kind: str) -> dict[str, Any]:
@@ -245,14 +239,8 @@ def _torch_matmuls_seconds(model, batch: int, repeats: int) -> float:
         return model.lm_head(x)
 
     x = torch.full((batch, model.config.hidden_size), 0.01, dtype=torch.float32)
-    times = []
     with torch.inference_mode():
-        matmuls(x)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            matmuls(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return median_seconds(lambda: matmuls(x), repeats)
 
 
 def _per_batch(spec: dict[str, Any], one_batch) -> dict[str, Any]:

@@ -306,18 +306,26 @@ def _expand_heads(block: jax.Array, heads: int) -> jax.Array:
     return jnp.repeat(block, heads // block.shape[2], axis=2)
 
 
+def two_block_size(block_size: int, length: int) -> int:
+    """The block actually scanned over ``length`` slots (or pages): ``block_size``, but at most
+    half of ``length`` (rounded up) so that a loop always has room for two blocks.
+
+    With a single block covering everything, the block's start is loop-invariant and XLA hoists
+    the reads out of the loop: the contiguous step gets slower (about twice the attention time of
+    a batch-8 decode at 256 slots), and in a paged step the hoisted page gather fuses with the
+    step's write into the pool, forcing a copy of the whole pool.
+    """
+    return min(block_size, max(1, -(-length // 2)))
+
+
 def _scan_segment(q, query_positions, segment, state, *, heads, window, soft_cap, block_size):
     """Online-softmax pass over the live blocks of one segment.
 
     q: ``[batch, new_tokens, heads, groups, key_dim]`` float32, pre-scaled.
-    state: running max ``m``, denominator ``l`` ``[batch, heads, groups, new_tokens]`` and
-    accumulator ``[batch, heads, groups, new_tokens, value_dim]``.
+    state: the online-softmax carry (see ``SoftmaxState``).
     """
     slots = segment.keys.shape[1]
-    # Scan at least two blocks when the segment has room for them: with a single block covering
-    # every slot, the block's start is loop-invariant, XLA hoists the reads out of the loop and
-    # the step gets slower (about twice the attention time of a batch-8 decode at 256 slots).
-    block = min(block_size, max(1, -(-slots // 2)))
+    block = two_block_size(block_size, slots)
     live = jnp.minimum(jnp.max(segment.live), slots)
     num_blocks = (live + block - 1) // block
     offsets = jnp.arange(block, dtype=jnp.int32)

@@ -42,6 +42,7 @@ from jaxkv.ops.attention import (
     finish_softmax,
     init_softmax_state,
     online_softmax_update,
+    two_block_size,
 )
 
 
@@ -197,10 +198,7 @@ def paged_attention(
     max_pages = kv.page_tables.shape[1]
     if pages_per_block is None:
         pages_per_block = max(1, DEFAULT_BLOCK_SIZE // page_size)
-    # At least two blocks per table: when one block covers the whole table, XLA hoists the
-    # page gather out of the loop and fuses it with the step's write into the pool, which then
-    # forces a copy of the whole pool (cost growing with num_pages instead of the live pages).
-    pages_per_block = min(pages_per_block, max(1, -(-max_pages // 2)))
+    pages_per_block = two_block_size(pages_per_block, max_pages)  # see two_block_size
     block = pages_per_block * page_size
     window = _combine_windows(kv.sliding_window, sliding_window)
     if scale is None:
