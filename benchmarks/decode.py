@@ -99,7 +99,7 @@ def _jaxkv_runs(spec: dict[str, Any], cache_kind: str) -> dict[str, Any]:
 
     import jax
 
-    from jaxkv.engine.generate import Model, generate
+    from jaxkv.engine import Model, generate
 
     if "ignore_eos" not in inspect.signature(generate).parameters:
         raise RuntimeError("jaxkv generate() has no ignore_eos keyword; cannot force all tokens")
@@ -409,8 +409,17 @@ def build_table(
     results: dict[str, dict], config, bandwidth: float, new_tokens: int
 ) -> tuple[list[str], list[list[object]], dict]:
     headers = [
-        "implementation", "batch", "prefill ms", "decode tok/s", "ms/step", "spread",
-        "bound ms", "% of bound", "prefill vs HF", "decode vs HF", "peak RSS MiB",
+        "implementation",
+        "batch",
+        "prefill ms",
+        "decode tok/s",
+        "ms/step",
+        "spread",
+        "bound ms",
+        "% of bound",
+        "prefill vs HF",
+        "decode vs HF",
+        "peak RSS MiB",
         "same as HF",
     ]
     rows: list[list[object]] = []
@@ -428,7 +437,8 @@ def build_table(
             else:
                 summaries[(name, batch)] = summarise(batch_result, batch)
         hf = [
-            summaries[(n, batch)] for n, (_, lib) in IMPLEMENTATIONS.items()
+            summaries[(n, batch)]
+            for n, (_, lib) in IMPLEMENTATIONS.items()
             if lib == "hf" and "error" not in summaries[(n, batch)]
         ]
         best_prefill = min((s["prefill_s"] for s in hf), default=None)
@@ -443,22 +453,25 @@ def build_table(
                 continue
             same = (
                 f"{leading_agreement(s['tokens'], reference['tokens'])}/{new_tokens}"
-                if "error" not in reference else "n/a"
+                if "error" not in reference
+                else "n/a"
             )
-            rows.append([
-                label,
-                batch,
-                f"{s['prefill_s'] * 1e3:.1f}",
-                f"{s['tokens_per_s']:.1f}",
-                f"{s['step_s'] * 1e3:.2f}",
-                f"{s['spread']:.0%}",
-                f"{bound_s * 1e3:.2f}",
-                f"{bound_s / s['step_s']:.0%}",
-                f"{best_prefill / s['prefill_s']:.2f}x" if best_prefill else "n/a",
-                f"{s['tokens_per_s'] / best_rate:.2f}x" if best_rate else "n/a",
-                rss_text,
-                same,
-            ])
+            rows.append(
+                [
+                    label,
+                    batch,
+                    f"{s['prefill_s'] * 1e3:.1f}",
+                    f"{s['tokens_per_s']:.1f}",
+                    f"{s['step_s'] * 1e3:.2f}",
+                    f"{s['spread']:.0%}",
+                    f"{bound_s * 1e3:.2f}",
+                    f"{bound_s / s['step_s']:.0%}",
+                    f"{best_prefill / s['prefill_s']:.2f}x" if best_prefill else "n/a",
+                    f"{s['tokens_per_s'] / best_rate:.2f}x" if best_rate else "n/a",
+                    rss_text,
+                    same,
+                ]
+            )
     return headers, rows, summaries
 
 
@@ -466,8 +479,13 @@ def matmul_table(summaries: dict) -> tuple[list[str], list[list[object]]]:
     """Per batch: the weight matmuls of one decode step alone (jaxkv on XLA, HF on torch), next
     to jaxkv's whole step and the step time the decode target asks for."""
     headers = [
-        "batch", "jaxkv matmuls ms", "torch matmuls ms", "jaxkv step ms", "HF best step ms",
-        "target", "target step ms",
+        "batch",
+        "jaxkv matmuls ms",
+        "torch matmuls ms",
+        "jaxkv step ms",
+        "HF best step ms",
+        "target",
+        "target step ms",
     ]
     rows: list[list[object]] = []
 
@@ -477,21 +495,24 @@ def matmul_table(summaries: dict) -> tuple[list[str], list[list[object]]]:
     for batch in BATCHES:
         ours = summaries[("jaxkv-contiguous", batch)]
         hf = [
-            summaries[(n, batch)] for n, (_, lib) in IMPLEMENTATIONS.items()
+            summaries[(n, batch)]
+            for n, (_, lib) in IMPLEMENTATIONS.items()
             if lib == "hf" and "error" not in summaries[(n, batch)]
         ]
         best = max(hf, key=lambda s: s["tokens_per_s"], default=None)
         torch_matmuls = next((s["matmuls_s"] for s in hf if s.get("matmuls_s")), None)
         ratio = DECODE_TARGETS[batch]
-        rows.append([
-            batch,
-            cell(ours.get("matmuls_s")),
-            cell(torch_matmuls),
-            cell(ours.get("step_s")),
-            cell(best["step_s"] if best else None),
-            f"{ratio:g}x HF",
-            cell(best["step_s"] / ratio if best else None),
-        ])
+        rows.append(
+            [
+                batch,
+                cell(ours.get("matmuls_s")),
+                cell(torch_matmuls),
+                cell(ours.get("step_s")),
+                cell(best["step_s"] if best else None),
+                f"{ratio:g}x HF",
+                cell(best["step_s"] / ratio if best else None),
+            ]
+        )
     return headers, rows
 
 
@@ -532,9 +553,14 @@ def save_png(path: str, summaries: dict) -> None:
             prefills.append(0.0 if "error" in s else s["prefill_s"] * 1e3)
         axes[0].bar(xs, rates, width, label=label)
         axes[1].bar(xs, prefills, width, label=label)
-    for axis, title in zip(axes, ("decode tokens/s (higher is better)",
-                                  f"prefill of {PROMPT_TOKENS} tokens, ms (lower is better)"),
-                           strict=True):
+    for axis, title in zip(
+        axes,
+        (
+            "decode tokens/s (higher is better)",
+            f"prefill of {PROMPT_TOKENS} tokens, ms (lower is better)",
+        ),
+        strict=True,
+    ):
         axis.set_xticks(range(len(BATCHES)), [f"batch {b}" for b in BATCHES])
         axis.set_title(title)
     axes[0].legend(fontsize="small")
@@ -545,19 +571,30 @@ def save_png(path: str, summaries: dict) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed runs per implementation and batch (default 5; --quick: 3)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK_NEW_TOKENS} new tokens and 3 runs: a fast smoke run")
-    parser.add_argument("--hf-python", default=None,
-                        help="interpreter with torch + transformers for the HF workers")
-    parser.add_argument("--gguf", default=None,
-                        help="GGUF checkpoint (default: jaxkv's bundled SmolLM2)")
-    parser.add_argument("--only", default=None,
-                        help="comma-separated subset of " + ", ".join(IMPLEMENTATIONS))
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs per implementation and batch (default 5; --quick: 3)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_NEW_TOKENS} new tokens and 3 runs: a fast smoke run",
+    )
+    parser.add_argument(
+        "--hf-python", default=None, help="interpreter with torch + transformers for the HF workers"
+    )
+    parser.add_argument(
+        "--gguf", default=None, help="GGUF checkpoint (default: jaxkv's bundled SmolLM2)"
+    )
+    parser.add_argument(
+        "--only", default=None, help="comma-separated subset of " + ", ".join(IMPLEMENTATIONS)
+    )
     parser.add_argument("--png", default=None, help="also save a bar chart (needs matplotlib)")
-    parser.add_argument("--worker-timeout", type=float, default=1800.0,
-                        help="seconds before a worker is abandoned")
+    parser.add_argument(
+        "--worker-timeout", type=float, default=1800.0, help="seconds before a worker is abandoned"
+    )
     parser.add_argument("--worker", choices=tuple(IMPLEMENTATIONS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
@@ -624,7 +661,8 @@ def main(argv: list[str] | None = None) -> None:
         kv_lines.append(f"batch {batch}: {kv / 2**20:.1f} MiB")
     print(
         f"bytes per decode step: weights {weights_b / 2**20:.1f} MiB + mean live KV ("
-        + ", ".join(kv_lines) + ")"
+        + ", ".join(kv_lines)
+        + ")"
     )
     print()
     print_table(headers, rows)
@@ -649,9 +687,7 @@ def main(argv: list[str] | None = None) -> None:
         result = results[name]
         if "load_s" not in result:
             continue
-        compile_s = sum(
-            b.get("compile_s", 0.0) for b in result.get("batches", {}).values()
-        )
+        compile_s = sum(b.get("compile_s", 0.0) for b in result.get("batches", {}).values())
         end_rss = result.get("end_rss_mib")
         print(
             f"  {label}: {result['versions']}; load {result['load_s']:.1f} s"

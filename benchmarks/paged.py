@@ -133,7 +133,7 @@ def _paged_decode(batch: int, live: int, max_context: int):
     live_pages = -(-live // PAGE_SIZE)
     num_pages = max(batch * live_pages, max_pages)
     metadata = PagedCacheMetadata.create(
-        1, num_pages, PAGE_SIZE, KV_HEADS, HEAD_DIM, batch, max_pages, DTYPE
+        1, num_pages, PAGE_SIZE, KV_HEADS, HEAD_DIM, batch, max_pages, dtype=DTYPE
     )
     view = PagedCacheView.init(metadata, 0)
     words = jax.random.bits(jax.random.key(0), view.key_pages.shape, jnp.uint16) & 0x3FFF

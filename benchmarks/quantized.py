@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from _common import format_table, median_seconds
 
-from jaxkv.caches import TransformerCache, TransformerCacheMetadata, TransformerMetadata
+from jaxkv.caches import TransformerCache, TransformerCacheMetadata, TransformerRuntimeMetadata
 from jaxkv.engine import Model
 from jaxkv.models.llama import forward
 
@@ -106,7 +106,7 @@ def _write_cost(capacity: int) -> float:
     cache = TransformerCache.init_cache(metadata)
 
     def write(cache, key):
-        _, view = cache[0].concatenate_to_cache(key, key, TransformerMetadata.create())
+        _, view = cache[0].concatenate_to_cache(key, key, TransformerRuntimeMetadata.create())
         return cache.replace_view(0, view)
 
     step = jax.jit(write, donate_argnums=0)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from _common import median_seconds
 
-from jaxkv.caches import TransformerCache, TransformerCacheMetadata, TransformerMetadata
+from jaxkv.caches import TransformerCache, TransformerCacheMetadata, TransformerRuntimeMetadata
 from jaxkv.ops import attention
 
 BATCH, KV_HEADS, Q_HEADS, HEAD_DIM, LAYERS = 1, 8, 32, 128, 1
@@ -77,7 +77,7 @@ def contiguous_decode_step(batch: int, capacity: int, live: int):
     _, view = jax.jit(lambda v, k: v.concatenate_to_cache(k, k))(view, prompt)
     query = jax.random.normal(jax.random.key(1), (batch, 1, Q_HEADS, HEAD_DIM), jnp.float32)
     token = jnp.ones((batch, 1, KV_HEADS, HEAD_DIM), jnp.bfloat16)
-    runtime = TransformerMetadata.create()
+    runtime = TransformerRuntimeMetadata.create()
 
     def decode(view, query, token):
         kv, view = view.concatenate_to_cache(token, token, runtime)

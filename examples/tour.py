@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkv.caches import TransformerCache, TransformerCacheMetadata, TransformerMetadata
+from jaxkv.caches import TransformerCache, TransformerCacheMetadata, TransformerRuntimeMetadata
 from jaxkv.ops import attention
 
 # 2 rows, up to 64 tokens each, 1 layer, 2 KV heads of dim 16; 4 query heads (grouped-query).
@@ -25,11 +25,11 @@ def step(cache, q, k, v, runtime):
 rng = np.random.default_rng(0)
 q, k, v = (jnp.asarray(rng.standard_normal((2, 5, h, 16)), jnp.float32) for h in (4, 2, 2))
 # Row 0 has a 5-token prompt, row 1 a 3-token prompt (right-padded).
-out, cache = step(cache, q, k, v, TransformerMetadata.create([5, 3]))
+out, cache = step(cache, q, k, v, TransformerRuntimeMetadata.create([5, 3]))
 print("lengths after prefill:", cache[0].lengths)
 for _ in range(3):  # decode: one token per row
     token = [jnp.asarray(rng.standard_normal((2, 1, h, 16)), jnp.float32) for h in (4, 2, 2)]
-    out, cache = step(cache, *token, TransformerMetadata.create([1, 1]))
+    out, cache = step(cache, *token, TransformerRuntimeMetadata.create([1, 1]))
 print("lengths after 3 decode steps:", cache[0].lengths, "output", out.shape)
 
 ring = TransformerCacheMetadata.create(1, 1000, 1, 2, 16, sliding_window=8)

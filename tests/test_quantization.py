@@ -117,8 +117,10 @@ values = arrays(np.float32, SHAPE, elements=st.floats(-1.0, 1.0, width=32, allow
 @example(unit=np.zeros(SHAPE, np.float32), magnitude=1.0)
 @example(unit=np.full(SHAPE, -1.0, np.float32), magnitude=1e6)
 # Scales in float16's subnormal range, where one rounding is a whole step (found by hypothesis).
-@example(unit=np.where(np.arange(16) % 8 == 0, 0.5, 1.0).astype(np.float32)
-         * np.ones(SHAPE, np.float32), magnitude=1e-7)
+@example(
+    unit=np.where(np.arange(16) % 8 == 0, 0.5, 1.0).astype(np.float32) * np.ones(SHAPE, np.float32),
+    magnitude=1e-7,
+)
 def test_round_trip_matches_reference_and_error_is_within_half_a_step(codec, unit, magnitude):
     # Within the codec's range (scales saturate at float16's 65504; see the saturation test).
     # The rotation can gather a vector's length into one channel: sqrt(head_dim) x larger.
@@ -137,8 +139,10 @@ def test_round_trip_matches_reference_and_error_is_within_half_a_step(codec, uni
         # x R is computed in float32 by the codec: a scale or code may differ by one rounding,
         # which for a tiny scale is one float16 subnormal step (2**-24).
         np.testing.assert_allclose(
-            scales.view(np.float16).astype(np.float32), ref_scales.astype(np.float32),
-            rtol=1e-3, atol=2.0**-24,
+            scales.view(np.float16).astype(np.float32),
+            ref_scales.astype(np.float32),
+            rtol=1e-3,
+            atol=2.0**-24,
         )
     else:
         np.testing.assert_array_equal(scales, ref_scales.view(np.uint16))
@@ -233,7 +237,7 @@ def test_each_token_is_quantised_on_its_own(codec):
 def test_read_block_without_codec_bit_casts_stored_words():
     x = jnp.asarray([[1.5, -2.25]], jnp.bfloat16)
     words = jax.lax.bitcast_convert_type(x, jnp.uint16)
-    out = quantization.read_block(words, None, None, np.dtype(jnp.bfloat16))
+    out = quantization.read_block(words, None, quantization.RawCodec(jnp.bfloat16))
     assert out.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(out), [[1.5, -2.25]])
 

@@ -5,6 +5,11 @@
 * ``BaseCacheView`` -- the state of ONE layer plus its ``metadata`` and ``layer_index``.
 * ``BaseCache`` -- the sequence of views, one per layer (``None`` where a layer keeps nothing).
 
+On top of them, the protocols every family speaks: ``AttentionCacheView`` (keys and values),
+``StateCacheView`` (recurrent state) and ``RowOperations`` (``reset_rows``, ``truncate``,
+``select``, ``reorder``, ``repeat``, ``insert``, ``extract``, ``overflow_rows``,
+``check_overflow``). Models and the engine are written against these, never against a family.
+
 ``pytree_dataclass`` turns a subclass into a frozen dataclass registered as a JAX PyTree;
 ``static_field`` marks a field as part of the tree definition instead of a leaf. Metadata and
 runtime metadata share ``to_dict`` / ``from_dict`` / ``to_json`` / ``from_json`` / ``replace``
@@ -130,6 +135,9 @@ def _to_json_tree(value: Any) -> Any:
         }
     if isinstance(value, np.dtype):
         return {"__dtype__": value.name}
+    scalar_type = _scalar_type_tag(value)
+    if scalar_type is not None:
+        return {"__scalar_type__": scalar_type}
     if isinstance(value, np.generic):
         return {"__scalar__": {"dtype": value.dtype.name, "value": value.item()}}
     return value
@@ -144,6 +152,8 @@ def _from_json_tree(value: Any) -> Any:
         return tuple(_from_json_tree(item) for item in value["__tuple__"])
     if set(value) == {"__dtype__"}:
         return np.dtype(_dtype_from_name(value["__dtype__"]))
+    if set(value) == {"__scalar_type__"}:
+        return _scalar_type_from_tag(value["__scalar_type__"])
     if set(value) == {"__scalar__"}:
         spec = value["__scalar__"]
         return np.dtype(_dtype_from_name(spec["dtype"])).type(spec["value"])
@@ -153,6 +163,35 @@ def _from_json_tree(value: Any) -> Any:
         raw = base64.b64decode(spec["data"].encode("ascii"))
         return np.frombuffer(raw, dtype=dtype).reshape(spec["shape"]).copy()
     return {key: _from_json_tree(item) for key, item in value.items()}
+
+
+def _scalar_type_tag(value: Any) -> dict[str, str] | None:
+    """``{"module": "jax.numpy" | "numpy", "name": ...}`` for a scalar *type* such as
+    ``jnp.bfloat16`` or ``np.float32`` (EasyDeL-style configs hold those), else ``None``."""
+    if not isinstance(value, type):
+        return None
+    try:
+        name = np.dtype(value).name
+    except TypeError:
+        return None
+    if getattr(jax.numpy, name, None) is value:
+        return {"module": "jax.numpy", "name": name}
+    if issubclass(value, np.generic) and np.dtype(value).type is value:
+        return {"module": "numpy", "name": name}
+    return None
+
+
+def _scalar_type_from_tag(tag: Any) -> type:
+    if not isinstance(tag, dict) or set(tag) != {"module", "name"}:
+        raise ValueError(f"malformed scalar type tag {tag!r}")
+    if tag["module"] == "jax.numpy":
+        scalar_type = getattr(jax.numpy, tag["name"], None)
+        if not isinstance(scalar_type, type):
+            raise ValueError(f"unknown jax.numpy scalar type {tag['name']!r}")
+        return scalar_type
+    if tag["module"] == "numpy":
+        return np.dtype(_dtype_from_name(tag["name"])).type
+    raise ValueError(f"unknown scalar type module {tag['module']!r} (expected jax.numpy or numpy)")
 
 
 def _dtype_from_name(name: str) -> Any:
@@ -288,7 +327,7 @@ class Serializable:
             name: _decode_field(cls, name, value, hints.get(name, Any))
             for name, value in data.items()
         }
-        return cls(**kwargs)
+        return cls._construct(kwargs)
 
     def to_json(self, **kwargs: Any) -> str:
         """Serializes the PyTree object to a JSON string (keyword arguments go to json.dumps)."""
@@ -316,7 +355,14 @@ class Serializable:
                 f"{type(self).__name__}.replace: unknown field(s) {unknown}; "
                 f"expected {sorted(names)}"
             )
-        return dataclasses.replace(self, **kwargs)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        fields.update(kwargs)
+        return type(self)._construct(fields)
+
+    @classmethod
+    def _construct(cls: type[T], fields: dict[str, Any]) -> T:
+        """Build an instance from field values (``from_dict`` and ``replace`` come here)."""
+        return cls(**fields)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,7 +383,19 @@ class BaseCacheMetadata(Serializable, abc.ABC):
         self.validate()
 
     def validate(self) -> None:  # noqa: B027 - optional hook, no-op by default
-        """Raise ``ValueError`` naming the field if this configuration is invalid."""
+        """Raise ``ValueError`` naming the field if this configuration is invalid. Only checks:
+        defaults that depend on other fields are filled by ``fill_defaults``."""
+
+    @classmethod
+    def fill_defaults(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """Field values with the defaults that depend on other fields filled in (and values
+        normalised, e.g. ``jnp.bfloat16`` -> ``np.dtype("bfloat16")``); ``create``, ``replace``
+        and ``from_dict`` all pass through it before ``validate``. Identity by default."""
+        return fields
+
+    @classmethod
+    def _construct(cls, fields: dict[str, Any]) -> BaseCacheMetadata:
+        return cls(**cls.fill_defaults(dict(fields)))
 
     @classmethod
     @abc.abstractmethod
@@ -378,6 +436,115 @@ class BaseCacheView(abc.ABC):
         """Write new states; return a tuple of what the consumer needs and the new view."""
 
 
+# --------------------------------------------------------------------------------------------
+# The protocols every family speaks (on top of the four abstractions)
+# --------------------------------------------------------------------------------------------
+
+
+class RowOperations(abc.ABC):
+    """The row operations every cache family offers, on its views and on its caches, with the
+    same names and meaning everywhere. Each returns a new object (nothing is mutated) and works
+    under ``jax.jit`` where the shapes allow (``select``, ``repeat`` and ``extract`` change the
+    number of rows, so their arguments must then be static). An operation a family cannot do
+    raises ``jaxkv.errors.UnsupportedOperationError`` naming the family and the reason.
+
+    ``rows`` arguments are a ``[batch]`` bool mask or a sequence of row ids. Out-of-range row ids
+    are refused eagerly; under ``jit`` (where nothing can raise) they touch no row.
+    """
+
+    @abc.abstractmethod
+    def reset_rows(self, rows: Any) -> Any:
+        """The selected rows become empty (a batch slot is reused by a new sequence)."""
+
+    @abc.abstractmethod
+    def truncate(self, lengths: Any) -> Any:
+        """Each row keeps only its first ``lengths[b]`` tokens (``lengths: [batch]`` ints, each
+        at most the row's length): rollback."""
+
+    @abc.abstractmethod
+    def select(self, rows: Sequence[int]) -> Any:
+        """Only the given distinct rows, in this order (drop finished rows)."""
+
+    @abc.abstractmethod
+    def reorder(self, indices: Any) -> Any:
+        """Row ``b`` of the result is row ``indices[b]`` (``[batch]`` ints, duplicates allowed):
+        beam search."""
+
+    @abc.abstractmethod
+    def repeat(self, n: int) -> Any:
+        """Every row repeated ``n`` times, interleaved (``0, 0, 1, 1, ...``): parallel samples."""
+
+    @abc.abstractmethod
+    def insert(self, other: Any, slot: Any) -> Any:
+        """Row ``slot`` replaced by the single row of ``other`` (a one-row cache of the same
+        family and configuration): a sequence prefilled elsewhere joins a decode batch."""
+
+    @abc.abstractmethod
+    def extract(self, slot: Any) -> Any:
+        """Row ``slot`` as a one-row cache of the same family (``self`` is unchanged)."""
+
+    @abc.abstractmethod
+    def overflow_rows(self) -> jax.Array:
+        """``[batch]`` bool: rows where some write did not fit and was dropped."""
+
+    @abc.abstractmethod
+    def check_overflow(self) -> None:
+        """Raise ``jaxkv.errors.CacheOverflowError`` if any row overflowed (call after a jitted
+        step; eager writes raise at once)."""
+
+
+class AttentionCacheView(BaseCacheView):
+    """The attention-view protocol: a layer whose cache holds keys and values.
+
+    A model writes the new keys/values of a layer and reads what attention needs in one call::
+
+        positions = view.query_positions(runtime, num_tokens)   # for RoPE, before the write
+        kv, view = view.concatenate_to_cache(key, value, runtime)
+        out = jaxkv.ops.attention(query, kv)
+
+    The token layout is the family's (``[batch, T]`` rows for contiguous and ring caches, one
+    packed ``[num_tokens]`` axis for a paged step); ``key``/``value`` carry it as their leading
+    axes, ``runtime`` says which tokens are real, and ``kv`` is whatever the family's attention
+    kernel reads (``jaxkv.kv.CachedKV`` or ``jaxkv.kv.PagedKV``).
+    """
+
+    @abc.abstractmethod
+    def query_positions(self, runtime: Any, num_tokens: int) -> jax.Array:
+        """Absolute positions the next write gives its ``num_tokens`` tokens (``-1`` for
+        padding), laid out like the tokens; nothing is written."""
+
+    @abc.abstractmethod
+    def concatenate_to_cache(self, key: Any, value: Any, runtime: Any = None) -> Any:
+        """Write the new keys and values; return ``(kv, new_view)``: what attention reads (the
+        new tokens included) and the view holding them."""
+
+
+class StateCacheView(BaseCacheView):
+    """The state-view protocol: a layer whose cache holds a recurrent state (Mamba, Mamba2,
+    linear attention) instead of one entry per token.
+
+    A layer runs ``T`` new tokens per row in two calls, and nothing is computed twice::
+
+        step = view.read(runtime, num_tokens, conv_input)  # state to start from, masks, conv
+        ... the layer computes its outputs and each row's state after its last real token ...
+        step, view = view.concatenate_to_cache(step, state)
+
+    ``read`` writes nothing; it computes everything the write needs as well (the shifted conv
+    window travels in the step), so ``concatenate_to_cache`` only stores the step's conv state
+    and the given ``state`` for rows with at least one real token, and advances the row lengths.
+    It returns the step it was given, so that every view's ``concatenate_to_cache`` has the same
+    ``(what the layer reads, new view)`` shape.
+    """
+
+    @abc.abstractmethod
+    def read(self, runtime: Any, num_tokens: int, conv_input: Any = None) -> Any:
+        """What the layer needs to run ``num_tokens`` tokens per row (nothing is written)."""
+
+    @abc.abstractmethod
+    def concatenate_to_cache(self, step: Any, state: Any) -> Any:
+        """Store ``step``'s conv state and ``state``; return ``(step, new_view)``."""
+
+
 class BaseCache(abc.ABC):
     """Abstract base class for the main cache container: one view per layer.
 
@@ -405,6 +572,12 @@ class BaseCache(abc.ABC):
 
     def __iter__(self) -> Iterator[BaseCacheView | None]:
         return iter(self.views)
+
+    def __setitem__(self, index: int, view: BaseCacheView | None) -> None:
+        raise TypeError(
+            f"{type(self).__name__} is immutable: cache[{index!r}] = view cannot work under jit; "
+            f"use cache = cache.replace_view({index!r}, view), which returns a new cache"
+        )
 
     def replace_view(self, index: int, view: BaseCacheView | None) -> BaseCache:
         """A new cache whose layer ``index`` is ``view``; the other views are shared."""

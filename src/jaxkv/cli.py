@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     gen.add_argument("--cache", default="contiguous", choices=("contiguous", "paged"))
     gen.add_argument(
-        "--kv-quantization", default="none", choices=("none", "int8", "int4", "fp8"),
+        "--kv-quantization",
+        default="none",
+        choices=("none", "int8", "int4", "fp8"),
         help="storage codec of the KV cache",
     )
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -95,9 +97,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     model = Model.load(args.model, dtype=args.dtype)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    session = ChatSession(
-        model, system=args.system, max_length=args.max_length, sampling=sampling
-    )
+    session = ChatSession(model, system=args.system, max_length=args.max_length, sampling=sampling)
     print("jaxkv chat: type a message; an empty line or Ctrl-D ends.", file=sys.stderr)
     while True:
         print("> ", end="", file=sys.stderr, flush=True)

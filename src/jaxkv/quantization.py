@@ -1,9 +1,20 @@
-"""KV storage codecs: how a cache packs keys and values into fewer bytes, and reads them back.
+"""KV storage codecs: how a cache holds keys and values in memory, and reads them back.
 
-A codec quantises each token's keys (or values) on write and dequantises one block at a time on
-read, inside attention, so a full-precision copy of the cache never exists. Every cache family
-and both attention kernels go through this module: ``KVCodec.encode`` on write and
-``read_block`` on read.
+Every cache family and both attention kernels go through a *storage codec*: ``encode`` on write,
+``decode_block`` on read (block by block, inside attention), ``allocate`` for empty storage. There
+are two kinds:
+
+* ``RawCodec(dtype)`` -- unquantised floats of the cache dtype. XLA's CPU backend has no native
+  16-bit-float scatter: it widens the whole buffer to float32 and back, so writing one token into
+  a bfloat16 cache would cost O(capacity). Held as ``uint16`` words of the same bits, the same
+  scatter is done in place, and reading bit-casts the words back (free). That choice lives here
+  and nowhere else.
+* ``KVCodec(name, group_size)`` -- quantised storage (int8, int4, fp8): each token's keys (or
+  values) are quantised on write and dequantised one block at a time on read, so a
+  full-precision copy of the cache never exists.
+
+``storage_codec(kv_quantization, group_size, dtype)`` gives the codec of a cache's settings;
+``make_codec`` the quantising one only (``None`` when unquantised).
 
 =========  ==============================================  ==========================
 codec      stored words per head of ``D`` channels          scales per token per head
@@ -96,6 +107,9 @@ class KVCodec:
                 f"KVCodec: group_size must be an int >= 1 or None, got {self.group_size!r}"
             )
 
+    has_scales = True
+    """Quantised words come with per-token scales."""
+
     @property
     def rotated(self) -> bool:
         """Whether head vectors are stored Hadamard-rotated (int4)."""
@@ -121,6 +135,13 @@ class KVCodec:
     def bytes_per_head(self, head_dim: int) -> int:
         """Bytes one token occupies in one head: words plus float16 scales."""
         return self.stored_dim(head_dim) + SCALE_DTYPE.itemsize * self.num_groups(head_dim)
+
+    def allocate(self, lead: tuple[int, ...], head_dim: int) -> tuple[jax.Array, jax.Array]:
+        """Zeroed storage for ``[*lead, head_dim]`` values: ``words: [*lead,
+        stored_dim(head_dim)]`` in ``word_dtype`` and ``scales: [*lead, num_groups(head_dim)]``
+        uint16."""
+        words = jnp.zeros((*lead, self.stored_dim(head_dim)), self.word_dtype)
+        return words, jnp.zeros((*lead, self.num_groups(head_dim)), SCALE_DTYPE)
 
     def encode(self, values: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Quantise ``values: [..., head_dim]`` (any float dtype).
@@ -191,6 +212,93 @@ class KVCodec:
             return codes * scale
         grouped = codes.reshape(*lead, groups, head_dim // groups) * scale[..., None]
         return grouped.reshape(*lead, head_dim)
+
+
+_WORDS = {2: np.dtype(np.uint16), 1: np.dtype(np.uint8)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RawCodec:
+    """Unquantised storage: floats of ``dtype``, 16-bit ones held as unsigned words of the same
+    bits so that XLA's CPU backend scatters into them in place (see the module docstring).
+
+    Static and hashable like ``KVCodec``, with the same methods; it keeps no scales (``None``
+    wherever a ``KVCodec`` has them).
+
+    Attributes:
+        dtype: the float dtype of the values (float32, bfloat16 or float16).
+    """
+
+    dtype: np.dtype
+
+    name = "none"
+    has_scales = False
+    rotated = False
+
+    def __post_init__(self) -> None:
+        try:
+            dtype = np.dtype(self.dtype)
+        except TypeError:
+            raise TypeError(f"RawCodec: dtype must be a float dtype, got {self.dtype!r}") from None
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"RawCodec: dtype must be a float dtype, got {dtype.name}")
+        object.__setattr__(self, "dtype", dtype)
+
+    @property
+    def word_dtype(self) -> np.dtype:
+        """Dtype of the stored words: ``uint16`` for 16-bit floats, else ``dtype`` itself."""
+        return (
+            _WORDS.get(self.dtype.itemsize, self.dtype) if self.dtype.itemsize < 4 else self.dtype
+        )
+
+    def stored_dim(self, head_dim: int) -> int:
+        """Words stored per head: one per channel."""
+        return head_dim
+
+    def head_dim(self, stored_dim: int) -> int:
+        """Channels per head held in ``stored_dim`` words."""
+        return stored_dim
+
+    def num_groups(self, head_dim: int) -> int:
+        """Scales per token per head: none."""
+        return 0
+
+    def bytes_per_head(self, head_dim: int) -> int:
+        """Bytes one token occupies in one head."""
+        return head_dim * self.dtype.itemsize
+
+    def allocate(self, lead: tuple[int, ...], head_dim: int) -> tuple[jax.Array, None]:
+        """Zeroed ``[*lead, head_dim]`` words, and no scales."""
+        return jnp.zeros((*lead, head_dim), self.word_dtype), None
+
+    def encode(self, values: jax.Array) -> tuple[jax.Array, None]:
+        """``values: [..., head_dim]`` (any float dtype) cast to ``dtype``, as stored words."""
+        values = values.astype(self.dtype)
+        if self.word_dtype == self.dtype:
+            return values, None
+        return lax.bitcast_convert_type(values, self.word_dtype), None
+
+    def decode_block(self, words: jax.Array, scales: None = None) -> jax.Array:
+        """Stored words -> float32 values (a bit cast, then a widening)."""
+        if words.dtype != self.dtype:
+            words = lax.bitcast_convert_type(words, jnp.dtype(self.dtype))
+        return words.astype(jnp.float32)
+
+    def decode(self, words: jax.Array, scales: None = None) -> jax.Array:
+        """Stored words -> float32 values (the same as ``decode_block``: there is no basis)."""
+        return self.decode_block(words, scales)
+
+    def to_attention_basis(self, x: jax.Array) -> jax.Array:
+        """``x`` unchanged: raw storage is not rotated."""
+        return x
+
+    def from_attention_basis(self, x: jax.Array) -> jax.Array:
+        """``x`` unchanged."""
+        return x
+
+
+StorageCodec = KVCodec | RawCodec
+"""What a cache stores its keys and values with: one of the two codec kinds."""
 
 
 @functools.cache
@@ -267,57 +375,39 @@ def resolve_group_size(
 
 
 def make_codec(kv_quantization: str, group_size: int | None) -> KVCodec | None:
-    """The ``KVCodec`` of validated settings, or ``None`` for ``"none"``."""
+    """The quantising ``KVCodec`` of validated settings, or ``None`` for ``"none"``."""
     if kv_quantization == "none":
         return None
     return KVCodec(kv_quantization, group_size if kv_quantization == "int4" else None)
 
 
-def bytes_per_head(codec: KVCodec | None, head_dim: int, dtype: np.dtype) -> int:
-    """Bytes one token occupies in one head: ``head_dim * dtype.itemsize`` unquantised."""
-    if codec is None:
-        return head_dim * np.dtype(dtype).itemsize
-    return codec.bytes_per_head(head_dim)
+def storage_codec(kv_quantization: str, group_size: int | None, dtype: Any) -> StorageCodec:
+    """The storage codec of validated settings: ``RawCodec(dtype)`` for ``"none"``, else the
+    ``KVCodec`` (whose reads are float32 whatever ``dtype``)."""
+    return make_codec(kv_quantization, group_size) or RawCodec(np.dtype(dtype))
 
 
-def head_dim_of(stored: jax.Array, codec: KVCodec | None) -> int:
-    """Channels per head of a stored ``[..., stored_dim]`` array."""
-    dim = stored.shape[-1]
-    return dim if codec is None else codec.head_dim(dim)
-
-
-def read_block(
-    words: jax.Array,
-    scales: jax.Array | None,
-    codec: KVCodec | None,
-    stored_as: np.dtype | None,
-) -> jax.Array:
+def read_block(words: jax.Array, scales: jax.Array | None, codec: StorageCodec) -> jax.Array:
     """One block of stored keys or values as float32 -- the read path of every attention kernel.
 
     Args:
         words: ``[..., stored_dim]`` as the cache stores them.
-        scales: ``[..., num_groups]`` uint16 float16 bits with a codec, else ``None``.
-        codec: the cache's codec, or ``None`` when unquantised.
-        stored_as: unquantised only: the float dtype ``words`` hold as raw bits, or ``None`` for
-            plain floats.
+        scales: ``[..., num_groups]`` uint16 float16 bits with a quantising codec, else ``None``.
+        codec: the cache's storage codec.
 
     Returns:
         ``[..., head_dim]`` float32, in the codec's attention basis (see
         ``KVCodec.to_attention_basis``: queries must be rotated the same way).
     """
-    if codec is not None:
-        return codec.decode_block(words, scales)
-    if stored_as is not None:
-        words = lax.bitcast_convert_type(words, stored_as)
-    return words.astype(jnp.float32)
+    return codec.decode_block(words, scales)
 
 
-def to_attention_basis(x: jax.Array, codec: KVCodec | None) -> jax.Array:
+def to_attention_basis(x: jax.Array, codec: StorageCodec | None) -> jax.Array:
     """Queries ``[..., head_dim]`` in the basis ``read_block`` returns keys in (unchanged unless
     the codec rotates)."""
     return x if codec is None else codec.to_attention_basis(x)
 
 
-def from_attention_basis(x: jax.Array, codec: KVCodec | None) -> jax.Array:
+def from_attention_basis(x: jax.Array, codec: StorageCodec | None) -> jax.Array:
     """Attention outputs ``[..., value_dim]`` from the values' basis back to the original one."""
     return x if codec is None else codec.from_attention_basis(x)

@@ -189,10 +189,12 @@ def _write_all(cache, runtime, value):
             key = jnp.full((2, 3, m.key_heads, m.key_dim), value)
             _, views[index] = view.concatenate_to_cache(key, key, part)
         elif isinstance(view, LinearAttentionCacheView):
-            _, views[index] = view.concatenate_to_cache(view.state + value, 3, part)
+            step = view.read(part, 3)
+            _, views[index] = view.concatenate_to_cache(step, view.state + value)
         else:
             conv_input = jnp.full((2, 3, view.metadata.conv_dim), value)
-            _, views[index] = view.concatenate_to_cache(conv_input, view.ssm_state + value, part)
+            step = view.read(part, 3, conv_input)
+            _, views[index] = view.concatenate_to_cache(step, view.ssm_state + value)
     return cache.with_views(views)
 
 

@@ -19,6 +19,7 @@ from jaxkv.caches.hybrid import (
 )
 from jaxkv.caches.paged import PagedCacheMetadata, PagedCacheView, PagedRuntimeMetadata
 from jaxkv.caches.recurrent import Mamba2CacheView, MambaCacheView, RecurrentMetadata
+from jaxkv.engine.step_inputs import hybrid_paged_runtime
 from jaxkv.pages import PageManager
 
 KINDS = ("attention", "mamba2", "sliding_attention", "none", "mamba", "attention")
@@ -108,7 +109,7 @@ def test_paged_metadata_round_trips_exactly(dtype):
         (
             dict(attention=PagedCacheMetadata.create(2, 12, 4, 1, 4, 5, 3)),
             ValueError,
-            "attention.max_num_seqs=5 must equal batch_size=3",
+            "attention.batch_size=5 must equal batch_size=3",
         ),
         (
             dict(attention=dict(PAGING, num_kv_heads=1, head_dim=4, max_num_seqs=3)),
@@ -173,9 +174,7 @@ def _step(manager, batch, prompts):
 def test_from_step_lays_each_scheduled_sequence_into_its_slot(padding_side):
     # Scheduled rows: "b" (3 new tokens, packed 0..2), then "a" (1 new token, packed 3).
     step = _step(_manager(), [("b", 3), ("a", 1)], {"a": [5], "b": [7, 8, 9]})
-    runtime = HybridPagedMetadata.from_step(
-        step, slots={"a": 0, "b": 2}, width=4, padding_side=padding_side
-    )
+    runtime = hybrid_paged_runtime(step, slots={"a": 0, "b": 2}, width=4, padding_side=padding_side)
     if padding_side == "right":
         expected = [[3, -1, -1, -1], [-1, -1, -1, -1], [0, 1, 2, -1]]
     else:
@@ -206,7 +205,7 @@ def test_from_step_lays_each_scheduled_sequence_into_its_slot(padding_side):
 
 def test_default_slots_and_width():
     step = _step(_manager(), [("a", 3), ("b", 2)], {"a": [1, 2, 3], "b": [4, 5]})
-    runtime = HybridPagedMetadata.from_step(step)
+    runtime = hybrid_paged_runtime(step)
     # Row i takes slot i; width = longest row (3) rounded up to a power of two.
     np.testing.assert_array_equal(
         np.asarray(runtime.token_index), [[0, 1, 2, -1], [3, 4, -1, -1], [-1] * 4]
@@ -220,7 +219,7 @@ def test_default_slots_and_width():
 
 def test_runtime_round_trips_exactly():
     step = _step(_manager(), [("b", 2), ("a", 3)], {"a": [1, 2, 3], "b": [4, 5]})
-    runtime = HybridPagedMetadata.from_step(step, slots=[1, 0], width=8, padding_side="left")
+    runtime = hybrid_paged_runtime(step, slots=[1, 0], width=8, padding_side="left")
     for restored in (
         HybridPagedMetadata.from_json(runtime.to_json()),
         HybridPagedMetadata.from_dict(runtime.to_dict()),
@@ -252,14 +251,14 @@ def test_from_step_validation_names_the_argument():
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
-            HybridPagedMetadata.from_step(step, **kwargs)
+            hybrid_paged_runtime(step, **kwargs)
     with pytest.raises(TypeError, match="step must be a StepMetadata, got dict"):
-        HybridPagedMetadata.from_step({})
+        hybrid_paged_runtime({})
 
 
 def test_constructor_checks_layout_consistency():
     step = _step(_manager(), [("a", 3), ("b", 2)], {"a": [1, 2, 3], "b": [4, 5]})
-    good = HybridPagedMetadata.from_step(step, width=4)
+    good = hybrid_paged_runtime(step, width=4)
     index = np.asarray(good.token_index)
     lengths = RecurrentMetadata.create([3, 2, 0])
 

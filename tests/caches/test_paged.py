@@ -21,6 +21,7 @@ from jaxkv.caches import (
     PagedCacheView,
     PagedRuntimeMetadata,
 )
+from jaxkv.engine.step_inputs import paged_runtime
 from jaxkv.ops import PagedKV, attention
 from jaxkv.ops.reference import naive_attention
 from jaxkv.pages import PageManager
@@ -73,7 +74,7 @@ class Engine:
     def __init__(self, *, window=None, prefix=True, num_pages=40, dtype=jnp.float32):
         self.window = window
         self.metadata = PagedCacheMetadata.create(
-            LAYERS, num_pages, PAGE_SIZE, KV_HEADS, DIM, MAX_SEQS, MAX_PAGES, dtype,
+            LAYERS, num_pages, PAGE_SIZE, KV_HEADS, DIM, MAX_SEQS, MAX_PAGES, dtype=dtype,
             sliding_window=window,
         )  # fmt: skip
         self.manager = PageManager(
@@ -110,7 +111,7 @@ class Engine:
     def run(self, batch):
         """Schedule, run and commit one step; returns {seq_id: [new, layers, Hq, D]} outputs."""
         step = self.manager.schedule(batch)
-        runtime = PagedRuntimeMetadata.from_step(step)
+        runtime = paged_runtime(step)
         outputs, self.cache = self.step_fn(self.cache, runtime)
         self.manager.commit_step(step)
         outputs = np.asarray(outputs)
@@ -185,7 +186,7 @@ def test_fork_copy_on_write_gives_each_branch_its_own_continuation():
     engine.append("child", 12)
     step = engine.manager.schedule([("parent", 1), ("child", 1)])
     assert step.num_copies == 1  # the first writer gets a private copy of the shared page
-    runtime = PagedRuntimeMetadata.from_step(step)
+    runtime = paged_runtime(step)
     outputs, engine.cache = engine.step_fn(engine.cache, runtime)
     engine.manager.commit_step(step)
     for row, seq in enumerate(step.seq_ids):
@@ -229,7 +230,7 @@ def test_bfloat16_pool_is_stored_as_words_and_attends():
     assert engine.cache[0].key_pages.dtype == jnp.uint16
     engine.add("a", _prompt(rng, 9))
     step = engine.manager.schedule([("a", 9)])
-    out, engine.cache = engine.step_fn(engine.cache, PagedRuntimeMetadata.from_step(step))
+    out, engine.cache = engine.step_fn(engine.cache, paged_runtime(step))
     expected = engine.expected("a", 9, 9)
     np.testing.assert_allclose(np.asarray(out)[:, :9].transpose(1, 0, 2, 3), expected, atol=0.05)
     keys = engine.cache[0].key_states()
@@ -367,7 +368,7 @@ def test_metadata_sizes_and_memory_budget():
     assert metadata.bytes_per_page() == PAGE_SIZE * metadata.bytes_per_token()
     assert metadata.bytes_total() == 12 * metadata.bytes_per_page()
     sized = PagedCacheMetadata.from_memory_budget(
-        2, 16, 8, 128, 8, 4, jnp.bfloat16, memory_bytes=10 * 2**20
+        2, 16, 8, 128, 8, 4, dtype=jnp.bfloat16, memory_bytes=10 * 2**20
     )
     assert sized.num_pages == 10 * 2**20 // sized.bytes_per_page() == 80
     assert sized.token_capacity == 80 * 16
@@ -381,7 +382,7 @@ def test_metadata_sizes_and_memory_budget():
 
     device = FakeDevice({"bytes_limit": 100 * 2**20, "bytes_in_use": 10 * 2**20})
     by_fraction = PagedCacheMetadata.from_memory_budget(
-        2, 16, 8, 128, 8, 4, jnp.bfloat16, memory_fraction=0.5, device=device
+        2, 16, 8, 128, 8, 4, dtype=jnp.bfloat16, memory_fraction=0.5, device=device
     )
     assert by_fraction.num_pages == 40 * 2**20 // by_fraction.bytes_per_page()
     with pytest.raises(ValueError, match="reports no memory statistics.*pass memory_bytes"):
@@ -411,7 +412,7 @@ def test_metadata_sizes_and_memory_budget():
         ({"num_kv_heads": -1}, ValueError, "num_kv_heads must be >= 1"),
         ({"head_dim": 0}, ValueError, "head_dim must be >= 1"),
         ({"value_dim": 0}, ValueError, "value_dim must be >= 1"),
-        ({"max_num_seqs": 0}, ValueError, "max_num_seqs must be >= 1"),
+        ({"max_num_seqs": 0}, ValueError, "batch_size must be >= 1"),
         ({"max_pages_per_seq": 0}, ValueError, "max_pages_per_seq must be >= 1"),
         ({"sliding_window": 0}, ValueError, "sliding_window must be >= 1"),
         ({"dtype": jnp.int8}, ValueError, "dtype must be one of"),
@@ -437,11 +438,11 @@ def test_runtime_validation():
     engine = Engine()
     engine.add("a", [1, 2, 3])
     step = engine.manager.schedule([("a", 3)])
-    runtime = PagedRuntimeMetadata.from_step(step)
+    runtime = paged_runtime(step)
     assert runtime.num_seqs.shape == () and int(runtime.num_seqs) == 1
     assert all(leaf.dtype == jnp.int32 for leaf in jax.tree_util.tree_leaves(runtime))
     with pytest.raises(TypeError, match="step must be a StepMetadata"):
-        PagedRuntimeMetadata.from_step(step.arrays())
+        paged_runtime(step.arrays())
     arrays = {name: getattr(runtime, name) for name in runtime.to_dict()}
     with pytest.raises(ValueError, match=r"context_lens must have shape \(4,\)"):
         PagedRuntimeMetadata(**{**arrays, "context_lens": jnp.zeros((3,), jnp.int32)})
@@ -453,13 +454,13 @@ def test_runtime_validation():
         PagedRuntimeMetadata(**{**arrays, "token_ids": [0] * 16})
     broken = _mutable_step(step, slot_mapping=np.r_[step.slot_mapping[:3], np.zeros(13)])
     with pytest.raises(ValueError, match="slot_mapping must be -1 past num_tokens=3"):
-        PagedRuntimeMetadata.from_step(broken)
+        paged_runtime(broken)
     broken = _mutable_step(step, query_start_loc=np.asarray([0, 2, 1, 3, 3]))
     with pytest.raises(ValueError, match="query_start_loc must rise from 0 to num_tokens=3"):
-        PagedRuntimeMetadata.from_step(broken)
+        paged_runtime(broken)
     broken = _mutable_step(step, context_lens=np.asarray([2, 0, 0, 0]))
     with pytest.raises(ValueError, match="shorter than the new tokens per row"):
-        PagedRuntimeMetadata.from_step(broken)
+        paged_runtime(broken)
     engine.manager.commit_step(step)
 
 

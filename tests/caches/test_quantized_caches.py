@@ -24,12 +24,12 @@ from jaxkv.caches import (
     PagedCache,
     PagedCacheMetadata,
     PagedCacheView,
-    PagedRuntimeMetadata,
     TransformerCache,
     TransformerCacheMetadata,
     TransformerCacheView,
     TransformerMetadata,
 )
+from jaxkv.engine.step_inputs import paged_runtime
 from jaxkv.ops import PagedKV, attention
 from jaxkv.ops.attention import CachedKV
 from jaxkv.ops.reference import naive_attention
@@ -162,7 +162,7 @@ def _run_paged(metadata, seqs, plan):
     outputs = [np.zeros_like(q) for q, _, _ in seqs]
     for counts in plan:
         step = manager.schedule([(seq, n) for seq, n in enumerate(counts) if n])
-        runtime = PagedRuntimeMetadata.from_step(step)
+        runtime = paged_runtime(step)
         positions = np.asarray(runtime.token_positions())
         arrays = [np.zeros((TOKENS, a.shape[1], DIM), np.float32) for a in seqs[0]]
         starts = step.query_start_loc
@@ -216,7 +216,7 @@ def test_paged_copy_pages_copies_scales_with_words():
 
 def test_memory_budget_holds_about_twice_the_pages_with_int8():
     args = (2, PAGE_SIZE, KV_HEADS, DIM, MAX_SEQS, MAX_PAGES)
-    bfloat16 = PagedCacheMetadata.from_memory_budget(*args, jnp.bfloat16, memory_bytes=2**20)
+    bfloat16 = PagedCacheMetadata.from_memory_budget(*args, dtype=jnp.bfloat16, memory_bytes=2**20)
     int8 = PagedCacheMetadata.from_memory_budget(*args, memory_bytes=2**20, kv_quantization="int8")
     assert int8.kv_quantization == "int8"
     assert int8.num_pages == 2**20 // (PAGE_SIZE * int8.bytes_per_token())
@@ -258,7 +258,7 @@ def test_donated_quantised_writes_are_in_place(family):
         cache = PagedCache.init_cache(metadata)
         manager = PageManager(256, PAGE_SIZE, 1, 4, token_buckets=(4,))
         manager.add_sequence("a", [1, 2, 3])
-        runtime = PagedRuntimeMetadata.from_step(manager.schedule([("a", 3)]))
+        runtime = paged_runtime(manager.schedule([("a", 3)]))
         key = jnp.ones((4, KV_HEADS, DIM))
         names = ("key_pages", "value_scales")
 
@@ -300,7 +300,7 @@ def test_decode_step_never_builds_a_full_precision_copy_of_the_cache(name):
     manager = PageManager(256, 16, 2, 16, token_buckets=(2,))
     for seq in range(2):
         manager.add_sequence(seq, [1])
-    runtime = PagedRuntimeMetadata.from_step(manager.schedule([(0, 1), (1, 1)]))
+    runtime = paged_runtime(manager.schedule([(0, 1), (1, 1)]))
     pool = PagedCacheView.init(paged, 0)
     token = jnp.ones((2, KV_HEADS, DIM))
 

@@ -46,7 +46,9 @@ def test_conv_window_and_state_follow_each_rows_history(padding_side, kernel):
     metadata = MambaCacheMetadata.create(batch, 1, channels, 2, kernel)
     view = MambaCacheView.init(metadata, 0)
     history = [[np.zeros(channels, np.float32)] * (kernel - 1) for _ in range(batch)]
-    step = jax.jit(MambaCacheView.concatenate_to_cache)
+    step = jax.jit(
+        lambda view, x, ssm, runtime: view.concatenate_to_cache(view.read(runtime, None, x), ssm)
+    )  # noqa: E501
     for _ in range(6):
         counts = rng.integers(0, width + 1, batch)
         chunk = np.full((batch, width, channels), 99.0, np.float32)  # padding junk
@@ -99,12 +101,13 @@ def test_linear_attention_state_write_and_untouched_rows():
     metadata = LinearAttentionCacheMetadata.create(2, 1, 2, 3, 4)
     view = LinearAttentionCacheView.init(metadata, 0)
     state = jnp.ones(metadata.state_shape)
-    read, view = view.concatenate_to_cache(state, 3, RecurrentMetadata.create([2, 0], "left"))
+    read = view.read(RecurrentMetadata.create([2, 0], "left"), 3)
+    read, view = view.concatenate_to_cache(read, state)
     np.testing.assert_array_equal(np.asarray(read.positions), [[-1, 0, 1], [-1, -1, -1]])
     np.testing.assert_array_equal(np.asarray(view.state[0]), 1.0)
     np.testing.assert_array_equal(np.asarray(view.state[1]), 0.0)  # no real token: unchanged
     np.testing.assert_array_equal(np.asarray(view.lengths), [2, 0])
-    read = view.read(2, RecurrentMetadata.create([1, 2]))
+    read = view.read(RecurrentMetadata.create([1, 2]), 2)
     np.testing.assert_array_equal(np.asarray(read.positions), [[2, -1], [0, 1]])
     assert read.conv_window is None and read.state.dtype == jnp.float32
     assert metadata.decay_factors() is None
@@ -233,24 +236,32 @@ def test_write_validation():
     with pytest.raises(
         ValueError, match=r"conv_input must have shape \(2, \*, 4\), got \(2, 3, 5\)"
     ):
-        view.concatenate_to_cache(jnp.ones((2, 3, 5)), ssm)
+        view.read(None, 3, jnp.ones((2, 3, 5)))
     with pytest.raises(ValueError, match="at least one new token"):
-        view.concatenate_to_cache(jnp.ones((2, 0, 4)), ssm)
+        view.read(None, 0, jnp.ones((2, 0, 4)))
     with pytest.raises(TypeError, match="conv_input must be a float array"):
-        view.read(jnp.ones((2, 3, 4), jnp.int32))
+        view.read(None, 3, jnp.ones((2, 3, 4), jnp.int32))
     with pytest.raises(ValueError, match=r"ssm_state must have shape \(2, 4, 3\)"):
-        view.concatenate_to_cache(x, jnp.ones((2, 3, 4)))
+        view.concatenate_to_cache(view.read(None, 3, x), jnp.ones((2, 3, 4)))
     with pytest.raises(ValueError, match=r"new_lengths must lie in \[0, 3\], got \[4 1\]"):
-        view.concatenate_to_cache(x, ssm, RecurrentMetadata.create([4, 1]))
+        view.read(RecurrentMetadata.create([4, 1]), 3, x)
     with pytest.raises(ValueError, match=r"runtime.new_lengths must have shape \(2,\)"):
-        view.read(x, RecurrentMetadata.create([1, 1, 1]))
-    with pytest.raises(TypeError, match="runtime must be RecurrentMetadata"):
-        view.read(x, {"new_lengths": [1, 1]})
+        view.read(RecurrentMetadata.create([1, 1, 1]), 3, x)
+    with pytest.raises(TypeError, match="runtime must be RecurrentRuntimeMetadata"):
+        view.read({"new_lengths": [1, 1]}, 3, x)
+    with pytest.raises(ValueError, match="holds 3 tokens per row but num_tokens=2"):
+        view.read(None, 2, x)
+    with pytest.raises(TypeError, match="conv_input is required"):
+        view.read(None, 3)
+    with pytest.raises(TypeError, match="step must be the RecurrentStep that read"):
+        view.concatenate_to_cache(x, ssm)
     linear = LinearAttentionCacheView.init(LinearAttentionCacheMetadata.create(2, 1, 1, 2), 0)
-    with pytest.raises(ValueError, match="new_tokens must be >= 1, got 0"):
-        linear.read(0)
+    with pytest.raises(ValueError, match="num_tokens must be >= 1, got 0"):
+        linear.read(None, 0)
+    with pytest.raises(TypeError, match="has no conv state: conv_input must be None"):
+        linear.read(None, 1, x)
     with pytest.raises(ValueError, match=r"state must have shape \(2, 1, 2, 2\)"):
-        linear.concatenate_to_cache(jnp.ones((2, 2, 2)), 1)
+        linear.concatenate_to_cache(linear.read(None, 1), jnp.ones((2, 2, 2)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -303,10 +314,11 @@ def test_jit_specialises_on_metadata_and_donation_writes_in_place(index):
         traces.append(1)
         view = cache[0]
         if isinstance(view, LinearAttentionCacheView):
-            _, view = view.concatenate_to_cache(view.state + new, 1)
+            _, view = view.concatenate_to_cache(view.read(None, 1), view.state + new)
         else:
             conv_input = jnp.full((2, 1, metadata.conv_dim), new)
-            _, view = view.concatenate_to_cache(conv_input, view.ssm_state + new)
+            step = view.read(None, 1, conv_input)
+            _, view = view.concatenate_to_cache(step, view.ssm_state + new)
         return cache.replace_view(0, view)
 
     donated = jax.jit(write, donate_argnums=0)

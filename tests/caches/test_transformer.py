@@ -329,8 +329,8 @@ def test_replace_and_from_dict_revalidate():
     with pytest.raises(ValueError, match="unknown field"):
         metadata.replace(max_len=3)
     data = metadata.to_dict()
-    data["key_dim"] = -1
-    with pytest.raises(ValueError, match="key_dim must be >= 1"):
+    data["head_dim"] = -1
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
         TransformerCacheMetadata.from_dict(data)
 
 

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxkv.caches.hybrid import HybridCache, HybridMetadata, HybridPagedMetadata
+from jaxkv.caches.hybrid import HybridCache, HybridMetadata
+from jaxkv.engine.step_inputs import hybrid_paged_runtime
 from jaxkv.models import hybrid, mamba2
 from jaxkv.pages import PageManager
 
@@ -128,7 +129,7 @@ class Driver:
                 self.manager.append_tokens(seq_id, next_tokens)
         step = self.manager.schedule(batch)
         width = 1 if max(step.num_new_tokens) == 1 else PREFILL_WIDTH
-        runtime = HybridPagedMetadata.from_step(
+        runtime = hybrid_paged_runtime(
             step,
             slots={seq_id: self._slot(seq_id) for seq_id in step.seq_ids},
             width=width,
@@ -195,7 +196,7 @@ def test_paged_forward_validation():
     cache = HybridCache.init_cache(metadata)
     manager = PageManager(**metadata.paged_geometry(), enable_prefix_caching=False)
     manager.add_sequence("a", [1, 2, 3])
-    runtime = HybridPagedMetadata.from_step(manager.schedule([("a", 3)]), width=4)
+    runtime = hybrid_paged_runtime(manager.schedule([("a", 3)]), width=4)
     tokens = runtime.batch_token_ids()
     with pytest.raises(TypeError, match="a paged cache needs runtime=HybridPagedMetadata"):
         hybrid.hybrid_forward_cached(params, config, tokens, cache, HybridMetadata.create())

@@ -50,8 +50,12 @@ def _greedy_contiguous(model: Model, prompts: list[list[int]], steps: int):
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt
     logits, cache = _step(
-        model.params, cache, jnp.asarray(tokens), TransformerMetadata.create(lengths),
-        jnp.asarray(lengths - 1), config=config,
+        model.params,
+        cache,
+        jnp.asarray(tokens),
+        TransformerMetadata.create(lengths),
+        jnp.asarray(lengths - 1),
+        config=config,
     )
     all_logits, generated = [], []
     zeros = jnp.zeros((len(prompts),), jnp.int32)
@@ -61,8 +65,12 @@ def _greedy_contiguous(model: Model, prompts: list[list[int]], steps: int):
         next_tokens = logits.argmax(-1).astype(np.int32)
         generated.append(next_tokens)
         logits, cache = _step(
-            model.params, cache, jnp.asarray(next_tokens[:, None]), TransformerMetadata.create(),
-            zeros, config=config,
+            model.params,
+            cache,
+            jnp.asarray(next_tokens[:, None]),
+            TransformerMetadata.create(),
+            zeros,
+            config=config,
         )
     return np.stack(all_logits), np.stack(generated, axis=1)
 

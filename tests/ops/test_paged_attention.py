@@ -15,6 +15,7 @@ import pytest
 from jaxkv.caches import TransformerCache, TransformerCacheMetadata, TransformerMetadata
 from jaxkv.ops import PagedKV, attention, paged_attention
 from jaxkv.ops.reference import naive_attention
+from jaxkv.quantization import RawCodec
 
 ATOL = 1e-5
 PAGE_SIZE = 4
@@ -143,7 +144,7 @@ def test_bfloat16_pool_and_attention_dispatch():
         context_lens=kv.context_lens,
         query_start_loc=kv.query_start_loc,
         query_positions=kv.query_positions,
-        stored_as=np.dtype(jnp.bfloat16),
+        codec=RawCodec(jnp.bfloat16),
     )
     rounded = [
         (

@@ -666,6 +666,229 @@ def test_pages_package_never_imports_jax() -> None:
                 continue
             for name in names:
                 assert name.split(".")[0] != "jax", f"{source.name} imports {name}"
-                assert not name.startswith(("jaxkv.", "jaxkv")) or name.startswith("jaxkv.pages"), (
+                inside = name.startswith("jaxkv.pages") or name == "jaxkv._sizes"  # plain Python
+                assert not name.startswith(("jaxkv.", "jaxkv")) or inside, (
                     f"{source.name} imports {name} outside jaxkv.pages"
                 )
+
+
+# -- truncate (rollback) ----------------------------------------------------------------------
+
+
+def test_truncate_keeps_the_pages_of_the_computed_tokens_left() -> None:
+    manager = make()
+    pool = ShadowPool(8, 4)
+    prompt = list(range(30, 40))  # 10 tokens: pages 0, 1 (cached), 2 (partial)
+    compute_prompt(manager, pool, "a", prompt)
+    pages = manager.get_sequence("a").page_ids
+    manager.truncate("a", 5)
+    info = manager.get_sequence("a")
+    assert (info.token_ids, info.num_computed, info.page_ids) == (tuple(prompt[:5]), 5, pages[:2])
+    assert (info.num_prompt_tokens, info.num_cached_tokens) == (10, 0)
+    assert len(manager._seqs["a"].page_hashes) == 1
+    assert list(manager._allocator.free_pages())[-1] == pages[2]  # private page: freed
+    manager.check_invariants()
+    manager.append_tokens("a", [90, 91, 92])
+    run_step(manager, pool, [("a", 3)])
+    assert pool.read(manager.get_sequence("a").page_ids, 8) == prompt[:5] + [90, 91, 92]
+    manager.check_invariants()
+
+
+def test_truncate_of_uncomputed_tokens_keeps_every_page() -> None:
+    manager = make()
+    pool = ShadowPool(8, 4)
+    compute_prompt(manager, pool, "a", [1, 2, 3, 4, 5])
+    manager.append_tokens("a", [6, 7, 8])
+    before = manager.get_sequence("a")
+    manager.truncate("a", 6)
+    after = manager.get_sequence("a")
+    assert after.token_ids == (1, 2, 3, 4, 5, 6)
+    assert (after.num_computed, after.page_ids) == (5, before.page_ids)
+    manager.truncate("a", 6)  # no change
+    assert manager.get_sequence("a") == after
+    manager.check_invariants()
+
+
+def test_truncate_to_zero_releases_every_page() -> None:
+    manager = make()
+    pool = ShadowPool(8, 4)
+    compute_prompt(manager, pool, "a", list(range(9)))  # pages 0, 1 cached, page 2 private
+    manager.truncate("a", 0)
+    info = manager.get_sequence("a")
+    assert (info.token_ids, info.num_computed, info.page_ids) == ((), 0, ())
+    assert manager.num_used_pages == 0
+    assert (manager.num_evictable_pages, manager.num_free_pages) == (2, 6)
+    manager.check_invariants()
+    with pytest.raises(SchedulingError, match="exceeds its 0 uncomputed"):
+        manager.schedule([("a", 1)])
+    manager.append_tokens("a", [7, 7])
+    run_step(manager, pool, [("a", 2)])
+    assert pool.read(manager.get_sequence("a").page_ids, 2) == [7, 7]
+    manager.check_invariants()
+
+
+def test_truncate_inside_a_cached_page_copies_it_on_the_next_write() -> None:
+    manager = make()
+    pool = ShadowPool(8, 4)
+    prompt = list(range(40, 49))  # pages 0, 1 cached, page 2 private
+    compute_prompt(manager, pool, "a", prompt)
+    cached = manager.get_sequence("a").page_ids[1]
+    contents = list(pool.pages[cached])
+    assert contents == prompt[4:8] and manager._prefix_cache.is_cached(cached)
+
+    manager.truncate("a", 6)  # now holds positions 4, 5 of the cached page 1
+    assert manager.get_sequence("a").page_ids[1] == cached
+    assert manager._allocator.refcount(cached) == 1
+    manager.check_invariants()
+    manager.append_tokens("a", [70, 71])
+    assert manager.pages_needed([("a", 2)]) == 1  # the private copy
+    step = run_step(manager, pool, [("a", 2)])
+    private = manager.get_sequence("a").page_ids[1]
+    assert step.num_copies == 1 and private != cached
+    np.testing.assert_array_equal(step.copy_ops[0], [cached, private])
+    assert pool.pages[cached] == contents  # the cached page never changed
+    assert pool.read(manager.get_sequence("a").page_ids, 8) == prompt[:6] + [70, 71]
+    # Nobody holds the cached page any more: it is evictable and still serves prefix hits.
+    assert manager._allocator.refcount(cached) == 0
+    assert manager._prefix_cache.is_evictable(cached)
+    manager.check_invariants()
+    assert manager.add_sequence("b", prompt) == 8
+    assert manager.get_sequence("b").page_ids[1] == cached
+    # a's page 1 now holds [44, 45, 70, 71]: a new full page, cached under its own digest.
+    assert manager._prefix_cache.is_cached(private)
+    manager.check_invariants()
+
+
+def test_truncated_forks_in_one_step_both_copy_the_cached_page() -> None:
+    manager = make()
+    pool = ShadowPool(8, 4)
+    prompt = list(range(8))
+    compute_prompt(manager, pool, "a", prompt + [8])
+    manager.truncate("a", 6)
+    manager.fork("a", "b")
+    cached = manager.get_sequence("a").page_ids[1]
+    assert manager._allocator.refcount(cached) == 2
+    manager.append_tokens("a", [60])
+    manager.append_tokens("b", [61])
+    free_before = manager.num_free_pages
+    assert manager.pages_needed([("a", 1), ("b", 1)]) == 2
+    step = run_step(manager, pool, [("a", 1), ("b", 1)])
+    assert step.num_copies == 2
+    assert manager.num_free_pages == free_before - 2
+    assert pool.pages[cached] == prompt[4:8]
+    assert manager._prefix_cache.is_evictable(cached)
+    for seq_id, token in (("a", 60), ("b", 61)):
+        assert pool.read(manager.get_sequence(seq_id).page_ids, 7) == prompt[:6] + [token]
+    manager.check_invariants()
+
+
+def test_a_copied_cached_page_is_not_reused_within_its_own_step() -> None:
+    manager = make(num_pages=3, page_size=2, max_pages_per_seq=3)
+    pool = ShadowPool(3, 2)
+    compute_prompt(manager, pool, "a", [1, 2, 3, 4, 5])  # pages 0, 1 cached, 2 private
+    manager.truncate("a", 3)  # page 2 freed; page 1 cached, held partly
+    manager.append_tokens("a", [9, 9, 9])
+    # The copy needs 1 page and positions 4, 5 another: 2 > 1 free (the cached page the copy
+    # releases only becomes evictable after the step's allocations).
+    assert manager.pages_needed([("a", 3)]) == 2
+    before = manager.snapshot()
+    with pytest.raises(OutOfPagesError, match="needs 2 page.*1 free and 0 evictable"):
+        manager.schedule([("a", 3)])
+    assert manager.snapshot() == before
+    step = run_step(manager, pool, [("a", 1)])
+    assert step.num_copies == 1 and manager.num_evictable_pages == 1
+    run_step(manager, pool, [("a", 2)])  # evicts the old cached page for positions 4, 5
+    assert manager.stats().num_evictions == 1
+    assert pool.read(manager.get_sequence("a").page_ids, 6) == [1, 2, 3, 9, 9, 9]
+    manager.check_invariants()
+
+
+def test_truncate_releases_shared_pages_like_free() -> None:
+    manager = make(enable_prefix_caching=False)
+    pool = ShadowPool(8, 4)
+    compute_prompt(manager, pool, "a", list(range(10)))
+    manager.fork("a", "b")
+    pages = manager.get_sequence("a").page_ids
+    manager.truncate("b", 4)
+    assert manager.get_sequence("b").page_ids == pages[:1]
+    assert [manager._allocator.refcount(p) for p in pages] == [2, 1, 1]
+    manager.append_tokens("b", [50])
+    assert run_step(manager, pool, [("b", 1)]).num_copies == 0  # a page boundary: a new page
+    manager.truncate("a", 6)  # page 1 is a's alone again: written in place
+    manager.append_tokens("a", [60])
+    assert run_step(manager, pool, [("a", 1)]).num_copies == 0
+    assert pool.read(manager.get_sequence("a").page_ids, 7) == [0, 1, 2, 3, 4, 5, 60]
+    assert pool.read(manager.get_sequence("b").page_ids, 5) == [0, 1, 2, 3, 50]
+    manager.check_invariants()
+
+
+TRUNCATE_ERROR_CASES: list[tuple[str, Callable[[PageManager], object], type[Exception], str]] = [
+    ("unknown", lambda m: m.truncate("zz", 0), UnknownSequenceError, "seq_id='zz' is not a live"),
+    ("bool", lambda m: m.truncate("a", True), TypeError, "num_tokens for seq_id='a' must be an"),
+    ("float", lambda m: m.truncate("a", 1.0), TypeError, "must be an int, got float 1.0"),
+    ("negative", lambda m: m.truncate("a", -1), ValueError, "num_tokens=-1 for seq_id='a' is out"),
+    ("too long", lambda m: m.truncate("b", 3), ValueError, "expected 0 <= num_tokens <= 2"),
+    ("unhashable", lambda m: m.truncate(["a"], 0), TypeError, "seq_id must be hashable"),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [case[1:] for case in TRUNCATE_ERROR_CASES],
+    ids=[case[0] for case in TRUNCATE_ERROR_CASES],
+)
+def test_truncate_errors_raise_clearly_and_change_nothing(
+    call: Callable[[PageManager], object], error: type[Exception], match: str
+) -> None:
+    manager, _ = populated()
+    before = manager.snapshot()
+    with pytest.raises(error, match=match):
+        call(manager)
+    assert manager.snapshot() == before
+
+
+def test_truncate_refuses_a_sequence_in_the_pending_step() -> None:
+    manager, pool = populated()
+    manager.append_tokens("a", [9])
+    step = manager.schedule([("b", 2)])
+    assert manager.in_pending_step("b") and not manager.in_pending_step("a")
+    before = manager.snapshot()
+    with pytest.raises(StepPendingError, match=r"truncate\(\) of seq_id='b'"):
+        manager.truncate("b", 1)
+    assert manager.snapshot() == before
+    manager.truncate("a", 5)  # outside the step: allowed
+    pool.apply(step)
+    manager.commit_step(step)
+    manager.truncate("b", 1)
+    assert manager.get_sequence("b").num_computed == 1
+    with pytest.raises(UnknownSequenceError, match="seq_id='zz'"):
+        manager.in_pending_step("zz")
+    manager.check_invariants()
+
+
+def test_check_invariants_detects_a_pending_write_into_a_cached_page() -> None:
+    manager = make()
+    pool = ShadowPool(8, 4)
+    compute_prompt(manager, pool, "a", list(range(9)))
+    manager.truncate("a", 6)
+    manager.append_tokens("a", [1])
+    manager.schedule([("a", 1)])
+    manager.check_invariants()
+    seq = manager._seqs["a"]
+    private = seq.pages[1]
+    seq.pages[1] = next(manager._prefix_cache.evictable_pages())  # undo the copy by hand
+    manager._prefix_cache.unpark(seq.pages[1])
+    manager._allocator.incref(seq.pages[1])
+    manager._allocator.decref(private)
+    manager._allocator.release(private)
+    with pytest.raises(AssertionError, match="pending step writes page 1 .* cached or shared"):
+        manager.check_invariants()
+
+
+def test_check_invariants_detects_a_stale_page_digest() -> None:
+    manager = make()
+    pool = ShadowPool(8, 4)
+    compute_prompt(manager, pool, "a", list(range(9)))
+    manager._seqs["a"].tokens[5] = 99  # a computed token changed behind the manager's back
+    with pytest.raises(AssertionError, match="page 1: its digest does not match its tokens"):
+        manager.check_invariants()

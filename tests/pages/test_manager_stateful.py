@@ -196,6 +196,23 @@ class PageManagerMachine(RuleBasedStateMachine):
         self.manager.free(seq_id)
         del self.reference[seq_id]
 
+    @rule(data=st.data())
+    def truncate(self, data: st.DataObject) -> None:
+        """Rollback, often inside a cached page: the next write must copy it, not change it."""
+        seq_id = self.pick(data)
+        if seq_id is None:
+            return
+        length = data.draw(st.integers(0, len(self.reference[seq_id])), label="num_tokens")
+        self.manager.truncate(seq_id, length)
+        del self.reference[seq_id][length:]
+        info = self.manager.get_sequence(seq_id)
+        assert info.num_computed <= length
+        assert len(info.page_ids) == -(-info.num_computed // self.page_size)
+        if info.num_computed % self.page_size and self.manager._prefix_cache.is_cached(
+            info.page_ids[-1]
+        ):
+            event("truncated inside a cached page")
+
     @rule()
     def free_unknown(self) -> None:
         self.expect_refusal(UnknownSequenceError, self.manager.free, self.next_id + 1000)
@@ -244,6 +261,12 @@ class PageManagerMachine(RuleBasedStateMachine):
             info = self.manager.get_sequence(seq_id)
             assert list(info.token_ids) == tokens
             assert self.pool.read(info.page_ids, info.num_computed) == tokens[: info.num_computed]
+
+    @invariant()
+    def cached_pages_are_intact(self) -> None:
+        """A cached page is full and immutable: the pool holds exactly its registered tokens."""
+        for entry in self.manager._prefix_cache.entries():
+            assert tuple(self.pool.pages[entry.page]) == entry.token_ids
 
     def teardown(self) -> None:
         for seq_id in list(self.reference):

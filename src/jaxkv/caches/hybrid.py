@@ -2,40 +2,42 @@
 linear attention, and layers that keep nothing.
 
 ``HybridCacheMetadata`` holds the kind of every layer and one metadata per kind in use (its
-``num_layers`` is the number of layers of that kind); ``HybridCache.init_cache`` builds the
-matching view for each layer, ``None`` for ``"none"`` layers.
+``num_layers`` is the number of layers of that kind); ``HybridCache.init_cache`` builds the view
+each per-kind metadata names (``metadata.view_type``), ``None`` for ``"none"`` layers. What differs
+between kinds is one record each in ``LAYER_KIND_TABLE`` (its metadata class per attention backend,
+which runtime part it takes, its window rule); everything else -- building, validation, the row
+operations, overflow -- is one loop over the table or over the views, with no per-family code.
 
-Attention views come from a backend named by ``attention_backend``; ``ATTENTION_BACKENDS`` maps
-each name to the view class built for ``"attention"`` / ``"sliding_attention"`` layers, and
-``ATTENTION_METADATA`` to its metadata class. Every backend's view takes
-``concatenate_to_cache(key, value, runtime)`` and returns ``(what attention reads, new view)``.
+Attention layers are built by the backend named by ``attention_backend``:
 
 * ``"contiguous"``: ``TransformerCacheView`` rows ``[batch, max_length, ...]`` (a ring for sliding
-  layers). One ``HybridMetadata`` drives a forward pass: its ``attention`` part
-  (``TransformerMetadata``) goes to attention views, its ``recurrent`` part
-  (``RecurrentMetadata``) to recurrent views; both come from the same per-row token counts.
+  layers). One ``HybridRuntimeMetadata`` drives a forward pass: its ``attention`` part
+  (``TransformerRuntimeMetadata``) goes to attention views, its ``recurrent`` part
+  (``RecurrentRuntimeMetadata``) to recurrent views; both come from the same per-row counts.
 * ``"paged"``: one page pool per attention layer (``PagedCacheView``; sliding layers use the
   paged cache's ``sliding_window``), all driven by one host ``jaxkv.pages.PageManager``, so
   full and sliding layers share the paging geometry (``num_pages``, ``page_size``,
-  ``max_num_seqs``, ``max_pages_per_seq``). Recurrent layers keep their per-row state, with
-  ``batch_size == max_num_seqs`` rows. One ``HybridPagedMetadata`` drives a forward pass.
+  ``batch_size``, ``max_pages_per_seq``). Recurrent layers keep their per-row state, with as many
+  rows as a step's page table. One ``HybridPagedRuntimeMetadata`` drives a forward pass.
 
 Two token layouts, one step (paged backend). Attention layers read the step's *packed* axis
 ``[num_tokens]`` (row ``i``'s new tokens at ``query_start_loc[i] .. query_start_loc[i + 1] - 1``,
 then padding); recurrent layers and the rest of the model use ``[batch, T]``: batch row ``r`` holds
 the new tokens of the sequence in *slot* ``r``, padded on the ``padding_side``.
-``HybridPagedMetadata.token_index: [batch, T]`` maps every entry to its packed index (``-1`` for
-padding); ``to_packed`` / ``to_batch`` move activations between the two.
+``HybridPagedRuntimeMetadata.token_index: [batch, T]`` maps every entry to its packed index
+(``-1`` for padding); ``attention_inputs`` / ``attention_outputs`` (``to_packed`` / ``to_batch``)
+move activations between the two, and are the identity for the contiguous backend, so a model
+runs both backends with the same code.
 
 Slots. A batch row of the recurrent state belongs to one sequence for that sequence's whole
 life, but the step's rows are the *scheduled* sequences in schedule order, which changes as
-sequences start, finish or sit a step out. ``HybridPagedMetadata.from_step(step, slots=...)``
-therefore takes the slot of each scheduled sequence; by default the ``i``-th scheduled sequence
-uses slot ``i``, which is stable only when the host schedules the same sequences in the same
-order every step. A host keeps slots stable by giving each sequence a free slot in
-``[0, max_num_seqs)`` when it is added (a convenient way: use the slot as the ``seq_id`` and pass
-``slots=step.seq_ids``), calling ``HybridCache.reset_rows([slot])`` before a new sequence takes a
-slot, and freeing the slot with ``PageManager.free``. Slots not scheduled in a step keep their
+sequences start, finish or sit a step out. The hybrid runtime therefore takes the slot of each
+scheduled sequence (``jaxkv.engine.step_inputs.hybrid_paged_runtime(step, slots=...)``); by
+default the ``i``-th scheduled sequence uses slot ``i``, which is stable only when the host
+schedules the same sequences in the same order every step. ``jaxkv.pages.PagedRows`` keeps slots
+stable (row ``r`` holds one sequence; ``rows.slots()`` is the mapping to pass) and applies the
+row operations to the page tables; the same operation on the ``HybridCache`` applies it to the
+recurrent rows (paged views move nothing on the device). Slots not scheduled in a step keep their
 state exactly. Recurrent state is not paged: prefix caching and ``fork`` share *pages* only, so a
 stack with recurrent layers must run its ``PageManager`` with ``enable_prefix_caching=False`` and
 never fork (a stack of attention layers only may use both).
@@ -43,7 +45,8 @@ never fork (a stack of attention layers only may use both).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -52,7 +55,6 @@ import numpy as np
 
 from jaxkv import _validation as v
 from jaxkv.abstracts import (
-    BaseCache,
     BaseCacheMetadata,
     BaseRunTimeMetadata,
     pytree_dataclass,
@@ -63,30 +65,14 @@ from jaxkv.caches.recurrent import (
     LinearAttentionCacheMetadata,
     Mamba2CacheMetadata,
     MambaCacheMetadata,
-    RecurrentMetadata,
-    init_view,
+    RecurrentRuntimeMetadata,
 )
+from jaxkv.caches.rows import LayerCache, raise_if_overflowed
 from jaxkv.caches.transformer import (
     TransformerCacheMetadata,
     TransformerCacheView,
-    TransformerMetadata,
+    TransformerRuntimeMetadata,
 )
-from jaxkv.errors import CacheOverflowError
-from jaxkv.pages.step import StepMetadata
-
-LAYER_KINDS = ("attention", "sliding_attention", "mamba", "mamba2", "linear_attention", "none")
-ATTENTION_KINDS = ("attention", "sliding_attention")
-RECURRENT_KINDS = ("mamba", "mamba2", "linear_attention")
-
-KIND_METADATA: dict[str, type] = {
-    "attention": TransformerCacheMetadata,
-    "sliding_attention": TransformerCacheMetadata,
-    "mamba": MambaCacheMetadata,
-    "mamba2": Mamba2CacheMetadata,
-    "linear_attention": LinearAttentionCacheMetadata,
-}
-"""The metadata class of each kind that keeps a state with the ``"contiguous"`` backend
-(``"none"`` keeps nothing); attention kinds take ``ATTENTION_METADATA[backend]``."""
 
 ATTENTION_BACKENDS: dict[str, type] = {
     "contiguous": TransformerCacheView,
@@ -100,21 +86,66 @@ ATTENTION_METADATA: dict[str, type] = {
 }
 """Attention metadata class per ``attention_backend`` name."""
 
-PAGED_GEOMETRY = ("num_pages", "page_size", "max_num_seqs", "max_pages_per_seq")
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """How one kind of layer is cached: one record of ``LAYER_KIND_TABLE``.
+
+    Attributes:
+        name: the kind, as written in ``layer_kinds``.
+        metadata_types: the metadata class of its views per attention backend (the same class
+            for both backends when the kind is not attention).
+        runtime_part: the part of the hybrid runtime its views take (``"attention"`` or
+            ``"recurrent"``).
+        windowed: attention kinds only: whether its metadata must set ``sliding_window``
+            (``True``) or leave it ``None`` (``False``); ``None`` for other kinds.
+    """
+
+    name: str
+    metadata_types: Mapping[str, type]
+    runtime_part: str
+    windowed: bool | None = None
+
+    def metadata_type(self, backend: str) -> type:
+        return self.metadata_types[backend]
+
+    @property
+    def is_attention(self) -> bool:
+        return self.runtime_part == "attention"
+
+
+def _same_for_both(metadata_type: type) -> dict[str, type]:
+    return {backend: metadata_type for backend in ATTENTION_BACKENDS}
+
+
+LAYER_KIND_TABLE: dict[str, LayerKind] = {
+    kind.name: kind
+    for kind in (
+        LayerKind("attention", ATTENTION_METADATA, "attention", windowed=False),
+        LayerKind("sliding_attention", ATTENTION_METADATA, "attention", windowed=True),
+        LayerKind("mamba", _same_for_both(MambaCacheMetadata), "recurrent"),
+        LayerKind("mamba2", _same_for_both(Mamba2CacheMetadata), "recurrent"),
+        LayerKind("linear_attention", _same_for_both(LinearAttentionCacheMetadata), "recurrent"),
+    )
+}
+"""One record per kind of layer that keeps a state (``"none"`` keeps nothing)."""
+
+LAYER_KINDS = (*LAYER_KIND_TABLE, "none")
+ATTENTION_KINDS = tuple(name for name, kind in LAYER_KIND_TABLE.items() if kind.is_attention)
+RECURRENT_KINDS = tuple(name for name, kind in LAYER_KIND_TABLE.items() if not kind.is_attention)
+
+KIND_METADATA: dict[str, type] = {
+    name: kind.metadata_type("contiguous") for name, kind in LAYER_KIND_TABLE.items()
+}
+"""The metadata class of each kind that keeps a state with the ``"contiguous"`` backend."""
+
+PAGED_GEOMETRY = ("num_pages", "page_size", "batch_size", "max_pages_per_seq")
 """Paged fields that full and sliding attention layers must share (one page manager)."""
 
+_RESERVED = ("batch_size", "num_layers", "max_num_seqs")
+"""Settings that come from the hybrid cache itself (``max_num_seqs``: paged ``batch_size``)."""
+
 AttentionMetadata = TransformerCacheMetadata | PagedCacheMetadata
-
-
-def _kind_metadata_type(kind: str, backend: str) -> type:
-    return ATTENTION_METADATA[backend] if kind in ATTENTION_KINDS else KIND_METADATA[kind]
-
-
-def _rows(metadata: BaseCacheMetadata) -> int:
-    """Batch rows of a per-kind metadata: ``batch_size``, or a paged pool's ``max_num_seqs``."""
-    if isinstance(metadata, PagedCacheMetadata):
-        return metadata.max_num_seqs
-    return metadata.batch_size
 
 
 @pytree_dataclass
@@ -132,8 +163,8 @@ class HybridCacheMetadata(BaseCacheMetadata):
         attention_backend: which attention view to build (a key of ``ATTENTION_BACKENDS``).
 
     Each per-kind metadata has ``num_layers`` equal to the number of layers of its kind and the
-    cache's rows (``batch_size``; ``max_num_seqs`` for paged metadata); it is present exactly
-    when some layer has that kind. Paged full and sliding metadata share ``PAGED_GEOMETRY``.
+    cache's ``batch_size``; it is present exactly when some layer has that kind. Paged full and
+    sliding metadata share ``PAGED_GEOMETRY``.
     """
 
     layer_kinds: tuple[str, ...]
@@ -160,9 +191,9 @@ class HybridCacheMetadata(BaseCacheMetadata):
         """Validated metadata from the per-layer kinds and per-kind settings.
 
         Each per-kind setting is either a mapping of the keyword arguments of that kind's
-        ``create`` without the fields filled in here (``num_layers``, and ``batch_size``, or
-        ``max_num_seqs`` for paged attention), e.g. ``attention=dict(max_length=4096,
-        num_kv_heads=8, head_dim=128)``, ``sliding_attention=dict(..., sliding_window=1024)``,
+        ``create`` without the fields filled in here (``batch_size`` and ``num_layers``), e.g.
+        ``attention=dict(max_length=4096, num_kv_heads=8, head_dim=128)``,
+        ``sliding_attention=dict(..., sliding_window=1024)``,
         ``mamba2=dict(num_heads=24, head_dim=64, state_size=128)``; with
         ``attention_backend="paged"``: ``attention=dict(num_pages=64, page_size=16,
         num_kv_heads=8, head_dim=128, max_pages_per_seq=16)``. Or a ready metadata of the
@@ -177,7 +208,7 @@ class HybridCacheMetadata(BaseCacheMetadata):
         layer_kinds = tuple(layer_kinds)
         v.require_int(owner, "batch_size", batch_size, minimum=1)
         v.require_choice(owner, "attention_backend", attention_backend, tuple(ATTENTION_BACKENDS))
-        settings = {
+        given = {
             "attention": attention,
             "sliding_attention": sliding_attention,
             "mamba": mamba,
@@ -185,42 +216,17 @@ class HybridCacheMetadata(BaseCacheMetadata):
             "linear_attention": linear_attention,
         }
         built = {}
-        for kind, given in settings.items():
-            count = layer_kinds.count(kind)
-            metadata_type = _kind_metadata_type(kind, attention_backend)
-            rows_field = "max_num_seqs" if metadata_type is PagedCacheMetadata else "batch_size"
-            if isinstance(given, Mapping) and count:
-                for reserved in ("batch_size", "num_layers", rows_field):
-                    if reserved in given:
-                        raise ValueError(
-                            f"{owner}: {kind} settings must not give {reserved} (it comes from "
-                            f"the hybrid cache), got {reserved}={given[reserved]!r}"
-                        )
-                try:
-                    given = metadata_type.create(
-                        **{rows_field: batch_size}, num_layers=count, **dict(given)
-                    )
-                except TypeError as error:
-                    raise TypeError(
-                        f"{owner}: {kind} settings do not fit {metadata_type.__name__}.create "
-                        f"(attention_backend={attention_backend!r}): {error}"
-                    ) from error
-            built[kind] = given
-        for kind, kind_metadata in built.items():
-            has_rows = isinstance(kind_metadata, PagedCacheMetadata) or hasattr(
-                kind_metadata, "batch_size"
-            )
-            if isinstance(kind_metadata, BaseCacheMetadata) and has_rows:
-                if _rows(kind_metadata) != batch_size:
-                    field = (
-                        "max_num_seqs"
-                        if isinstance(kind_metadata, PagedCacheMetadata)
-                        else "batch_size"
-                    )
+        for name, kind in LAYER_KIND_TABLE.items():
+            settings, count = given[name], layer_kinds.count(name)
+            if isinstance(settings, Mapping) and count:
+                settings = _build_kind(owner, kind, settings, attention_backend, batch_size, count)
+            elif isinstance(settings, BaseCacheMetadata) and hasattr(settings, "batch_size"):
+                if settings.batch_size != batch_size:
                     raise ValueError(
-                        f"{owner}: {kind}.{field}={_rows(kind_metadata)} must equal "
+                        f"{owner}: {name}.batch_size={settings.batch_size} must equal "
                         f"batch_size={batch_size}"
                     )
+            built[name] = settings
         return cls(layer_kinds=layer_kinds, attention_backend=attention_backend, **built)
 
     @classmethod
@@ -252,69 +258,80 @@ class HybridCacheMetadata(BaseCacheMetadata):
             owner, "attention_backend", self.attention_backend, tuple(ATTENTION_BACKENDS)
         )
         rows = set()
-        for kind in KIND_METADATA:
-            metadata_type = _kind_metadata_type(kind, self.attention_backend)
-            metadata = getattr(self, kind)
-            count = self.layer_kinds.count(kind)
+        for name, kind in LAYER_KIND_TABLE.items():
+            metadata = getattr(self, name)
+            count = self.layer_kinds.count(name)
             if metadata is None:
                 if count:
                     raise ValueError(
-                        f"{owner}: {count} layer(s) have kind {kind!r} but no {kind} settings "
+                        f"{owner}: {count} layer(s) have kind {name!r} but no {name} settings "
                         f"were given"
                     )
                 continue
             if not count:
-                raise ValueError(f"{owner}: {kind} settings given but no layer has kind {kind!r}")
+                raise ValueError(f"{owner}: {name} settings given but no layer has kind {name!r}")
+            metadata_type = kind.metadata_type(self.attention_backend)
             if not isinstance(metadata, metadata_type):
                 raise TypeError(
-                    f"{owner}: {kind} must be {metadata_type.__name__} (attention_backend="
+                    f"{owner}: {name} must be {metadata_type.__name__} (attention_backend="
                     f"{self.attention_backend!r}) or a mapping of its settings, "
                     f"got {type(metadata).__name__}"
                 )
             if metadata.num_layers != count:
                 raise ValueError(
-                    f"{owner}: {kind}.num_layers must equal the {count} layer(s) of kind "
-                    f"{kind!r}, got {metadata.num_layers}"
+                    f"{owner}: {name}.num_layers must equal the {count} layer(s) of kind "
+                    f"{name!r}, got {metadata.num_layers}"
                 )
-            rows.add(_rows(metadata))
+            if kind.windowed is False and metadata.sliding_window is not None:
+                raise ValueError(
+                    f"{owner}: {name}.sliding_window must be None (use sliding_attention), "
+                    f"got {metadata.sliding_window}"
+                )
+            if kind.windowed and metadata.sliding_window is None:
+                raise ValueError(f"{owner}: {name}.sliding_window must be set, got None")
+            rows.add(metadata.batch_size)
         if len(rows) > 1:
             raise ValueError(
-                f"{owner}: every kind must have the same batch_size (max_num_seqs for paged "
-                f"attention), got {sorted(rows)}"
+                f"{owner}: every kind must have the same batch_size, got {sorted(rows)}"
             )
-        if self.attention is not None and self.attention.sliding_window is not None:
-            raise ValueError(
-                f"{owner}: attention.sliding_window must be None (use sliding_attention), "
-                f"got {self.attention.sliding_window}"
-            )
-        if self.sliding_attention is not None and self.sliding_attention.sliding_window is None:
-            raise ValueError(f"{owner}: sliding_attention.sliding_window must be set, got None")
-        if (
-            self.attention_backend == "paged"
-            and self.attention is not None
-            and self.sliding_attention is not None
-        ):
-            for name in PAGED_GEOMETRY:
-                full, sliding = getattr(self.attention, name), getattr(self.sliding_attention, name)
+        paged = [getattr(self, name) for name in ATTENTION_KINDS if getattr(self, name)]
+        if self.attention_backend == "paged" and len(paged) == 2:
+            for field in PAGED_GEOMETRY:
+                full, sliding = (getattr(metadata, field) for metadata in paged)
                 if full != sliding:
                     raise ValueError(
-                        f"{owner}: attention.{name}={full} and sliding_attention.{name}={sliding} "
-                        f"must be equal (one page manager drives every paged layer)"
+                        f"{owner}: attention.{field}={full} and sliding_attention.{field}="
+                        f"{sliding} must be equal (one page manager drives every paged layer)"
                     )
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_kinds)
 
+    def kind_metadata(self) -> dict[str, BaseCacheMetadata]:
+        """The per-kind metadata in use, by kind name."""
+        return {
+            name: getattr(self, name)
+            for name in LAYER_KIND_TABLE
+            if getattr(self, name) is not None
+        }
+
     @property
     def batch_size(self) -> int | None:
         """Rows of the cache (``None`` when every layer is ``"none"``); for the paged backend
-        also the ``max_num_seqs`` of every step."""
-        for kind in KIND_METADATA:
-            metadata = getattr(self, kind)
-            if metadata is not None:
-                return _rows(metadata)
+        also the rows of every step's page table."""
+        for metadata in self.kind_metadata().values():
+            return metadata.batch_size
         return None
+
+    def with_batch_size(self, batch_size: int) -> HybridCacheMetadata:
+        """The same stack with ``batch_size`` rows in every kind."""
+        return self.replace(
+            **{
+                name: metadata.replace(batch_size=batch_size)
+                for name, metadata in self.kind_metadata().items()
+            }
+        )
 
     def paged_geometry(self) -> dict[str, int]:
         """``num_pages``, ``page_size``, ``max_num_seqs`` and ``max_pages_per_seq`` of the paged
@@ -331,7 +348,12 @@ class HybridCacheMetadata(BaseCacheMetadata):
                 f"{owner}: needs attention_backend='paged' and at least one attention layer, got "
                 f"attention_backend={self.attention_backend!r} and layer kinds {self.layer_kinds}"
             )
-        return {name: getattr(paged, name) for name in PAGED_GEOMETRY}
+        return {
+            "num_pages": paged.num_pages,
+            "page_size": paged.page_size,
+            "max_num_seqs": paged.batch_size,
+            "max_pages_per_seq": paged.max_pages_per_seq,
+        }
 
     def layer_metadata(self, layer: int) -> BaseCacheMetadata | None:
         """The metadata of layer ``layer``'s view (``None`` for a ``"none"`` layer)."""
@@ -344,60 +366,110 @@ class HybridCacheMetadata(BaseCacheMetadata):
         kind = self.layer_kinds[layer]
         return None if kind == "none" else getattr(self, kind)
 
+    def bytes_per_token(self) -> int:
+        """Bytes one more token adds across all layers (recurrent layers add none; a ring adds
+        them only up to its window, see ``bytes_per_sequence``)."""
+        return sum(m.bytes_per_token() for m in self.kind_metadata().values())
+
+    def bytes_per_sequence(self, length: int) -> int:
+        """Bytes a sequence of ``length`` tokens occupies across all layers (every kind's own
+        ``bytes_per_sequence``)."""
+        return sum(m.bytes_per_sequence(length) for m in self.kind_metadata().values())
+
     def bytes_total(self) -> int:
         """Bytes the whole cache allocates (every kind's ``bytes_total``)."""
-        return sum(
-            getattr(self, kind).bytes_total()
-            for kind in KIND_METADATA
-            if getattr(self, kind) is not None
-        )
+        return sum(m.bytes_total() for m in self.kind_metadata().values())
+
+
+def _build_kind(
+    owner: str,
+    kind: LayerKind,
+    settings: Mapping[str, Any],
+    backend: str,
+    batch_size: int,
+    count: int,
+) -> BaseCacheMetadata:
+    """The per-kind metadata from a mapping of its ``create`` keyword arguments."""
+    for reserved in _RESERVED:
+        if reserved in settings:
+            raise ValueError(
+                f"{owner}: {kind.name} settings must not give {reserved} (it comes from the "
+                f"hybrid cache), got {reserved}={settings[reserved]!r}"
+            )
+    metadata_type = kind.metadata_type(backend)
+    try:
+        return metadata_type.create(batch_size=batch_size, num_layers=count, **dict(settings))
+    except TypeError as error:
+        raise TypeError(
+            f"{owner}: {kind.name} settings do not fit {metadata_type.__name__}.create "
+            f"(attention_backend={backend!r}): {error}"
+        ) from error
+
+
+def _part(runtime: Any, owner: str, kind: str) -> Any:
+    """The part of a hybrid runtime that a layer of ``kind`` takes (``None`` for ``"none"``)."""
+    v.require_choice(owner, "kind", kind, LAYER_KINDS)
+    if kind == "none":
+        return None
+    return getattr(runtime, LAYER_KIND_TABLE[kind].runtime_part)
 
 
 @pytree_dataclass
-class HybridMetadata(BaseRunTimeMetadata):
+class HybridRuntimeMetadata(BaseRunTimeMetadata):
     """Runtime metadata of one forward pass through a hybrid stack with the ``"contiguous"``
     attention backend.
 
     Attributes:
-        attention: what attention views take (``TransformerMetadata``; ``None``: all tokens
-            real).
-        recurrent: what recurrent views take (``RecurrentMetadata``; ``None``: all real).
+        attention: what attention views take (``TransformerRuntimeMetadata``; ``None``: all
+            tokens real).
+        recurrent: what recurrent views take (``RecurrentRuntimeMetadata``; ``None``: all real).
     """
 
-    attention: TransformerMetadata | None = None
-    recurrent: RecurrentMetadata | None = None
+    attention: TransformerRuntimeMetadata | None = None
+    recurrent: RecurrentRuntimeMetadata | None = None
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        if self.attention is not None and not isinstance(self.attention, TransformerMetadata):
+        if self.attention is not None and not isinstance(
+            self.attention, TransformerRuntimeMetadata
+        ):
             raise TypeError(
                 f"{owner}: attention must be TransformerMetadata, "
                 f"got {type(self.attention).__name__}"
             )
-        if self.recurrent is not None and not isinstance(self.recurrent, RecurrentMetadata):
+        if self.recurrent is not None and not isinstance(self.recurrent, RecurrentRuntimeMetadata):
             raise TypeError(
                 f"{owner}: recurrent must be RecurrentMetadata, got {type(self.recurrent).__name__}"
             )
 
     @classmethod
-    def create(cls, new_lengths: Any = None, padding_side: str = "right") -> HybridMetadata:
+    def create(cls, new_lengths: Any = None, padding_side: str = "right") -> HybridRuntimeMetadata:
         """Both parts from the same per-row real token counts (``[batch]`` ints, or ``None``:
         every token real) and padding side."""
         if new_lengths is None:
             return cls(
-                attention=TransformerMetadata.create(None, padding_side),
-                recurrent=RecurrentMetadata.create(None, padding_side),
+                attention=TransformerRuntimeMetadata.create(None, padding_side),
+                recurrent=RecurrentRuntimeMetadata.create(None, padding_side),
             )
-        recurrent = RecurrentMetadata.create(new_lengths, padding_side)
-        attention = TransformerMetadata.create(recurrent.new_lengths, padding_side)
+        recurrent = RecurrentRuntimeMetadata.create(new_lengths, padding_side)
+        attention = TransformerRuntimeMetadata.create(recurrent.new_lengths, padding_side)
         return cls(attention=attention, recurrent=recurrent)
 
-    def for_kind(self, kind: str) -> TransformerMetadata | RecurrentMetadata | None:
+    def for_kind(self, kind: str) -> TransformerRuntimeMetadata | RecurrentRuntimeMetadata | None:
         """The part a layer of ``kind`` takes (``None`` for ``"none"``)."""
-        v.require_choice("HybridMetadata.for_kind", "kind", kind, LAYER_KINDS)
-        if kind in ATTENTION_KINDS:
-            return self.attention
-        return None if kind == "none" else self.recurrent
+        return _part(self, "HybridMetadata.for_kind", kind)
+
+    def attention_inputs(self, hidden: jax.Array) -> jax.Array:
+        """``hidden`` unchanged: contiguous attention reads the ``[batch, T]`` layout."""
+        return hidden
+
+    def attention_outputs(self, out: jax.Array) -> jax.Array:
+        """``out`` unchanged."""
+        return out
+
+
+HybridMetadata = HybridRuntimeMetadata
+"""Former name of ``HybridRuntimeMetadata``."""
 
 
 def _check_token_index(
@@ -435,7 +507,7 @@ def _check_token_index(
 
 
 @pytree_dataclass
-class HybridPagedMetadata(BaseRunTimeMetadata):
+class HybridPagedRuntimeMetadata(BaseRunTimeMetadata):
     """Runtime metadata of one step through a hybrid stack with the ``"paged"`` backend.
 
     With ``S = max_num_seqs`` (= the cache's ``batch_size``), ``N`` the step's padded packed token
@@ -444,7 +516,7 @@ class HybridPagedMetadata(BaseRunTimeMetadata):
     Attributes:
         attention: the step's ``PagedRuntimeMetadata`` (page tables, slot mapping, packed
             ``[N]`` tokens, copy ops ...), what paged attention views take.
-        recurrent: ``RecurrentMetadata`` of the ``[S, T]`` batch layout: ``new_lengths: [S]``
+        recurrent: ``RecurrentRuntimeMetadata`` of the ``[S, T]`` batch layout: ``new_lengths: [S]``
             int32 real tokens per slot (``0`` for a slot not scheduled this step, whose state
             stays exactly as it was) and the ``padding_side``; what recurrent views take.
         token_index: ``[S, T]`` int32; ``token_index[r, t]`` is the packed index (into
@@ -453,11 +525,12 @@ class HybridPagedMetadata(BaseRunTimeMetadata):
             scheduled sequence's ``query_start_loc[i] .. query_start_loc[i + 1] - 1`` -- at the
             start (``"right"`` padding) or end (``"left"``) of the row.
 
-    Build it with ``from_step``; see the module docstring for how slots stay stable.
+    The engine builds it from a host step (``jaxkv.engine.step_inputs.hybrid_paged_runtime``);
+    see the module docstring for how slots stay stable.
     """
 
     attention: PagedRuntimeMetadata
-    recurrent: RecurrentMetadata
+    recurrent: RecurrentRuntimeMetadata
     token_index: jax.Array
 
     def __post_init__(self) -> None:
@@ -467,7 +540,7 @@ class HybridPagedMetadata(BaseRunTimeMetadata):
                 f"{owner}: attention must be PagedRuntimeMetadata, "
                 f"got {type(self.attention).__name__}"
             )
-        if not isinstance(self.recurrent, RecurrentMetadata):
+        if not isinstance(self.recurrent, RecurrentRuntimeMetadata):
             raise TypeError(
                 f"{owner}: recurrent must be RecurrentMetadata, got {type(self.recurrent).__name__}"
             )
@@ -494,70 +567,6 @@ class HybridPagedMetadata(BaseRunTimeMetadata):
                 self.num_tokens,
             )
 
-    @classmethod
-    def from_step(
-        cls,
-        step: StepMetadata,
-        *,
-        slots: Sequence[int] | Mapping[Hashable, int] | None = None,
-        width: int | None = None,
-        padding_side: str = "right",
-    ) -> HybridPagedMetadata:
-        """The runtime of one host step (NumPy work on the host; arrays int32).
-
-        Args:
-            step: the ``StepMetadata`` from ``PageManager.schedule``.
-            slots: the batch row (slot) of each scheduled sequence: a sequence of ints in
-                ``step.seq_ids`` order, or a mapping ``seq_id -> slot`` holding every scheduled
-                id. Default: the ``i``-th scheduled sequence takes slot ``i``. Slots are
-                distinct, in ``[0, max_num_seqs)``.
-            width: ``T``, columns of the batch layout, at least the longest row of new tokens;
-                also the ``max_query_len`` of the paged part, so a jitted step compiles once per
-                ``(num_tokens, width)``. Default: that longest row rounded up to a power of two
-                (at most the padded token count).
-            padding_side: where each slot's padding sits, ``"right"`` or ``"left"``.
-
-        Raises:
-            TypeError: ``step`` is not a ``StepMetadata``; a slot that is not an int.
-            ValueError: slots of the wrong count, repeated or out of range, a missing seq id;
-                a ``width`` shorter than a row; a bad ``padding_side``; step arrays that
-                disagree (see ``PagedRuntimeMetadata.from_step``).
-        """
-        owner = "HybridPagedMetadata.from_step"
-        if not isinstance(step, StepMetadata):
-            raise TypeError(f"{owner}: step must be a StepMetadata, got {type(step).__name__}")
-        v.require_choice(owner, "padding_side", padding_side, ("right", "left"))
-        attention = PagedRuntimeMetadata.from_step(step)
-        seqs = int(step.page_tables.shape[0])
-        slot_of_row = _resolve_slots(owner, step, slots, seqs)
-        counts = np.asarray(step.num_new_tokens, np.int64)
-        longest = int(counts.max(initial=0))
-        if width is None:
-            width = max(attention.max_query_len, longest, 1)
-        v.require_int(owner, "width", width, minimum=1)
-        if width < longest:
-            raise ValueError(
-                f"{owner}: width={width} is shorter than the longest row of new tokens "
-                f"({longest}); expected width >= {longest}"
-            )
-        starts = np.asarray(step.query_start_loc, np.int64)[: step.num_seqs]
-        new_lengths = np.zeros((seqs,), np.int32)
-        new_lengths[slot_of_row] = counts
-        column = np.arange(width)[None, :]
-        lead = (width - counts)[:, None] if padding_side == "left" else 0
-        rank = column - lead  # [num_seqs, width] rank among the row's new tokens
-        token_index = np.full((seqs, width), -1, np.int32)
-        token_index[slot_of_row] = np.where(
-            (rank >= 0) & (rank < counts[:, None]), starts[:, None] + rank, -1
-        )
-        return cls(
-            # The width bounds every row's new tokens, so it serves as paged attention's query
-            # bound too: a jitted step then specialises on (num_tokens, width) only.
-            attention=attention.replace(max_query_len=width),
-            recurrent=RecurrentMetadata.create(new_lengths, padding_side),
-            token_index=jnp.asarray(token_index),
-        )
-
     @property
     def num_tokens(self) -> int:
         """``N``, the padded length of the packed token axis."""
@@ -573,12 +582,18 @@ class HybridPagedMetadata(BaseRunTimeMetadata):
         """``T``, columns of the batch layout."""
         return int(self.token_index.shape[1])
 
-    def for_kind(self, kind: str) -> PagedRuntimeMetadata | RecurrentMetadata | None:
+    def for_kind(self, kind: str) -> PagedRuntimeMetadata | RecurrentRuntimeMetadata | None:
         """The part a layer of ``kind`` takes (``None`` for ``"none"``)."""
-        v.require_choice("HybridPagedMetadata.for_kind", "kind", kind, LAYER_KINDS)
-        if kind in ATTENTION_KINDS:
-            return self.attention
-        return None if kind == "none" else self.recurrent
+        return _part(self, "HybridPagedMetadata.for_kind", kind)
+
+    def attention_inputs(self, hidden: jax.Array) -> jax.Array:
+        """``[S, T, ...]`` activations in the layout attention layers write and read: the
+        step's packed ``[N, ...]`` axis (``to_packed``)."""
+        return self.to_packed(hidden)
+
+    def attention_outputs(self, out: jax.Array) -> jax.Array:
+        """Attention outputs ``[N, ...]`` back in the ``[S, T, ...]`` layout (``to_batch``)."""
+        return self.to_batch(out)
 
     def to_packed(self, batched: jax.Array) -> jax.Array:
         """``[S, T, ...]`` -> ``[N, ...]``: each real entry moves to its packed index; packed
@@ -613,42 +628,22 @@ class HybridPagedMetadata(BaseRunTimeMetadata):
         return self.to_batch(self.attention.token_ids.astype(jnp.int32))
 
 
-def _resolve_slots(owner: str, step: StepMetadata, slots: Any, seqs: int) -> np.ndarray:
-    """``[num_seqs]`` int64 slot of each scheduled row, validated."""
-    if slots is None:
-        return np.arange(step.num_seqs)
-    if isinstance(slots, Mapping):
-        missing = [seq_id for seq_id in step.seq_ids if seq_id not in slots]
-        if missing:
-            raise ValueError(f"{owner}: slots has no entry for scheduled seq id(s) {missing}")
-        slots = [slots[seq_id] for seq_id in step.seq_ids]
-    elif isinstance(slots, str | bytes) or not isinstance(slots, Sequence):
-        raise TypeError(
-            f"{owner}: slots must be a sequence of ints or a mapping seq_id -> int, got {slots!r}"
-        )
-    slots = list(slots)
-    if len(slots) != step.num_seqs:
-        raise ValueError(
-            f"{owner}: slots has {len(slots)} entries; expected one per scheduled sequence "
-            f"({step.num_seqs})"
-        )
-    for index, slot in enumerate(slots):
-        v.require_int(owner, f"slots[{index}]", slot)
-        if not 0 <= slot < seqs:
-            raise ValueError(f"{owner}: slots[{index}]={slot} outside [0, max_num_seqs={seqs})")
-    if len(set(slots)) != len(slots):
-        raise ValueError(f"{owner}: slots must be distinct, got {slots}")
-    return np.asarray(slots, np.int64)
+HybridPagedMetadata = HybridPagedRuntimeMetadata
+"""Former name of ``HybridPagedRuntimeMetadata``."""
 
 
 @pytree_dataclass
-class HybridCache(BaseCache):
+class HybridCache(LayerCache):
     """One view per layer of a hybrid stack (``None`` for ``"none"`` layers).
 
     Attributes:
         views: attention views (``ATTENTION_BACKENDS[metadata.attention_backend]``),
             ``MambaCacheView``, ``Mamba2CacheView``, ``LinearAttentionCacheView`` or ``None``.
         metadata: the ``HybridCacheMetadata`` (static).
+
+    Row operations apply to every layer together; with the paged backend the paged views move
+    nothing on the device (their rows are the host's page tables: apply the same operation to
+    the ``jaxkv.pages.PagedRows`` of the page manager).
     """
 
     views: tuple[Any, ...]
@@ -662,16 +657,14 @@ class HybridCache(BaseCache):
                 f"HybridCache.init_cache: metadata must be HybridCacheMetadata, "
                 f"got {type(metadata).__name__}"
             )
-        attention_view = ATTENTION_BACKENDS[metadata.attention_backend]
         views = []
-        for layer, kind in enumerate(metadata.layer_kinds):
+        for layer in range(metadata.num_layers):
             kind_metadata = metadata.layer_metadata(layer)
-            if kind == "none":
-                views.append(None)
-            elif kind in ATTENTION_KINDS:
-                views.append(attention_view.init(kind_metadata, layer))
-            else:
-                views.append(init_view(kind_metadata, layer))
+            views.append(
+                None
+                if kind_metadata is None
+                else kind_metadata.view_type.init(kind_metadata, layer)
+            )
         return cls(views=tuple(views), metadata=metadata)
 
     @classmethod
@@ -688,19 +681,35 @@ class HybridCache(BaseCache):
         """The kind of layer ``layer``."""
         return self.metadata.layer_kinds[layer]
 
-    def reset_rows(self, rows: Any) -> HybridCache:
-        """Empty the selected rows in every layer, so a batch slot can take a new sequence.
-        ``rows``: ``[batch]`` bool mask or a sequence of row ids. Paged attention layers are
-        left as they are: their pages belong to the page manager (``PageManager.free``)."""
-        return self.with_views(
-            view if view is None or isinstance(view, PagedCacheView) else view.reset_rows(rows)
-            for view in self.views
+    def _map(self, operation: str, *args: Any) -> HybridCache:
+        cache = super()._map(operation, *args)
+        return cache._with_rows_of_views()
+
+    def _with_rows_of_views(self) -> HybridCache:
+        """The cache with its metadata's ``batch_size`` following its views' (after ``select``,
+        ``repeat``, ``extract``)."""
+        live = [view for view in self.views if view is not None]
+        if not live or live[0].metadata.batch_size == self.metadata.batch_size:
+            return self
+        return dataclasses.replace(
+            self, metadata=self.metadata.with_batch_size(live[0].metadata.batch_size)
         )
+
+    def insert(self, other: Any, slot: Any) -> HybridCache:
+        """Row ``slot`` of every layer replaced by the single row of ``other`` (a one-row hybrid
+        cache of the same stack)."""
+        expected = self.metadata.with_batch_size(1) if self.metadata.batch_size else self.metadata
+        if not isinstance(other, HybridCache) or other.metadata != expected:
+            raise TypeError(
+                f"HybridCache.insert: other must be a one-row HybridCache of the same stack "
+                f"(metadata {expected}), got {type(other).__name__}"
+            )
+        return super().insert(other, slot)
 
     def copy_pages(self, copy_ops: jax.Array) -> HybridCache:
         """Apply a step's ``(src, dst)`` page copies (``copy_ops: [C, 2]`` int, ``-1`` rows are
-        no-ops) in every paged attention layer; jittable. ``hybrid_forward_cached`` does this
-        itself with ``runtime.attention.copy_ops``.
+        no-ops) in every paged attention layer; jittable. The paged views apply their step's
+        copies themselves in ``concatenate_to_cache``; this is for driving the pools by hand.
 
         Raises:
             ValueError: the cache's backend is not ``"paged"``.
@@ -711,37 +720,30 @@ class HybridCache(BaseCache):
                 f"{self.metadata.attention_backend!r}"
             )
         return self.with_views(
-            view.copy_pages(copy_ops) if isinstance(view, PagedCacheView) else view
-            for view in self.views
+            view.copy_pages(copy_ops) if kind in ATTENTION_KINDS else view
+            for view, kind in zip(self.views, self.metadata.layer_kinds, strict=True)
         )
 
     def lengths(self) -> jax.Array:
         """``[batch]`` int32 tokens seen per row, from the first layer that keeps per-row
         lengths (paged attention layers do not: the page manager knows each sequence's)."""
         for view in self.views:
-            if view is not None and not isinstance(view, PagedCacheView):
-                return view.lengths
+            lengths = getattr(view, "lengths", None)
+            if lengths is not None:
+                return lengths
         raise ValueError(
             "HybridCache.lengths: the cache has no view with per-row lengths (paged attention "
             "layers keep them on the host, in the PageManager)"
         )
 
     def overflow_rows(self) -> jax.Array:
-        """``[batch]`` bool: rows where a contiguous attention write did not fit (recurrent
-        layers never overflow; paged capacity is checked on the host by the page manager)."""
-        batch = self.metadata.batch_size or 0
-        flags = [
-            view.overflow
-            for view, kind in zip(self.views, self.metadata.layer_kinds, strict=True)
-            if isinstance(view, TransformerCacheView) and kind in ATTENTION_KINDS
-        ]
-        return jnp.any(jnp.stack(flags), axis=0) if flags else jnp.zeros((batch,), jnp.bool_)
+        """``[batch]`` bool: rows where an attention write did not fit (recurrent layers never
+        overflow; paged capacity is checked on the host by the page manager)."""
+        flags = [view.overflow_rows() for view in self.views if view is not None]
+        if not flags:
+            return jnp.zeros((self.metadata.batch_size or 0,), jnp.bool_)
+        return jnp.any(jnp.stack(flags), axis=0)
 
     def check_overflow(self) -> None:
         """Raise ``CacheOverflowError`` if any row overflowed (call after a jitted step)."""
-        rows = np.flatnonzero(np.asarray(self.overflow_rows())).tolist()
-        if rows:
-            raise CacheOverflowError(
-                f"rows {rows} overflowed an attention layer's max_length: their last write was "
-                f"dropped (cached tokens are intact)"
-            )
+        raise_if_overflowed(self.overflow_rows(), "an attention layer's max_length")

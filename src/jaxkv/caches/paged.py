@@ -1,26 +1,28 @@
 """Paged KV cache: every layer's keys and values in one pool of fixed-size pages.
 
-Layout. Each layer holds ``key_pages: [num_pages, page_size, kv_heads, head_dim]`` and
-``value_pages: [num_pages, page_size, kv_heads, value_dim]``. A token lives at
-``slot = page * page_size + offset``; keeping the page axis outermost makes a page one contiguous
-run of memory, so a page copy, a page read during attention and a token write are each one
-contiguous move, and the pool reshapes for free to ``[num_pages * page_size, kv_heads, dim]`` for
-the slot scatter. (Heads-outer layouts suit accelerator kernels that read one head at a time;
-here whole pages are gathered, and one contiguous page per gather index is what that wants.)
+Layout. Each layer holds ``key_pages: [num_pages, page_size, num_kv_heads, head_dim]`` and
+``value_pages: [num_pages, page_size, num_kv_heads, value_dim]`` (as the storage codec's words). A
+token lives at ``slot = page * page_size + offset``; keeping the page axis outermost makes a page
+one contiguous run of memory, so a page copy, a page read during attention and a token write are
+each one contiguous move. (Heads-outer layouts suit accelerator kernels that read one head at a
+time; here whole pages are gathered, and one contiguous page per gather index is what that wants.)
 
-Which page holds which token is decided on the host by ``jaxkv.pages.PageManager``; its
-``StepMetadata`` becomes a ``PagedRuntimeMetadata`` (``from_step``), and one device step is:
+Which page holds which token is decided on the host by ``jaxkv.pages.PageManager``; the engine
+turns its step plan into a ``PagedRuntimeMetadata`` (``jaxkv.engine.step_inputs.paged_runtime``),
+and per layer ``kv, view = view.concatenate_to_cache(key, value, runtime)`` applies the step's
+copy-on-write page copies, then writes the new tokens at ``slot_mapping`` (``-1`` writes nothing);
+``jaxkv.ops.attention(query, kv)`` then runs ragged paged attention of the packed queries.
 
-1. ``cache.copy_pages(runtime.copy_ops)`` -- copy-on-write copies, in every layer;
-2. per layer, ``kv, view = view.concatenate_to_cache(key, value, runtime)`` -- write the new
-   tokens at ``slot_mapping`` (``-1`` writes nothing);
-3. ``jaxkv.ops.attention(query, kv)`` -- ragged paged attention of the packed queries.
+Rows. The pools have no rows: a paged cache's rows are its page tables, kept on the host. The row
+operations of ``jaxkv.abstracts.RowOperations`` on views and caches therefore move nothing on the
+device (``select``/``repeat``/``extract`` only change ``metadata.batch_size``, the page-table rows
+of a step); ``jaxkv.pages.PagedRows`` does the same operations on the page tables (fork with
+copy-on-write for ``repeat`` and duplicated ``reorder`` rows, frees, rollback).
 
-16-bit floats are held as ``uint16`` words (see ``jaxkv.caches.storage``) so that XLA's CPU
-backend scatters into the pool in place; attention bit-casts the pages it reads. With
-``kv_quantization`` (``"int8"``, ``"int4"``, ``"fp8"``, see ``jaxkv.quantization``) the pools hold
-the codec's words and each layer also keeps ``[num_pages, page_size, kv_heads, groups]`` scale
-pools; tokens are quantised as they are written and attention dequantises each block it reads.
+Storage goes through the metadata's storage codec (``jaxkv.quantization``): floats, 16-bit ones
+held as ``uint16`` words so that XLA's CPU backend scatters into the pool in place; or with
+``kv_quantization`` (``"int8"``, ``"int4"``, ``"fp8"``) the codec's words plus
+``[num_pages, page_size, num_kv_heads, groups]`` scale pools.
 
 Capacity is the host's business: the manager never hands out a slot outside the pool, and the
 device drops any write whose slot is ``-1`` (or otherwise outside the pool) instead of letting
@@ -37,24 +39,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv import _validation as v
-from jaxkv import quantization
+from jaxkv._sizes import ceil_div
 from jaxkv.abstracts import (
-    BaseCache,
+    AttentionCacheView,
     BaseCacheMetadata,
-    BaseCacheView,
     BaseRunTimeMetadata,
+    RowOperations,
     pytree_dataclass,
     static_field,
 )
-from jaxkv.caches import storage
-from jaxkv.ops.paged_attention import PagedKV
-from jaxkv.pages.step import StepMetadata
+from jaxkv.caches.kv_storage import KVStorageMetadata, decode_states
+from jaxkv.caches.rows import (
+    LayerCache,
+    require_count,
+    row_indices,
+    row_mask,
+    slot_index,
+    static_row_ids,
+)
+from jaxkv.kv import PagedKV
 
 _MAX_SLOTS = 2**31 - 1  # slot ids travel as int32
 
 
 @pytree_dataclass
-class PagedCacheMetadata(BaseCacheMetadata):
+class PagedCacheMetadata(KVStorageMetadata, BaseCacheMetadata):
     """Static configuration of a paged KV cache.
 
     Attributes:
@@ -63,14 +72,15 @@ class PagedCacheMetadata(BaseCacheMetadata):
         page_size: tokens per page.
         num_kv_heads: KV heads.
         head_dim: head dimension of keys.
-        value_dim: head dimension of values (usually ``head_dim``).
-        max_num_seqs: rows of every step's page table (sequences per step).
+        value_dim: head dimension of values (``head_dim`` unless given).
+        batch_size: rows of every step's page table (sequences per step; ``max_num_seqs`` in
+            ``jaxkv.pages``).
         max_pages_per_seq: width of the page table; a sequence holds at most
             ``max_pages_per_seq * page_size`` tokens.
         sliding_window: ``None``, or the attention window ``W`` (every page stays in the pool;
             attention skips the blocks before the window).
-        dtype: storage dtype of keys and values (float32, bfloat16 or float16); with a codec,
-            the dtype ``key_states()``/``value_states()`` return.
+        dtype: dtype of keys and values (float32, bfloat16 or float16); with a codec, the dtype
+            ``key_states()``/``value_states()`` return.
         kv_quantization: storage codec, one of ``jaxkv.quantization.CODECS`` (``"none"``:
             plain ``dtype`` floats).
         quantization_group_size: int4 only: channels per scale (must divide ``head_dim`` and
@@ -83,7 +93,7 @@ class PagedCacheMetadata(BaseCacheMetadata):
     num_kv_heads: int
     head_dim: int
     value_dim: int
-    max_num_seqs: int
+    batch_size: int
     max_pages_per_seq: int
     sliding_window: int | None = None
     dtype: np.dtype = np.dtype(np.float32)
@@ -98,35 +108,39 @@ class PagedCacheMetadata(BaseCacheMetadata):
         page_size: int,
         num_kv_heads: int,
         head_dim: int,
-        max_num_seqs: int,
-        max_pages_per_seq: int,
-        dtype: Any = jnp.float32,
+        batch_size: int | None = None,
+        max_pages_per_seq: int | None = None,
         *,
+        dtype: Any = jnp.float32,
         value_dim: int | None = None,
         sliding_window: int | None = None,
         kv_quantization: str = "none",
         quantization_group_size: int | None = None,
+        max_num_seqs: int | None = None,
     ) -> PagedCacheMetadata:
         """Validated metadata; raises ``ValueError``/``TypeError`` naming the field on bad input.
 
-        ``value_dim`` defaults to ``head_dim``. ``kv_quantization`` picks the storage codec
-        (``"none"``, ``"int8"``, ``"int4"``, ``"fp8"``); int4's ``quantization_group_size``
-        defaults to ``min(64, head_dim, value_dim)``.
+        ``batch_size`` is the rows of every step (``max_num_seqs``, the name ``jaxkv.pages``
+        uses, is accepted for it). ``value_dim`` defaults to ``head_dim``. ``kv_quantization``
+        picks the storage codec (``"none"``, ``"int8"``, ``"int4"``, ``"fp8"``); int4's
+        ``quantization_group_size`` defaults to ``min(64, head_dim, value_dim)``.
         """
         owner = "PagedCacheMetadata.create"
-        return cls(
-            num_layers=num_layers,
-            num_pages=num_pages,
-            page_size=page_size,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            value_dim=head_dim if value_dim is None else value_dim,
-            max_num_seqs=max_num_seqs,
-            max_pages_per_seq=max_pages_per_seq,
-            sliding_window=sliding_window,
-            dtype=v.require_float_dtype(owner, "dtype", dtype),
-            kv_quantization=kv_quantization,
-            quantization_group_size=quantization_group_size,
+        return cls._construct(
+            dict(
+                num_layers=num_layers,
+                num_pages=num_pages,
+                page_size=page_size,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_dim,
+                value_dim=value_dim,
+                batch_size=_rows(owner, batch_size, max_num_seqs),
+                max_pages_per_seq=max_pages_per_seq,
+                sliding_window=sliding_window,
+                dtype=dtype,
+                kv_quantization=kv_quantization,
+                quantization_group_size=quantization_group_size,
+            )
         )
 
     @classmethod
@@ -136,10 +150,10 @@ class PagedCacheMetadata(BaseCacheMetadata):
         page_size: int,
         num_kv_heads: int,
         head_dim: int,
-        max_num_seqs: int,
-        max_pages_per_seq: int,
-        dtype: Any = jnp.float32,
+        batch_size: int | None = None,
+        max_pages_per_seq: int | None = None,
         *,
+        dtype: Any = jnp.float32,
         memory_bytes: int | None = None,
         memory_fraction: float | None = None,
         device: jax.Device | None = None,
@@ -147,6 +161,7 @@ class PagedCacheMetadata(BaseCacheMetadata):
         sliding_window: int | None = None,
         kv_quantization: str = "none",
         quantization_group_size: int | None = None,
+        max_num_seqs: int | None = None,
     ) -> PagedCacheMetadata:
         """Metadata whose ``num_pages`` is as many pages as a memory budget holds (pages are
         sized with the codec's scales included).
@@ -199,9 +214,10 @@ class PagedCacheMetadata(BaseCacheMetadata):
             page_size,
             num_kv_heads,
             head_dim,
-            max_num_seqs,
+            batch_size,
             max_pages_per_seq,
-            dtype,
+            dtype=dtype,
+            max_num_seqs=max_num_seqs,
             value_dim=value_dim,
             sliding_window=sliding_window,
             kv_quantization=kv_quantization,
@@ -217,18 +233,13 @@ class PagedCacheMetadata(BaseCacheMetadata):
         num_pages = min(num_pages, _MAX_SLOTS // probe.page_size)
         return probe.replace(num_pages=num_pages)
 
+    @classmethod
+    def fill_defaults(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        return cls.fill_kv_defaults(cls.__name__, fields)
+
     def validate(self) -> None:
         owner = type(self).__name__
-        for name in (
-            "num_layers",
-            "num_pages",
-            "page_size",
-            "num_kv_heads",
-            "head_dim",
-            "value_dim",
-            "max_num_seqs",
-            "max_pages_per_seq",
-        ):
+        for name in ("num_layers", "num_pages", "page_size", "batch_size", "max_pages_per_seq"):
             v.require_int(owner, name, getattr(self, name), minimum=1)
         v.require_optional_int(owner, "sliding_window", self.sliding_window, minimum=1)
         if self.max_pages_per_seq > self.num_pages:
@@ -241,23 +252,17 @@ class PagedCacheMetadata(BaseCacheMetadata):
                 f"{owner}: num_pages * page_size = {self.num_pages * self.page_size} slots do not "
                 f"fit int32 slot ids (at most {_MAX_SLOTS})"
             )
-        if not isinstance(self.dtype, np.dtype):
-            raise TypeError(f"{owner}: dtype must be a numpy dtype, got {self.dtype!r}")
-        v.require_float_dtype(owner, "dtype", self.dtype)
-        group_size = quantization.resolve_group_size(
-            owner,
-            self.kv_quantization,
-            self.quantization_group_size,
-            (("head_dim", self.head_dim), ("value_dim", self.value_dim)),
-        )
-        if group_size != self.quantization_group_size:
-            # int4's default group size, fixed here so that it is part of the (static) metadata.
-            object.__setattr__(self, "quantization_group_size", group_size)
+        self.validate_kv()
 
     @property
-    def codec(self) -> quantization.KVCodec | None:
-        """The storage codec, or ``None`` when unquantised."""
-        return quantization.make_codec(self.kv_quantization, self.quantization_group_size)
+    def max_num_seqs(self) -> int:
+        """``batch_size`` under the name ``jaxkv.pages.PageManager`` uses."""
+        return self.batch_size
+
+    @property
+    def value_heads(self) -> int:
+        """Heads of values: ``num_kv_heads``."""
+        return self.num_kv_heads
 
     @property
     def num_slots(self) -> int:
@@ -274,25 +279,33 @@ class PagedCacheMetadata(BaseCacheMetadata):
         """Most tokens one sequence holds: ``max_pages_per_seq * page_size``."""
         return self.max_pages_per_seq * self.page_size
 
-    def bytes_per_token(self) -> int:
-        """Bytes of keys and values one token occupies across all layers (scales included)."""
-        codec = self.codec
-        per_head = quantization.bytes_per_head(
-            codec, self.head_dim, self.dtype
-        ) + quantization.bytes_per_head(codec, self.value_dim, self.dtype)
-        return self.num_layers * self.num_kv_heads * per_head
-
     def bytes_per_page(self) -> int:
         """Bytes of one page across all layers."""
         return self.page_size * self.bytes_per_token()
+
+    def bytes_per_sequence(self, length: int) -> int:
+        """Bytes a sequence of ``length`` tokens holds across all layers: whole pages."""
+        length = v.require_int(
+            f"{type(self).__name__}.bytes_per_sequence", "length", length, minimum=0
+        )
+        return ceil_div(length, self.page_size) * self.bytes_per_page()
 
     def bytes_total(self) -> int:
         """Bytes the pools of all layers allocate."""
         return self.num_pages * self.bytes_per_page()
 
 
-# The StepMetadata arrays a runtime carries (all int32).
-_RUNTIME_ARRAYS = (
+def _rows(owner: str, batch_size: Any, max_num_seqs: Any) -> Any:
+    if batch_size is not None and max_num_seqs is not None and batch_size != max_num_seqs:
+        raise ValueError(
+            f"{owner}: batch_size={batch_size!r} conflicts with max_num_seqs={max_num_seqs!r} "
+            f"(two names of the same field); give one"
+        )
+    return max_num_seqs if batch_size is None else batch_size
+
+
+# The step arrays a runtime carries (all int32).
+RUNTIME_ARRAYS = (
     "page_tables",
     "context_lens",
     "query_start_loc",
@@ -308,8 +321,8 @@ _RUNTIME_ARRAYS = (
 class PagedRuntimeMetadata(BaseRunTimeMetadata):
     """The device arrays of one paged step (see ``jaxkv.pages.StepMetadata`` for the contract).
 
-    With ``S = max_num_seqs``, ``P = max_pages_per_seq`` and ``T`` the padded token count, every
-    field is an int32 array leaf:
+    With ``S = batch_size`` (rows of the step), ``P = max_pages_per_seq`` and ``T`` the padded
+    token count, every field is an int32 array leaf:
 
     Attributes:
         page_tables: ``[S, P]`` each row's pages in position order, ``-1`` unused.
@@ -324,10 +337,10 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
         copy_ops: ``[S, 2]`` ``(src_page, dst_page)`` copies to apply before the writes; ``-1``
             rows are no-ops.
         logits_indices: ``[S]`` packed index of each row's last new token.
-        max_query_len: (static) a bound on any row's new tokens this step, rounded up to a power
-            of two so steps of similar shape share a compiled function; attention lays queries
-            out as ``[S, max_query_len]`` and reads each row's pages once. ``0`` means unknown
-            (then the bound is ``T``).
+        max_query_len: (static) a bound on any row's new tokens, rounded up to a power of two
+            so steps of similar shape share a compiled function; attention lays queries out as
+            ``[S, max_query_len]`` and reads each row's pages once. ``0`` means unknown (then the
+            bound is ``T``).
     """
 
     page_tables: jax.Array
@@ -344,7 +357,7 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
     def __post_init__(self) -> None:
         owner = type(self).__name__
         v.require_int(owner, "max_query_len", self.max_query_len, minimum=0)
-        for name in (*_RUNTIME_ARRAYS, "num_seqs"):
+        for name in (*RUNTIME_ARRAYS, "num_seqs"):
             array = getattr(self, name)
             if not hasattr(array, "shape") or not hasattr(array, "dtype"):
                 raise TypeError(f"{owner}: {name} must be an array, got {type(array).__name__}")
@@ -366,42 +379,54 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
         v.check_array(owner, "logits_indices", self.logits_indices, (seqs,))
 
     @classmethod
-    def from_step(cls, step: StepMetadata) -> PagedRuntimeMetadata:
-        """Device arrays (int32) from a host ``StepMetadata``, checked for consistency.
+    def create(cls, *, max_query_len: int = 0, **arrays: Any) -> PagedRuntimeMetadata:
+        """Runtime metadata from the step arrays (NumPy or JAX, any int dtype; stored as int32),
+        checked for consistency when they are concrete.
+
+        Args:
+            max_query_len: static bound on any row's new tokens (``0``: unknown).
+            **arrays: every name of ``RUNTIME_ARRAYS`` plus ``num_seqs``.
 
         Raises:
-            TypeError: ``step`` is not a ``StepMetadata``.
+            TypeError: a missing, unknown or non-integer array.
             ValueError: arrays whose shapes disagree, or values outside the contract (a
-                ``query_start_loc`` that is not a prefix sum, a padding slot that is not ``-1``, a
-                context shorter than the row's new tokens).
+                ``query_start_loc`` that is not a prefix sum from 0, a padding slot that is not
+                ``-1``, a context shorter than the row's new tokens, ``num_seqs`` outside the
+                rows).
         """
-        owner = "PagedRuntimeMetadata.from_step"
-        if not isinstance(step, StepMetadata):
-            raise TypeError(f"{owner}: step must be a StepMetadata, got {type(step).__name__}")
-        arrays = {name: np.asarray(getattr(step, name)) for name in _RUNTIME_ARRAYS}
+        owner = "PagedRuntimeMetadata.create"
+        expected = {*RUNTIME_ARRAYS, "num_seqs"}
+        if set(arrays) != expected:
+            raise TypeError(
+                f"{owner}: expected the arrays {sorted(expected)}, got {sorted(arrays)}"
+            )
+        host = {name: np.asarray(array) for name, array in arrays.items()}
+        for name, array in host.items():
+            if not np.issubdtype(array.dtype, np.integer):
+                raise TypeError(f"{owner}: {name} must be an integer array, got {array.dtype}")
         runtime = cls(
-            **{name: jnp.asarray(array, jnp.int32) for name, array in arrays.items()},
-            num_seqs=jnp.asarray(step.num_seqs, jnp.int32),
-            max_query_len=_query_bucket(step),
+            **{name: jnp.asarray(array, jnp.int32) for name, array in host.items()},
+            max_query_len=max_query_len,
         )
-        seqs = arrays["page_tables"].shape[0]
-        start = arrays["query_start_loc"]
-        if start[0] != 0 or np.any(np.diff(start) < 0) or start[-1] != step.num_tokens:
+        seqs = host["page_tables"].shape[0]
+        start = host["query_start_loc"]
+        num_tokens = int(start[-1])
+        if start[0] != 0 or np.any(np.diff(start) < 0):
             raise ValueError(
-                f"{owner}: query_start_loc must rise from 0 to num_tokens={step.num_tokens}, "
+                f"{owner}: query_start_loc must rise from 0 to num_tokens={num_tokens}, "
                 f"got {start.tolist()}"
             )
-        if not 0 <= step.num_seqs <= seqs:
-            raise ValueError(f"{owner}: num_seqs={step.num_seqs} outside [0, {seqs}]")
-        slots = arrays["slot_mapping"]
-        if step.num_tokens > slots.shape[0] or np.any(slots[step.num_tokens :] != -1):
+        if not 0 <= int(host["num_seqs"]) <= seqs:
+            raise ValueError(f"{owner}: num_seqs={int(host['num_seqs'])} outside [0, {seqs}]")
+        slots = host["slot_mapping"]
+        if num_tokens > slots.shape[0] or np.any(slots[num_tokens:] != -1):
             raise ValueError(
-                f"{owner}: slot_mapping must be -1 past num_tokens={step.num_tokens}, "
+                f"{owner}: slot_mapping must be -1 past num_tokens={num_tokens}, "
                 f"got {slots.tolist()}"
             )
-        if np.any(arrays["context_lens"] < np.diff(start)):
+        if np.any(host["context_lens"] < np.diff(start)):
             raise ValueError(
-                f"{owner}: context_lens {arrays['context_lens'].tolist()} shorter than the new "
+                f"{owner}: context_lens {host['context_lens'].tolist()} shorter than the new "
                 f"tokens per row {np.diff(start).tolist()}"
             )
         return runtime
@@ -411,12 +436,6 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
         return jnp.where(self.slot_mapping >= 0, self.positions, -1).astype(jnp.int32)
 
 
-def _query_bucket(step: StepMetadata) -> int:
-    """The power of two >= the step's longest run of new tokens (at most the padded count)."""
-    longest = max(step.num_new_tokens, default=1)
-    return min(1 << max(longest - 1, 0).bit_length(), step.num_tokens_padded)
-
-
 def _check_runtime(owner: str, runtime: Any, metadata: PagedCacheMetadata) -> None:
     if not isinstance(runtime, PagedRuntimeMetadata):
         raise TypeError(
@@ -424,7 +443,7 @@ def _check_runtime(owner: str, runtime: Any, metadata: PagedCacheMetadata) -> No
         )
     m = metadata
     v.check_array(
-        owner, "runtime.page_tables", runtime.page_tables, (m.max_num_seqs, m.max_pages_per_seq)
+        owner, "runtime.page_tables", runtime.page_tables, (m.batch_size, m.max_pages_per_seq)
     )
     if not v.is_traced(runtime.page_tables, runtime.slot_mapping):
         tables = np.asarray(runtime.page_tables)
@@ -442,19 +461,23 @@ def _check_runtime(owner: str, runtime: Any, metadata: PagedCacheMetadata) -> No
 
 
 @pytree_dataclass
-class PagedCacheView(BaseCacheView):
+class PagedCacheView(AttentionCacheView, RowOperations):
     """One layer of a paged cache.
 
     Attributes:
-        key_pages: ``[num_pages, page_size, kv_heads, head_dim]`` in ``metadata.dtype`` (16-bit
-            floats held as ``uint16`` words; ``key_states()`` gives the floats). With a codec:
-            its words, ``[num_pages, page_size, kv_heads, codec.stored_dim(head_dim)]``.
-        value_pages: ``[num_pages, page_size, kv_heads, value_dim]``, likewise.
+        key_pages: ``[num_pages, page_size, num_kv_heads, storage.stored_dim(head_dim)]`` stored
+            words of the metadata's storage codec (``key_states()`` gives the floats).
+        value_pages: ``[num_pages, page_size, num_kv_heads, storage.stored_dim(value_dim)]``,
+            likewise.
         metadata: the cache's ``PagedCacheMetadata`` (static).
         layer_index: which layer this view belongs to (static).
-        key_scales: with a codec, ``[num_pages, page_size, kv_heads, groups]`` uint16 (float16
-            bits); ``None`` unquantised.
+        key_scales: with a quantising codec, ``[num_pages, page_size, num_kv_heads, groups]``
+            uint16 (float16 bits); ``None`` unquantised.
         value_scales: likewise for values.
+
+    Row operations (see the module docstring): the pool has no rows, so they check their
+    arguments and move nothing; ``select``, ``repeat`` and ``extract`` set the metadata's
+    ``batch_size`` to the new number of rows. Move the rows' pages with ``jaxkv.pages.PagedRows``.
     """
 
     key_pages: jax.Array
@@ -474,8 +497,8 @@ class PagedCacheView(BaseCacheView):
             )
         m = metadata
         lead = (m.num_pages, m.page_size, m.num_kv_heads)
-        key_pages, key_scales = storage.allocate(lead, m.head_dim, m.dtype, m.codec)
-        value_pages, value_scales = storage.allocate(lead, m.value_dim, m.dtype, m.codec)
+        key_pages, key_scales = m.storage.allocate(lead, m.head_dim)
+        value_pages, value_scales = m.storage.allocate(lead, m.value_dim)
         return cls(
             key_pages=key_pages,
             value_pages=value_pages,
@@ -486,15 +509,15 @@ class PagedCacheView(BaseCacheView):
         )
 
     def key_states(self) -> jax.Array:
-        """``[num_pages, page_size, kv_heads, head_dim]`` keys as ``metadata.dtype`` floats (a
-        quantised pool is dequantised whole: for inspection; attention reads block by block)."""
-        m = self.metadata
-        return storage.decode_values(self.key_pages, self.key_scales, m.dtype, m.codec)
+        """``[num_pages, page_size, num_kv_heads, head_dim]`` keys as ``metadata.dtype`` floats
+        (a quantised pool is dequantised whole: for inspection; attention reads block by
+        block)."""
+        return decode_states(self.key_pages, self.key_scales, self.metadata)
 
     def value_states(self) -> jax.Array:
-        """``[num_pages, page_size, kv_heads, value_dim]`` values as ``metadata.dtype`` floats."""
-        m = self.metadata
-        return storage.decode_values(self.value_pages, self.value_scales, m.dtype, m.codec)
+        """``[num_pages, page_size, num_kv_heads, value_dim]`` values as ``metadata.dtype``
+        floats."""
+        return decode_states(self.value_pages, self.value_scales, self.metadata)
 
     def query_positions(self, runtime: PagedRuntimeMetadata, num_tokens: int) -> jax.Array:
         """``[num_tokens]`` int32 absolute positions of the step's new tokens (``-1`` for
@@ -514,14 +537,15 @@ class PagedCacheView(BaseCacheView):
     def concatenate_to_cache(
         self, key: jax.Array, value: jax.Array, runtime: PagedRuntimeMetadata
     ) -> tuple[PagedKV, PagedCacheView]:
-        """Write the step's new tokens at ``runtime.slot_mapping``; padding (``-1``) writes nothing.
+        """Apply the step's page copies, then write its new tokens at ``runtime.slot_mapping``;
+        padding (``-1``) writes nothing.
 
         Args:
-            key: ``[num_tokens, kv_heads, head_dim]``, any float dtype (cast to
-                ``metadata.dtype``, or quantised token by token with the metadata's codec),
-                packed like ``runtime.slot_mapping``.
-            value: ``[num_tokens, kv_heads, value_dim]``.
-            runtime: the step's ``PagedRuntimeMetadata``.
+            key: ``[num_tokens, num_kv_heads, head_dim]``, any float dtype (encoded with the
+                metadata's storage codec), packed like ``runtime.slot_mapping``.
+            value: ``[num_tokens, num_kv_heads, value_dim]``.
+            runtime: the step's ``PagedRuntimeMetadata``; its ``copy_ops`` (copy-on-write of
+                shared pages) are applied before the writes, as the page manager requires.
 
         Returns:
             ``(kv, new_view)``: ``kv`` is the ``PagedKV`` to pass to ``jaxkv.ops.attention`` (the
@@ -542,6 +566,8 @@ class PagedCacheView(BaseCacheView):
             if not jnp.issubdtype(array.dtype, jnp.floating):
                 raise TypeError(f"{owner}: {name} must be a float array, got {array.dtype}")
 
+        pools = self.copy_pages(runtime.copy_ops)
+
         # -1 (padding) becomes an out-of-range slot that mode="drop" discards; x.at[-1] would
         # wrap onto the last slot of the pool.
         slots = runtime.slot_mapping.astype(jnp.int32)
@@ -556,13 +582,13 @@ class PagedCacheView(BaseCacheView):
                 return None
             return pool.at[pages, offsets].set(new, mode="drop")
 
-        codec = m.codec
-        key_words, key_scale = storage.encode_values(key, m.dtype, codec)
-        value_words, value_scale = storage.encode_values(value, m.dtype, codec)
-        key_pages = write(self.key_pages, key_words)
-        value_pages = write(self.value_pages, value_words)
-        key_scales = write(self.key_scales, key_scale)
-        value_scales = write(self.value_scales, value_scale)
+        storage = m.storage
+        key_words, key_scale = storage.encode(key)
+        value_words, value_scale = storage.encode(value)
+        key_pages = write(pools.key_pages, key_words)
+        value_pages = write(pools.value_pages, value_words)
+        key_scales = write(pools.key_scales, key_scale)
+        value_scales = write(pools.value_scales, value_scale)
         kv = PagedKV(
             key_pages=key_pages,
             value_pages=value_pages,
@@ -572,10 +598,9 @@ class PagedCacheView(BaseCacheView):
             query_positions=runtime.token_positions(),
             max_query_len=runtime.max_query_len,
             sliding_window=m.sliding_window,
-            stored_as=None if codec is not None else storage.stored_as(m.dtype),
+            codec=storage,
             key_scales=key_scales,
             value_scales=value_scales,
-            codec=codec,
         )
         new_view = dataclasses.replace(
             self,
@@ -590,7 +615,8 @@ class PagedCacheView(BaseCacheView):
         """A view where page ``dst`` holds a copy of page ``src`` for each ``(src, dst)`` row of
         ``copy_ops: [C, 2]`` int; rows with a ``-1`` (or any id outside the pool) do nothing.
 
-        All sources are read before any destination is written."""
+        All sources are read before any destination is written. ``concatenate_to_cache``
+        applies its runtime's copies itself; this is for driving a pool by hand."""
         src, dst = _copy_indices("PagedCacheView.copy_pages", copy_ops, self.metadata.num_pages)
 
         def copy(pool: jax.Array | None) -> jax.Array | None:
@@ -603,6 +629,79 @@ class PagedCacheView(BaseCacheView):
             key_scales=copy(self.key_scales),
             value_scales=copy(self.value_scales),
         )
+
+    # -- row operations: the pool has no rows (see the class docstring) ---------------------
+
+    @property
+    def batch_size(self) -> int:
+        """Rows of a step's page table."""
+        return self.metadata.batch_size
+
+    def _owner(self, operation: str) -> str:
+        return f"PagedCacheView.{operation} (layer {self.layer_index})"
+
+    def _with_rows(self, batch_size: int) -> PagedCacheView:
+        if batch_size == self.metadata.batch_size:
+            return self
+        return dataclasses.replace(self, metadata=self.metadata.replace(batch_size=batch_size))
+
+    def reset_rows(self, rows: Any) -> PagedCacheView:
+        """Nothing to clear on the device: a freed sequence's pages return to the host's pool
+        (``PagedRows.reset_rows`` / ``PageManager.free``)."""
+        row_mask(self._owner("reset_rows"), rows, self.batch_size)
+        return self
+
+    def truncate(self, lengths: Any) -> PagedCacheView:
+        """Nothing to change on the device: rollback shortens the host's page tables
+        (``PagedRows.truncate`` / ``PageManager.truncate``)."""
+        lengths = jnp.asarray(lengths)
+        v.check_array(self._owner("truncate"), "lengths", lengths, (self.batch_size,))
+        return self
+
+    def select(self, rows: Any) -> PagedCacheView:
+        """The same pools seen as ``len(rows)`` rows (``PagedRows.select`` moves the pages)."""
+        ids = static_row_ids(self._owner("select"), "rows", rows, self.batch_size)
+        return self._with_rows(len(ids))
+
+    def reorder(self, indices: Any) -> PagedCacheView:
+        """The same pools (``PagedRows.reorder`` forks and frees the page tables)."""
+        row_indices(self._owner("reorder"), indices, self.batch_size)
+        return self
+
+    def repeat(self, n: int) -> PagedCacheView:
+        """The same pools seen as ``n * batch_size`` rows (``PagedRows.repeat`` forks the page
+        tables: the copies share pages until they write)."""
+        n = require_count(self._owner("repeat"), n)
+        return self._with_rows(n * self.batch_size)
+
+    def insert(self, other: Any, slot: Any) -> PagedCacheView:
+        """The same pools: a sequence joins a row through ``PagedRows.insert`` on the same page
+        manager (pools of different caches share no page ids)."""
+        owner = self._owner("insert")
+        expected = self.metadata.replace(batch_size=1)
+        if type(other) is not type(self) or other.metadata != expected:
+            raise TypeError(
+                f"{owner}: other must be a one-row PagedCacheView with metadata {expected}, got "
+                f"{type(other).__name__} with metadata {getattr(other, 'metadata', None)}"
+            )
+        slot_index(owner, slot, self.batch_size)
+        return self
+
+    def extract(self, slot: Any) -> PagedCacheView:
+        """The same pools seen as one row (``PagedRows.extract`` forks the row's page table)."""
+        slot_index(self._owner("extract"), slot, self.batch_size)
+        return self._with_rows(1)
+
+    def overflow_rows(self) -> jax.Array:
+        """``[batch_size]`` bool, all ``False``: paged capacity is checked on the host before a
+        step is built (``OutOfPagesError``/``CapacityError``), so no write is ever dropped."""
+        return jnp.zeros((self.batch_size,), jnp.bool_)
+
+    def check_overflow(self) -> None:
+        """Nothing can have overflowed (see ``overflow_rows``)."""
+
+    def _overflow_limit(self) -> str:
+        return "the page pool"
 
 
 def _copy_indices(owner: str, copy_ops: Any, num_pages: int) -> tuple[jax.Array, jax.Array]:
@@ -632,38 +731,20 @@ def _copy_indices(owner: str, copy_ops: Any, num_pages: int) -> tuple[jax.Array,
 
 
 @pytree_dataclass
-class PagedCache(BaseCache):
-    """A paged KV cache: one ``PagedCacheView`` (page pool) per layer."""
+class PagedCache(LayerCache):
+    """A paged KV cache: one ``PagedCacheView`` (page pool) per layer. Its row operations move
+    nothing on the device (see the module docstring); ``jaxkv.pages.PagedRows`` moves the page
+    tables."""
 
     views: tuple[PagedCacheView | None, ...]
 
-    @classmethod
-    def init_cache(cls, metadata: PagedCacheMetadata, *, layers: Any = None) -> PagedCache:
-        """A cache with a zero-filled pool for every layer (or only for the layer ids in
-        ``layers``; the others are ``None``)."""
-        owner = "PagedCache.init_cache"
-        if not isinstance(metadata, PagedCacheMetadata):
-            raise TypeError(
-                f"{owner}: metadata must be PagedCacheMetadata, got {type(metadata).__name__}"
-            )
-        wanted = v.require_layers(owner, layers, metadata.num_layers)
-        return cls(
-            views=tuple(
-                PagedCacheView.init(metadata, i) if i in wanted else None
-                for i in range(metadata.num_layers)
-            )
-        )
-
-    @classmethod
-    def init_empty(cls, num_layers: int) -> PagedCache:
-        """A cache of ``num_layers`` ``None`` views."""
-        v.require_int("PagedCache.init_empty", "num_layers", num_layers, minimum=1)
-        return cls(views=(None,) * num_layers)
+    metadata_types = (PagedCacheMetadata,)
 
     def copy_pages(self, copy_ops: jax.Array) -> PagedCache:
         """Apply ``(src, dst)`` page copies (``copy_ops: [C, 2]`` int, ``-1`` rows are no-ops) in
-        every layer; jittable (donate the cache to copy in place). Call it before the step's
-        writes, with ``PagedRuntimeMetadata.copy_ops``."""
-        return self.with_views(
-            view if view is None else view.copy_pages(copy_ops) for view in self.views
-        )
+        every layer; jittable (donate the cache to copy in place). ``concatenate_to_cache``
+        applies a step's copies itself."""
+        return self._map("copy_pages", copy_ops)
+
+
+PagedCacheMetadata.view_type = PagedCacheView

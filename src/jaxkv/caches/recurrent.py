@@ -15,15 +15,24 @@ The conv state keeps the last ``conv_kernel - 1`` inputs, not ``conv_kernel``: t
 what the causal convolution of the next token needs (the token's own input arrives with it), so
 no column of the state is ever dead.
 
-A layer runs ``T >= 1`` new tokens per row in two steps. It asks the view for a
-``RecurrentStep`` (``read``): the conv window over the previous inputs and the new ones, the SSM
-state to start from and which tokens are real. It computes its outputs and the final state,
-then writes that state with ``concatenate_to_cache``, which also shifts the conv window by the
-row's real tokens. ``RecurrentMetadata`` says how many of the ``T`` tokens of each row are real
-and on which side the padding is; a padding token never changes a row's state, and a row with
-no real token keeps its state exactly. ``reset_rows`` empties rows so a batch slot can take a new
-sequence. Both conv-state families share one window shift (``shift_conv_window``) and one view
-implementation (``_ConvSSMCacheView``).
+Every view speaks the state-view protocol (``jaxkv.abstracts.StateCacheView``). A layer runs
+``T >= 1`` new tokens per row in two calls::
+
+    step = view.read(runtime, T, conv_input)     # conv_input only for Mamba / Mamba2
+    ... outputs and each row's state after its last real token, from step ...
+    step, view = view.concatenate_to_cache(step, state)
+
+``read`` writes nothing and returns a ``RecurrentStep``: the state to start from, which tokens
+are real, their positions and (conv families) the conv window over the previous inputs and the
+new ones, together with the conv state after them. ``concatenate_to_cache`` stores that conv
+state and the given ``state`` for rows with at least one real token and advances the lengths;
+nothing is computed twice. ``RecurrentRuntimeMetadata`` says how many of the ``T`` tokens of each
+row are real and on which side the padding is; a padding token never changes a row's state, and
+a row with no real token keeps its state exactly.
+
+Rows: every row operation of ``jaxkv.abstracts.RowOperations`` except ``truncate`` (a row keeps
+one state, not one per token, so an earlier length cannot be restored) works on views and caches
+(``jaxkv.caches.rows.RowView``).
 
 States are kept in float32 by default (``dtype`` is configurable: float32, bfloat16, float16).
 """
@@ -39,26 +48,61 @@ import numpy as np
 
 from jaxkv import _validation as v
 from jaxkv.abstracts import (
-    BaseCache,
     BaseCacheMetadata,
-    BaseCacheView,
+    StateCacheView,
     pytree_dataclass,
     static_field,
 )
-from jaxkv.caches.rows import RaggedRows, row_mask, token_layout
+from jaxkv.caches.rows import (
+    LayerCache,
+    RaggedRuntimeMetadata,
+    RowView,
+    check_ragged_runtime,
+    token_layout,
+)
 
 # --------------------------------------------------------------------------------------------
 # Metadata
 # --------------------------------------------------------------------------------------------
 
 
-def _validate_common(metadata: BaseCacheMetadata, int_fields: Sequence[str]) -> None:
-    owner = type(metadata).__name__
-    for name in ("batch_size", "num_layers", *int_fields):
-        v.require_int(owner, name, getattr(metadata, name), minimum=1)
-    if not isinstance(metadata.dtype, np.dtype):
-        raise TypeError(f"{owner}: dtype must be a numpy dtype, got {metadata.dtype!r}")
-    v.require_float_dtype(owner, "dtype", metadata.dtype)
+class _StateMetadata(BaseCacheMetadata):
+    """What the three recurrent metadata classes share: a constant state per row."""
+
+    @classmethod
+    def fill_defaults(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        if "dtype" in fields:
+            fields["dtype"] = v.require_float_dtype(cls.__name__, "dtype", fields["dtype"])
+        return fields
+
+    def _validate_common(self, int_fields: Sequence[str]) -> None:
+        owner = type(self).__name__
+        for name in ("batch_size", "num_layers", *int_fields):
+            v.require_int(owner, name, getattr(self, name), minimum=1)
+        if not isinstance(self.dtype, np.dtype):
+            raise TypeError(f"{owner}: dtype must be a numpy dtype, got {self.dtype!r}")
+        v.require_float_dtype(owner, "dtype", self.dtype)
+
+    def _state_elements_per_layer(self) -> int:
+        raise NotImplementedError
+
+    def state_bytes_per_sequence(self) -> int:
+        """Bytes one sequence's states take across all layers (independent of its length)."""
+        return self.num_layers * self._state_elements_per_layer() * self.dtype.itemsize
+
+    def bytes_per_token(self) -> int:
+        """``0``: the state does not grow with the sequence."""
+        return 0
+
+    def bytes_per_sequence(self, length: int) -> int:
+        """Bytes of one sequence's states whatever its ``length``: the
+        ``state_bytes_per_sequence``."""
+        v.require_int(f"{type(self).__name__}.bytes_per_sequence", "length", length, minimum=0)
+        return self.state_bytes_per_sequence()
+
+    def bytes_total(self) -> int:
+        """Bytes the whole cache allocates (states and the per-row lengths)."""
+        return self.batch_size * (self.state_bytes_per_sequence() + 4 * self.num_layers)
 
 
 def _check_conv_kernel(owner: str, conv_kernel: Any) -> None:
@@ -66,7 +110,7 @@ def _check_conv_kernel(owner: str, conv_kernel: Any) -> None:
 
 
 @pytree_dataclass
-class MambaCacheMetadata(BaseCacheMetadata):
+class MambaCacheMetadata(_StateMetadata):
     """Static configuration of a Mamba (selective-scan) state cache.
 
     Attributes:
@@ -97,18 +141,19 @@ class MambaCacheMetadata(BaseCacheMetadata):
         dtype: Any = jnp.float32,
     ) -> MambaCacheMetadata:
         """Validated metadata; raises ``ValueError``/``TypeError`` naming the field."""
-        owner = "MambaCacheMetadata.create"
-        return cls(
-            batch_size=batch_size,
-            num_layers=num_layers,
-            d_inner=d_inner,
-            state_size=state_size,
-            conv_kernel=conv_kernel,
-            dtype=v.require_float_dtype(owner, "dtype", dtype),
+        return cls._construct(
+            dict(
+                batch_size=batch_size,
+                num_layers=num_layers,
+                d_inner=d_inner,
+                state_size=state_size,
+                conv_kernel=conv_kernel,
+                dtype=dtype,
+            )
         )
 
     def validate(self) -> None:
-        _validate_common(self, ("d_inner", "state_size"))
+        self._validate_common(("d_inner", "state_size"))
         _check_conv_kernel(type(self).__name__, self.conv_kernel)
 
     @property
@@ -126,18 +171,12 @@ class MambaCacheMetadata(BaseCacheMetadata):
         """``(batch, d_inner, state_size)``."""
         return (self.batch_size, self.d_inner, self.state_size)
 
-    def state_bytes_per_sequence(self) -> int:
-        """Bytes one sequence's states take across all layers (independent of its length)."""
-        per_layer = self.conv_dim * (self.conv_kernel - 1) + self.d_inner * self.state_size
-        return self.num_layers * per_layer * self.dtype.itemsize
-
-    def bytes_total(self) -> int:
-        """Bytes the whole cache allocates (states and the per-row lengths)."""
-        return self.batch_size * (self.state_bytes_per_sequence() + 4 * self.num_layers)
+    def _state_elements_per_layer(self) -> int:
+        return self.conv_dim * (self.conv_kernel - 1) + self.d_inner * self.state_size
 
 
 @pytree_dataclass
-class Mamba2CacheMetadata(BaseCacheMetadata):
+class Mamba2CacheMetadata(_StateMetadata):
     """Static configuration of a Mamba2 (SSD) state cache.
 
     Attributes:
@@ -173,21 +212,22 @@ class Mamba2CacheMetadata(BaseCacheMetadata):
         dtype: Any = jnp.float32,
     ) -> Mamba2CacheMetadata:
         """Validated metadata; raises ``ValueError``/``TypeError`` naming the field."""
-        owner = "Mamba2CacheMetadata.create"
-        return cls(
-            batch_size=batch_size,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            head_dim=head_dim,
-            state_size=state_size,
-            n_groups=n_groups,
-            conv_kernel=conv_kernel,
-            dtype=v.require_float_dtype(owner, "dtype", dtype),
+        return cls._construct(
+            dict(
+                batch_size=batch_size,
+                num_layers=num_layers,
+                num_heads=num_heads,
+                head_dim=head_dim,
+                state_size=state_size,
+                n_groups=n_groups,
+                conv_kernel=conv_kernel,
+                dtype=dtype,
+            )
         )
 
     def validate(self) -> None:
         owner = type(self).__name__
-        _validate_common(self, ("num_heads", "head_dim", "state_size", "n_groups"))
+        self._validate_common(("num_heads", "head_dim", "state_size", "n_groups"))
         _check_conv_kernel(owner, self.conv_kernel)
         if self.num_heads % self.n_groups:
             raise ValueError(
@@ -214,18 +254,12 @@ class Mamba2CacheMetadata(BaseCacheMetadata):
         """``(batch, num_heads, head_dim, state_size)``."""
         return (self.batch_size, self.num_heads, self.head_dim, self.state_size)
 
-    def state_bytes_per_sequence(self) -> int:
-        """Bytes one sequence's states take across all layers (independent of its length)."""
-        per_layer = self.conv_dim * (self.conv_kernel - 1) + self.d_inner * self.state_size
-        return self.num_layers * per_layer * self.dtype.itemsize
-
-    def bytes_total(self) -> int:
-        """Bytes the whole cache allocates (states and the per-row lengths)."""
-        return self.batch_size * (self.state_bytes_per_sequence() + 4 * self.num_layers)
+    def _state_elements_per_layer(self) -> int:
+        return self.conv_dim * (self.conv_kernel - 1) + self.d_inner * self.state_size
 
 
 @pytree_dataclass
-class LinearAttentionCacheMetadata(BaseCacheMetadata):
+class LinearAttentionCacheMetadata(_StateMetadata):
     """Static configuration of a linear / lightning attention state cache.
 
     The state of head ``h`` follows ``S_t = decay[h] * S_{t-1} + k_t^T v_t`` (``decay`` absent:
@@ -268,19 +302,21 @@ class LinearAttentionCacheMetadata(BaseCacheMetadata):
             if array.ndim != 1 or not np.issubdtype(array.dtype, np.number):
                 raise TypeError(f"{owner}: decay must be a sequence of floats, got {decay!r}")
             decay = tuple(float(x) for x in array)
-        return cls(
-            batch_size=batch_size,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            key_dim=key_dim,
-            value_dim=key_dim if value_dim is None else value_dim,
-            decay=decay,
-            dtype=v.require_float_dtype(owner, "dtype", dtype),
+        return cls._construct(
+            dict(
+                batch_size=batch_size,
+                num_layers=num_layers,
+                num_heads=num_heads,
+                key_dim=key_dim,
+                value_dim=key_dim if value_dim is None else value_dim,
+                decay=decay,
+                dtype=dtype,
+            )
         )
 
     def validate(self) -> None:
         owner = type(self).__name__
-        _validate_common(self, ("num_heads", "key_dim", "value_dim"))
+        self._validate_common(("num_heads", "key_dim", "value_dim"))
         if self.decay is None:
             return
         if not isinstance(self.decay, tuple) or len(self.decay) != self.num_heads:
@@ -303,14 +339,8 @@ class LinearAttentionCacheMetadata(BaseCacheMetadata):
         """``[num_heads]`` float32 decay per head, or ``None``."""
         return None if self.decay is None else jnp.asarray(self.decay, jnp.float32)
 
-    def state_bytes_per_sequence(self) -> int:
-        """Bytes one sequence's state takes across all layers (independent of its length)."""
-        per_layer = self.num_heads * self.key_dim * self.value_dim
-        return self.num_layers * per_layer * self.dtype.itemsize
-
-    def bytes_total(self) -> int:
-        """Bytes the whole cache allocates (states and the per-row lengths)."""
-        return self.batch_size * (self.state_bytes_per_sequence() + 4 * self.num_layers)
+    def _state_elements_per_layer(self) -> int:
+        return self.num_heads * self.key_dim * self.value_dim
 
 
 RecurrentCacheMetadata = MambaCacheMetadata | Mamba2CacheMetadata | LinearAttentionCacheMetadata
@@ -322,14 +352,20 @@ RecurrentCacheMetadata = MambaCacheMetadata | Mamba2CacheMetadata | LinearAttent
 
 
 @pytree_dataclass
-class RecurrentMetadata(RaggedRows):
+class RecurrentRuntimeMetadata(RaggedRuntimeMetadata):
     """Runtime metadata of one step of ``T`` tokens through a recurrent cache: which tokens of
-    each row are real (see ``jaxkv.caches.rows.RaggedRows``); a row with 0 keeps its state."""
+    each row are real (see ``jaxkv.caches.rows.RaggedRuntimeMetadata``); a row with 0 keeps its
+    state."""
+
+
+RecurrentMetadata = RecurrentRuntimeMetadata
+"""Former name of ``RecurrentRuntimeMetadata``."""
 
 
 @pytree_dataclass
 class RecurrentStep:
-    """What a recurrent layer needs to run ``T`` new tokens per row from the cached state.
+    """What a recurrent layer needs to run ``T`` new tokens per row from the cached state, and
+    what the view will store once the layer gives it the new state.
 
     Attributes:
         state: the state to start from -- ``ssm_state`` for Mamba
@@ -345,26 +381,21 @@ class RecurrentStep:
             window), correct for every real token whatever the padding side; it is the previous
             ``K - 1`` real inputs followed by the new ones (left padding moves the row's history
             right, next to its first real token; the slots before it are zeros).
+        conv_state: Mamba/Mamba2 only (else ``None``): ``[batch, conv_dim, K - 1]`` in the
+            cache's dtype, the conv state after this step's real inputs (what
+            ``concatenate_to_cache`` stores).
     """
 
     state: jax.Array
     token_mask: jax.Array
     positions: jax.Array
     conv_window: jax.Array | None = None
+    conv_state: jax.Array | None = None
 
-
-def _check_runtime(owner: str, runtime: Any, batch_size: int, new_tokens: int) -> None:
-    if runtime is not None and not isinstance(runtime, RecurrentMetadata):
-        raise TypeError(f"{owner}: runtime must be RecurrentMetadata, got {type(runtime).__name__}")
-    if runtime is None or runtime.new_lengths is None:
-        return
-    v.check_array(owner, "runtime.new_lengths", runtime.new_lengths, (batch_size,))
-    if not v.is_traced(runtime.new_lengths):
-        counts = np.asarray(runtime.new_lengths)
-        if counts.min() < 0 or counts.max() > new_tokens:
-            raise ValueError(
-                f"{owner}: runtime.new_lengths must lie in [0, {new_tokens}], got {counts}"
-            )
+    @property
+    def counts(self) -> jax.Array:
+        """``[batch]`` int32 real tokens per row."""
+        return jnp.sum(self.token_mask, axis=1, dtype=jnp.int32)
 
 
 def _check_float(owner: str, name: str, array: Any) -> None:
@@ -373,12 +404,11 @@ def _check_float(owner: str, name: str, array: Any) -> None:
 
 
 def _layout(
-    lengths: jax.Array, runtime: RecurrentMetadata | None, new_tokens: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(token_mask [batch, T], positions [batch, T], counts [batch])`` of one step."""
+    lengths: jax.Array, runtime: RecurrentRuntimeMetadata | None, new_tokens: int
+) -> tuple[jax.Array, jax.Array]:
+    """``(token_mask [batch, T], positions [batch, T])`` of one step."""
     _, positions = token_layout(lengths, runtime, new_tokens)
-    mask = positions >= 0
-    return mask, positions, jnp.sum(mask, axis=1, dtype=jnp.int32)
+    return positions >= 0, positions
 
 
 def shift_conv_window(
@@ -424,8 +454,142 @@ def shift_conv_window(
 # --------------------------------------------------------------------------------------------
 
 
+class _StateView(RowView, StateCacheView):
+    """What every recurrent view shares: the step checks, the write, and the row operations
+    (``truncate`` excepted)."""
+
+    _metadata_type: ClassVar[type] = BaseCacheMetadata  # pinned by each family
+    _state_field: ClassVar[str] = "state"
+    _conv: ClassVar[bool] = False
+
+    def _state_shape(self) -> tuple[int, ...]:
+        return self.metadata.state_shape
+
+    def _empty_fields(self) -> dict[str, Any]:
+        fields = {self._state_field: 0, "lengths": 0}
+        if self._conv:
+            fields["conv_state"] = 0
+        return fields
+
+    @classmethod
+    def _check_init(cls, metadata: Any, layer_index: int | None) -> None:
+        if not isinstance(metadata, cls._metadata_type):
+            raise TypeError(
+                f"{cls.__name__}.init: metadata must be {cls._metadata_type.__name__}, "
+                f"got {type(metadata).__name__}"
+            )
+        v.require_optional_int(f"{cls.__name__}.init", "layer_index", layer_index, minimum=0)
+
+    def _check_read(self, owner: str, runtime: Any, num_tokens: Any, conv_input: Any) -> int:
+        m = self.metadata
+        if self._conv:
+            if conv_input is None:
+                raise TypeError(f"{owner}: conv_input is required (the new conv inputs)")
+            v.check_array(owner, "conv_input", conv_input, (m.batch_size, None, m.conv_dim))
+            _check_float(owner, "conv_input", conv_input)
+            if conv_input.shape[1] < 1:
+                raise ValueError(f"{owner}: conv_input must hold at least one new token, got T=0")
+            if num_tokens is None:
+                num_tokens = conv_input.shape[1]
+            if conv_input.shape[1] != num_tokens:
+                raise ValueError(
+                    f"{owner}: conv_input holds {conv_input.shape[1]} tokens per row but "
+                    f"num_tokens={num_tokens}"
+                )
+        elif conv_input is not None:
+            raise TypeError(
+                f"{owner}: {type(self).__name__} has no conv state: conv_input must "
+                f"be None, got {type(conv_input).__name__}"
+            )
+        v.require_int(owner, "num_tokens", num_tokens, minimum=1)
+        check_ragged_runtime(owner, runtime, RecurrentRuntimeMetadata, m.batch_size, num_tokens)
+        return num_tokens
+
+    def read(
+        self,
+        runtime: RecurrentRuntimeMetadata | None = None,
+        num_tokens: int | None = None,
+        conv_input: jax.Array | None = None,
+    ) -> RecurrentStep:
+        """What the layer needs to run ``num_tokens`` (``T``) new tokens per row; nothing is
+        written.
+
+        Args:
+            runtime: which of the ``T`` tokens per row are real (``None``: all).
+            num_tokens: ``T`` (taken from ``conv_input`` when omitted).
+            conv_input: Mamba/Mamba2: ``[batch, T, conv_dim]``, the new inputs of the causal conv
+                (any float); linear attention: ``None``.
+
+        Returns:
+            A ``RecurrentStep`` (the state to start from in float32, ``token_mask``,
+            ``positions``; conv families also ``conv_window`` and the ``conv_state`` to store).
+        """
+        owner = self._owner("read")
+        num_tokens = self._check_read(owner, runtime, num_tokens, conv_input)
+        mask, positions = _layout(self.lengths, runtime, num_tokens)
+        state = getattr(self, self._state_field).astype(jnp.float32)
+        if not self._conv:
+            return RecurrentStep(state, mask, positions)
+        side = "right" if runtime is None else runtime.padding_side
+        counts = jnp.sum(mask, axis=1, dtype=jnp.int32)
+        window, conv_state = shift_conv_window(self.conv_state, conv_input, counts, side)
+        return RecurrentStep(state, mask, positions, window, conv_state)
+
+    def concatenate_to_cache(
+        self, step: RecurrentStep, state: jax.Array
+    ) -> tuple[RecurrentStep, Any]:
+        """Store one step of ``T`` tokens per row.
+
+        Args:
+            step: what ``read`` returned for this step (its ``conv_state`` is stored as is).
+            state: the state after each row's last real token, in the shape of the view's state
+                field, any float dtype (cast to ``metadata.dtype``). Rows with no real token keep
+                their cached state whatever is passed here.
+
+        Returns:
+            ``(step, new_view)``: the same ``step``, and the view holding the new states and
+            ``lengths + real tokens``. ``self`` is unchanged.
+
+        Raises:
+            ValueError/TypeError: a step or state whose shape or dtype does not fit the view.
+        """
+        m = self.metadata
+        owner = self._owner("concatenate_to_cache")
+        if not isinstance(step, RecurrentStep):
+            raise TypeError(
+                f"{owner}: step must be the RecurrentStep that read() returned, "
+                f"got {type(step).__name__}"
+            )
+        v.check_array(owner, "step.token_mask", step.token_mask, (m.batch_size, None))
+        v.check_array(owner, self._state_field, state, self._state_shape())
+        _check_float(owner, self._state_field, state)
+        moved = step.counts > 0
+        cached = getattr(self, self._state_field)
+        fields = {
+            self._state_field: jnp.where(
+                moved.reshape((-1,) + (1,) * (cached.ndim - 1)), state.astype(m.dtype), cached
+            ),
+            "lengths": self.lengths + step.counts,
+        }
+        if self._conv:
+            if step.conv_state is None:
+                raise ValueError(f"{owner}: step has no conv_state; pass what read() returned")
+            v.check_array(owner, "step.conv_state", step.conv_state, m.conv_state_shape)
+            fields["conv_state"] = step.conv_state.astype(m.dtype)
+        return step, self._with_rows(fields, m.batch_size)
+
+    def truncate(self, lengths: Any) -> Any:
+        """Not possible: a row keeps one state, not one per token."""
+        raise self._unsupported(
+            "truncate",
+            "a row keeps one recurrent state, not one per token, so the state at an earlier "
+            "length is gone (rollback needs per-token state checkpoints); reset_rows empties a "
+            "row instead",
+        )
+
+
 @pytree_dataclass
-class _ConvSSMCacheView(BaseCacheView):
+class _ConvSSMCacheView(_StateView):
     """A conv window plus an SSM state per row: the shared implementation of the Mamba and
     Mamba2 views (which only pin the metadata type).
 
@@ -444,17 +608,16 @@ class _ConvSSMCacheView(BaseCacheView):
     metadata: Any = static_field()
     layer_index: int | None = static_field(None)
 
-    _metadata_type: ClassVar[type] = BaseCacheMetadata  # pinned by each family
+    _state_field = "ssm_state"
+    _conv = True
+
+    def _state_shape(self) -> tuple[int, ...]:
+        return self.metadata.ssm_state_shape
 
     @classmethod
     def init(cls, metadata: Any, layer_index: int | None = None) -> _ConvSSMCacheView:
         """An empty view (zero states, all rows of length 0) for ``metadata``."""
-        if not isinstance(metadata, cls._metadata_type):
-            raise TypeError(
-                f"{cls.__name__}.init: metadata must be {cls._metadata_type.__name__}, "
-                f"got {type(metadata).__name__}"
-            )
-        v.require_optional_int(f"{cls.__name__}.init", "layer_index", layer_index, minimum=0)
+        cls._check_init(metadata, layer_index)
         m = metadata
         return cls(
             conv_state=jnp.zeros(m.conv_state_shape, m.dtype),
@@ -464,129 +627,32 @@ class _ConvSSMCacheView(BaseCacheView):
             layer_index=layer_index,
         )
 
-    def _owner(self, method: str) -> str:
-        return f"{type(self).__name__}.{method} (layer {self.layer_index})"
-
-    def _check_conv_input(self, owner: str, conv_input: Any) -> int:
-        m = self.metadata
-        v.check_array(owner, "conv_input", conv_input, (m.batch_size, None, m.conv_dim))
-        _check_float(owner, "conv_input", conv_input)
-        if conv_input.shape[1] < 1:
-            raise ValueError(f"{owner}: conv_input must hold at least one new token, got T=0")
-        return conv_input.shape[1]
-
-    def read(
-        self, conv_input: jax.Array, runtime: RecurrentMetadata | None = None
-    ) -> RecurrentStep:
-        """What the layer needs to run ``T`` new tokens (nothing is written).
-
-        Args:
-            conv_input: ``[batch, T, conv_dim]``, the new inputs of the causal conv (any float).
-            runtime: which of the ``T`` tokens per row are real (default: all).
-
-        Returns:
-            A ``RecurrentStep`` with ``conv_window``, ``state`` (the SSM state, float32),
-            ``token_mask`` and ``positions``.
-        """
-        owner = self._owner("read")
-        new_tokens = self._check_conv_input(owner, conv_input)
-        _check_runtime(owner, runtime, self.metadata.batch_size, new_tokens)
-        return self._step(conv_input, runtime)[0]
-
-    def _step(
-        self, conv_input: jax.Array, runtime: RecurrentMetadata | None
-    ) -> tuple[RecurrentStep, jax.Array, jax.Array]:
-        mask, positions, counts = _layout(self.lengths, runtime, conv_input.shape[1])
-        side = "right" if runtime is None else runtime.padding_side
-        window, conv_state = shift_conv_window(self.conv_state, conv_input, counts, side)
-        step = RecurrentStep(
-            state=self.ssm_state.astype(jnp.float32),
-            token_mask=mask,
-            positions=positions,
-            conv_window=window,
-        )
-        return step, conv_state, counts
-
-    def concatenate_to_cache(
-        self,
-        conv_input: jax.Array,
-        ssm_state: jax.Array,
-        runtime: RecurrentMetadata | None = None,
-    ) -> tuple[RecurrentStep, _ConvSSMCacheView]:
-        """Write one step of ``T`` tokens per row.
-
-        Args:
-            conv_input: ``[batch, T, conv_dim]``, the same conv inputs given to ``read``; the
-                conv state moves on by each row's real inputs (``T`` may exceed ``K``).
-            ssm_state: ``metadata.ssm_state_shape``, any float dtype (cast to
-                ``metadata.dtype``): the SSM state after the row's last real token. Rows with
-                no real token keep their cached state whatever is passed here.
-            runtime: which of the ``T`` tokens per row are real (default: all).
-
-        Returns:
-            ``(step, new_view)``: ``step`` is what ``read`` returns for these inputs (the state
-            *before* the write); ``new_view`` holds the new conv and SSM states and
-            ``lengths + real tokens``. ``self`` is unchanged.
-
-        Raises:
-            ValueError/TypeError: a shape, dtype or count that does not fit the metadata.
-        """
-        m = self.metadata
-        owner = self._owner("concatenate_to_cache")
-        new_tokens = self._check_conv_input(owner, conv_input)
-        v.check_array(owner, "ssm_state", ssm_state, m.ssm_state_shape)
-        _check_float(owner, "ssm_state", ssm_state)
-        _check_runtime(owner, runtime, m.batch_size, new_tokens)
-        step, conv_state, counts = self._step(conv_input, runtime)
-        moved = (counts > 0).reshape((-1,) + (1,) * (ssm_state.ndim - 1))
-        new_view = type(self)(
-            conv_state=conv_state,
-            ssm_state=jnp.where(moved, ssm_state.astype(m.dtype), self.ssm_state),
-            lengths=self.lengths + counts,
-            metadata=m,
-            layer_index=self.layer_index,
-        )
-        return step, new_view
-
-    def reset_rows(self, rows: Any) -> _ConvSSMCacheView:
-        """A view whose selected rows are empty again (zero states, length 0), so a batch slot
-        can take a new sequence. ``rows``: ``[batch]`` bool mask or a sequence of row ids."""
-        mask = row_mask(self._owner("reset_rows"), rows, self.metadata.batch_size)
-        return type(self)(
-            conv_state=jnp.where(mask[:, None, None], 0, self.conv_state),
-            ssm_state=_zero_rows(self.ssm_state, mask),
-            lengths=jnp.where(mask, 0, self.lengths),
-            metadata=self.metadata,
-            layer_index=self.layer_index,
-        )
-
-
-def _zero_rows(state: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.where(mask.reshape((-1,) + (1,) * (state.ndim - 1)), 0, state)
-
 
 @pytree_dataclass
 class MambaCacheView(_ConvSSMCacheView):
     """One Mamba layer's state: ``conv_state: [batch, d_inner, K - 1]``,
     ``ssm_state: [batch, d_inner, state_size]``, ``lengths: [batch]`` (see
-    ``_ConvSSMCacheView`` for ``read``, ``concatenate_to_cache`` and ``reset_rows``)."""
+    ``_ConvSSMCacheView`` and ``_StateView`` for ``read``, ``concatenate_to_cache`` and the row
+    operations)."""
 
     metadata: MambaCacheMetadata = static_field()
     _metadata_type = MambaCacheMetadata
+    family = "Mamba"
 
 
 @pytree_dataclass
 class Mamba2CacheView(_ConvSSMCacheView):
     """One Mamba2 layer's state: ``conv_state: [batch, d_inner + 2 * n_groups * state_size,
     K - 1]``, ``ssm_state: [batch, num_heads, head_dim, state_size]``, ``lengths: [batch]``
-    (see ``_ConvSSMCacheView`` for ``read``, ``concatenate_to_cache`` and ``reset_rows``)."""
+    (see ``_ConvSSMCacheView`` and ``_StateView``)."""
 
     metadata: Mamba2CacheMetadata = static_field()
     _metadata_type = Mamba2CacheMetadata
+    family = "Mamba2"
 
 
 @pytree_dataclass
-class LinearAttentionCacheView(BaseCacheView):
+class LinearAttentionCacheView(_StateView):
     """One linear-attention layer's state.
 
     Attributes:
@@ -601,19 +667,15 @@ class LinearAttentionCacheView(BaseCacheView):
     metadata: LinearAttentionCacheMetadata = static_field()
     layer_index: int | None = static_field(None)
 
+    _metadata_type = LinearAttentionCacheMetadata
+    family = "linear-attention"
+
     @classmethod
     def init(
         cls, metadata: LinearAttentionCacheMetadata, layer_index: int | None = None
     ) -> LinearAttentionCacheView:
         """An empty view (zero state, all rows of length 0) for ``metadata``."""
-        if not isinstance(metadata, LinearAttentionCacheMetadata):
-            raise TypeError(
-                f"LinearAttentionCacheView.init: metadata must be LinearAttentionCacheMetadata, "
-                f"got {type(metadata).__name__}"
-            )
-        v.require_optional_int(
-            "LinearAttentionCacheView.init", "layer_index", layer_index, minimum=0
-        )
+        cls._check_init(metadata, layer_index)
         return cls(
             state=jnp.zeros(metadata.state_shape, metadata.dtype),
             lengths=jnp.zeros((metadata.batch_size,), jnp.int32),
@@ -621,82 +683,29 @@ class LinearAttentionCacheView(BaseCacheView):
             layer_index=layer_index,
         )
 
-    def _owner(self, method: str) -> str:
-        return f"LinearAttentionCacheView.{method} (layer {self.layer_index})"
-
-    def read(self, new_tokens: int, runtime: RecurrentMetadata | None = None) -> RecurrentStep:
-        """What the layer needs to run ``new_tokens`` (``T``) tokens per row: ``state``
-        (float32), ``token_mask`` and ``positions``; ``conv_window`` is ``None``."""
-        owner = self._owner("read")
-        v.require_int(owner, "new_tokens", new_tokens, minimum=1)
-        _check_runtime(owner, runtime, self.metadata.batch_size, new_tokens)
-        mask, positions, _ = _layout(self.lengths, runtime, new_tokens)
-        return RecurrentStep(self.state.astype(jnp.float32), mask, positions)
-
-    def concatenate_to_cache(
-        self,
-        state: jax.Array,
-        new_tokens: int,
-        runtime: RecurrentMetadata | None = None,
-    ) -> tuple[RecurrentStep, LinearAttentionCacheView]:
-        """Write one step of ``new_tokens`` (``T``) tokens per row.
-
-        Args:
-            state: ``[batch, num_heads, key_dim, value_dim]``, any float dtype (cast to
-                ``metadata.dtype``): the state after the row's last real token. Rows with no
-                real token keep their cached state whatever is passed here.
-            new_tokens: ``T``, the tokens per row of this step (padding included).
-            runtime: which of the ``T`` tokens per row are real (default: all).
-
-        Returns:
-            ``(step, new_view)``: ``step`` is what ``read`` returns (the state before the
-            write); ``new_view`` holds ``state`` and ``lengths + real tokens``.
-        """
-        m = self.metadata
-        owner = self._owner("concatenate_to_cache")
-        v.check_array(owner, "state", state, m.state_shape)
-        _check_float(owner, "state", state)
-        step = self.read(new_tokens, runtime)
-        counts = jnp.sum(step.token_mask, axis=1, dtype=jnp.int32)
-        moved = (counts > 0)[:, None, None, None]
-        new_view = LinearAttentionCacheView(
-            state=jnp.where(moved, state.astype(m.dtype), self.state),
-            lengths=self.lengths + counts,
-            metadata=m,
-            layer_index=self.layer_index,
-        )
-        return step, new_view
-
-    def reset_rows(self, rows: Any) -> LinearAttentionCacheView:
-        """A view whose selected rows are empty again (zero state, length 0)."""
-        mask = row_mask(self._owner("reset_rows"), rows, self.metadata.batch_size)
-        return LinearAttentionCacheView(
-            state=_zero_rows(self.state, mask),
-            lengths=jnp.where(mask, 0, self.lengths),
-            metadata=self.metadata,
-            layer_index=self.layer_index,
-        )
-
 
 RecurrentCacheView = MambaCacheView | Mamba2CacheView | LinearAttentionCacheView
+
+MambaCacheMetadata.view_type = MambaCacheView
+Mamba2CacheMetadata.view_type = Mamba2CacheView
+LinearAttentionCacheMetadata.view_type = LinearAttentionCacheView
 
 VIEW_TYPES: dict[type, type] = {
     MambaCacheMetadata: MambaCacheView,
     Mamba2CacheMetadata: Mamba2CacheView,
     LinearAttentionCacheMetadata: LinearAttentionCacheView,
 }
-"""The view class each recurrent metadata class builds."""
+"""The view class each recurrent metadata class builds (also its ``view_type``)."""
 
 
 def init_view(metadata: RecurrentCacheMetadata, layer_index: int | None = None) -> Any:
     """An empty view of the family ``metadata`` belongs to."""
-    view_type = VIEW_TYPES.get(type(metadata))
-    if view_type is None:
+    if type(metadata) not in VIEW_TYPES:
         allowed = ", ".join(t.__name__ for t in VIEW_TYPES)
         raise TypeError(
             f"init_view: metadata must be one of {allowed}, got {type(metadata).__name__}"
         )
-    return view_type.init(metadata, layer_index)
+    return metadata.view_type.init(metadata, layer_index)
 
 
 # --------------------------------------------------------------------------------------------
@@ -705,37 +714,10 @@ def init_view(metadata: RecurrentCacheMetadata, layer_index: int | None = None) 
 
 
 @pytree_dataclass
-class RecurrentCache(BaseCache):
+class RecurrentCache(LayerCache):
     """A recurrent-state cache: one Mamba, Mamba2 or linear-attention view per layer (the family
     follows the metadata's type)."""
 
     views: tuple[Any, ...]
 
-    @classmethod
-    def init_cache(cls, metadata: RecurrentCacheMetadata, *, layers: Any = None) -> RecurrentCache:
-        """A cache with an empty view for every layer (or only for the layer ids in ``layers``;
-        the others are ``None``)."""
-        owner = "RecurrentCache.init_cache"
-        if type(metadata) not in VIEW_TYPES:
-            allowed = ", ".join(t.__name__ for t in VIEW_TYPES)
-            raise TypeError(
-                f"{owner}: metadata must be one of {allowed}, got {type(metadata).__name__}"
-            )
-        wanted = v.require_layers(owner, layers, metadata.num_layers)
-        return cls(
-            views=tuple(
-                init_view(metadata, i) if i in wanted else None for i in range(metadata.num_layers)
-            )
-        )
-
-    @classmethod
-    def init_empty(cls, num_layers: int) -> RecurrentCache:
-        """A cache of ``num_layers`` ``None`` views."""
-        v.require_int("RecurrentCache.init_empty", "num_layers", num_layers, minimum=1)
-        return cls(views=(None,) * num_layers)
-
-    def reset_rows(self, rows: Any) -> RecurrentCache:
-        """Empty the selected rows in every layer (see the views' ``reset_rows``)."""
-        return self.with_views(
-            view if view is None else view.reset_rows(rows) for view in self.views
-        )
+    metadata_types = tuple(VIEW_TYPES)

@@ -1,28 +1,53 @@
-"""The per-row layout of a ragged batch: which of the ``T`` new tokens of each row are real.
+"""Rows: the per-row layout of a ragged write, and the row operations of every family whose
+state is a batch of rows on the device (contiguous, ring, Mamba, Mamba2, linear attention).
 
-Every cache family that keeps per-row state (contiguous, ring, recurrent) takes its new tokens as
-``[batch, T, ...]`` with padding on the right or on the left of each row; ``RaggedRows`` says how
-many are real, ``token_layout`` turns that into ranks and absolute positions, and ``row_mask``
-turns a user's row selection into a mask.
+* ``RaggedRuntimeMetadata`` says how many of the ``T`` new tokens of each row are real and on
+  which side the padding is; ``token_layout`` turns that into ranks and absolute positions.
+* ``RowView`` implements ``jaxkv.abstracts.RowOperations`` once for every view whose array
+  fields all have the batch as their leading axis: ``select``, ``reorder``, ``repeat``,
+  ``insert`` and ``extract`` move whole rows, ``reset_rows`` clears the fields a family names in
+  ``_empty_fields`` (the rest of a row is dead once its length is 0). A family adds only what
+  differs: its family name, its empty fields, ``truncate`` and overflow flags.
+* ``LayerCache`` implements ``init_cache``/``init_empty`` and the cache-level row operations
+  (each applied to every layer) once for every cache made of one family's views.
+
+Row ids are checked eagerly; under ``jax.jit`` an out-of-range id (negative ones included, which
+JAX would otherwise wrap onto the last row) touches no row: ``reset_rows`` and ``insert`` skip it,
+``reorder``/``extract`` give an empty row for it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxkv import _validation as v
-from jaxkv.abstracts import BaseRunTimeMetadata, pytree_dataclass, static_field
+from jaxkv.abstracts import (
+    BaseCache,
+    BaseCacheMetadata,
+    BaseRunTimeMetadata,
+    RowOperations,
+    pytree_dataclass,
+    static_field,
+)
+from jaxkv.errors import CacheOverflowError, UnsupportedOperationError
 
 PaddingSide = Literal["right", "left"]
 PADDING_SIDES = ("right", "left")
 
 
+# --------------------------------------------------------------------------------------------
+# Ragged writes
+# --------------------------------------------------------------------------------------------
+
+
 @pytree_dataclass
-class RaggedRows(BaseRunTimeMetadata):
+class RaggedRuntimeMetadata(BaseRunTimeMetadata):
     """Runtime metadata of ``T`` new tokens per row, some of them padding.
 
     Attributes:
@@ -51,8 +76,32 @@ class RaggedRows(BaseRunTimeMetadata):
         return cls(new_lengths=new_lengths, padding_side=padding_side)
 
 
+RaggedRows = RaggedRuntimeMetadata
+"""Former name of ``RaggedRuntimeMetadata``."""
+
+
+def check_ragged_runtime(
+    owner: str, runtime: Any, runtime_type: type, batch_size: int, new_tokens: int
+) -> None:
+    """``runtime`` is ``None`` or a ``runtime_type`` whose counts fit ``[batch_size]`` rows of
+    ``new_tokens`` tokens (values checked when concrete)."""
+    if runtime is not None and not isinstance(runtime, runtime_type):
+        raise TypeError(
+            f"{owner}: runtime must be {runtime_type.__name__}, got {type(runtime).__name__}"
+        )
+    if runtime is None or runtime.new_lengths is None:
+        return
+    v.check_array(owner, "runtime.new_lengths", runtime.new_lengths, (batch_size,))
+    if not v.is_traced(runtime.new_lengths):
+        counts = np.asarray(runtime.new_lengths)
+        if counts.min() < 0 or counts.max() > new_tokens:
+            raise ValueError(
+                f"{owner}: runtime.new_lengths must lie in [0, {new_tokens}], got {counts}"
+            )
+
+
 def token_layout(
-    lengths: jax.Array, runtime: RaggedRows | None, new_tokens: int
+    lengths: jax.Array, runtime: RaggedRuntimeMetadata | None, new_tokens: int
 ) -> tuple[jax.Array, jax.Array]:
     """Where each of ``new_tokens`` written per row lands.
 
@@ -80,8 +129,14 @@ def token_layout(
     return index, positions
 
 
+# --------------------------------------------------------------------------------------------
+# Row arguments
+# --------------------------------------------------------------------------------------------
+
+
 def row_mask(owner: str, rows: Any, batch_size: int) -> jax.Array:
-    """``[batch]`` bool mask from a bool mask or a list of row ids (validated when concrete)."""
+    """``[batch]`` bool mask from a bool mask or a sequence of row ids (validated when concrete;
+    a traced out-of-range id, negative ones included, selects nothing)."""
     array = jnp.asarray(rows)
     if array.dtype == jnp.bool_:
         v.check_array(owner, "rows", array, (batch_size,))
@@ -92,4 +147,313 @@ def row_mask(owner: str, rows: Any, batch_size: int) -> jax.Array:
         )
     if not v.is_traced(array) and array.size and (array.min() < 0 or array.max() >= batch_size):
         raise ValueError(f"{owner}: row ids must lie in [0, {batch_size}), got {np.asarray(array)}")
-    return jnp.zeros((batch_size,), jnp.bool_).at[array].set(True, mode="drop")
+    return (
+        jnp.zeros((batch_size,), jnp.bool_).at[safe_index(array, batch_size)].set(True, mode="drop")
+    )
+
+
+def safe_index(index: jax.Array, size: int) -> jax.Array:
+    """``index`` with every id outside ``[0, size)`` replaced by ``size``, which a
+    ``mode="drop"`` scatter discards (JAX would wrap a negative id onto the last row)."""
+    index = jnp.asarray(index, jnp.int32)
+    return jnp.where((index >= 0) & (index < size), index, size)
+
+
+def static_row_ids(owner: str, name: str, rows: Any, batch_size: int) -> tuple[int, ...]:
+    """Distinct row ids as Python ints (they fix a result's shape, so they must be concrete)."""
+    if v.is_traced(rows):
+        raise TypeError(
+            f"{owner}: {name} sets the number of rows of the result, so it must be concrete "
+            f"(a list of ints), not a traced array"
+        )
+    array = np.asarray(rows)
+    if array.ndim != 1 or not (array.size == 0 or np.issubdtype(array.dtype, np.integer)):
+        raise TypeError(f"{owner}: {name} must be a sequence of row ids, got {rows!r}")
+    ids = [int(i) for i in array]
+    if not ids:
+        raise ValueError(f"{owner}: {name} must name at least one row, got {rows!r}")
+    bad = [i for i in ids if not 0 <= i < batch_size]
+    if bad:
+        raise ValueError(f"{owner}: {name} must lie in [0, {batch_size}), got {ids}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{owner}: {name} must be distinct row ids, got {ids}")
+    return tuple(ids)
+
+
+def row_indices(owner: str, indices: Any, batch_size: int) -> jax.Array:
+    """``[batch]`` int32 source rows for ``reorder`` (validated when concrete)."""
+    array = jnp.asarray(indices)
+    if not jnp.issubdtype(array.dtype, jnp.integer) or array.ndim != 1:
+        raise TypeError(f"{owner}: indices must be a [batch] array of row ids, got {indices!r}")
+    v.check_array(owner, "indices", array, (batch_size,))
+    if not v.is_traced(array) and (array.min() < 0 or array.max() >= batch_size):
+        raise ValueError(
+            f"{owner}: indices must lie in [0, {batch_size}), got {np.asarray(array).tolist()}"
+        )
+    return array.astype(jnp.int32)
+
+
+def slot_index(owner: str, slot: Any, batch_size: int) -> jax.Array:
+    """A row id as an int32 scalar (validated when concrete)."""
+    if isinstance(slot, bool) or isinstance(slot, np.bool_):
+        raise TypeError(f"{owner}: slot must be an int row id, got {slot!r}")
+    array = jnp.asarray(slot)
+    if array.ndim != 0 or not jnp.issubdtype(array.dtype, jnp.integer):
+        raise TypeError(f"{owner}: slot must be an int row id, got {slot!r}")
+    if not v.is_traced(array) and not 0 <= int(array) < batch_size:
+        raise ValueError(f"{owner}: slot must lie in [0, {batch_size}), got {int(array)}")
+    return array.astype(jnp.int32)
+
+
+def require_count(owner: str, n: Any) -> int:
+    """``repeat``'s ``n``: a concrete int >= 1."""
+    if v.is_traced(n):
+        raise TypeError(f"{owner}: n sets the number of rows of the result, so it must be an int")
+    return v.require_int(owner, "n", n, minimum=1)
+
+
+def _rows_first(array: jax.Array, rows: jax.Array) -> jax.Array:
+    """``rows`` (``[n]`` bool or per-row values) broadcast against ``array: [n, ...]``."""
+    return rows.reshape(rows.shape + (1,) * (array.ndim - rows.ndim))
+
+
+# --------------------------------------------------------------------------------------------
+# Views made of rows
+# --------------------------------------------------------------------------------------------
+
+
+class RowView(RowOperations):
+    """Row operations of a view whose array fields all have the batch as their leading axis.
+
+    A family pins ``family`` (or ``_family()`` when it depends on the metadata), lists in
+    ``_empty_fields()`` the fields an empty row must hold and their fill value, and implements
+    ``truncate``. ``self.metadata`` must have a ``batch_size`` field.
+    """
+
+    family: ClassVar[str] = "?"
+
+    def _family(self) -> str:
+        return self.family
+
+    def _empty_fields(self) -> dict[str, Any]:
+        """``{field: fill value}`` of an empty row (e.g. ``lengths: 0``)."""
+        raise NotImplementedError
+
+    def _owner(self, operation: str) -> str:
+        return f"{type(self).__name__}.{operation} (layer {self.layer_index})"
+
+    @property
+    def batch_size(self) -> int:
+        """Rows of the view."""
+        return self.metadata.batch_size
+
+    def _row_arrays(self) -> dict[str, jax.Array]:
+        """Every array field (all ``[batch, ...]``); ``None`` fields are left out."""
+        fields = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, jax.Array | np.ndarray):
+                fields[field.name] = value
+        return fields
+
+    def _with_rows(self, arrays: dict[str, jax.Array], batch_size: int) -> Any:
+        metadata = self.metadata
+        if batch_size != metadata.batch_size:
+            metadata = metadata.replace(batch_size=batch_size)
+        return dataclasses.replace(self, metadata=metadata, **arrays)
+
+    def _emptied(self, arrays: dict[str, jax.Array], empty: jax.Array) -> dict[str, jax.Array]:
+        """``arrays`` with the rows where ``empty: [n]`` is true set to the empty row."""
+        fills = self._empty_fields()
+        return {
+            name: jnp.where(_rows_first(array, empty), fills[name], array)
+            if name in fills
+            else array
+            for name, array in arrays.items()
+        }
+
+    def reset_rows(self, rows: Any) -> Any:
+        """A view whose selected rows are empty again, so a batch slot can take a new sequence.
+        ``rows``: ``[batch]`` bool mask or a sequence of row ids."""
+        mask = row_mask(self._owner("reset_rows"), rows, self.batch_size)
+        fills = self._empty_fields()
+        arrays = self._row_arrays()
+        return self._with_rows(
+            self._emptied({name: arrays[name] for name in fills if name in arrays}, mask),
+            self.batch_size,
+        )
+
+    def select(self, rows: Sequence[int]) -> Any:
+        """A view of only ``rows`` (distinct row ids, in this order)."""
+        ids = static_row_ids(self._owner("select"), "rows", rows, self.batch_size)
+        index = jnp.asarray(ids, jnp.int32)
+        arrays = {name: array[index] for name, array in self._row_arrays().items()}
+        return self._with_rows(arrays, len(ids))
+
+    def reorder(self, indices: Any) -> Any:
+        """Row ``b`` becomes row ``indices[b]`` (``[batch]`` ints, duplicates allowed)."""
+        index = row_indices(self._owner("reorder"), indices, self.batch_size)
+        return self._gather(index, self.batch_size)
+
+    def _gather(self, index: jax.Array, batch_size: int) -> Any:
+        valid = (index >= 0) & (index < self.batch_size)
+        safe = jnp.where(valid, index, 0)
+        arrays = {name: array[safe] for name, array in self._row_arrays().items()}
+        return self._with_rows(self._emptied(arrays, ~valid), batch_size)
+
+    def repeat(self, n: int) -> Any:
+        """Every row repeated ``n`` times, interleaved (``n * batch`` rows)."""
+        n = require_count(self._owner("repeat"), n)
+        arrays = {name: jnp.repeat(a, n, axis=0) for name, a in self._row_arrays().items()}
+        return self._with_rows(arrays, n * self.batch_size)
+
+    def insert(self, other: Any, slot: Any) -> Any:
+        """Row ``slot`` replaced by the single row of ``other`` (a one-row view of this family
+        with this metadata otherwise)."""
+        owner = self._owner("insert")
+        expected = self.metadata.replace(batch_size=1)
+        if type(other) is not type(self) or other.metadata != expected:
+            raise TypeError(
+                f"{owner}: other must be a one-row {type(self).__name__} with metadata "
+                f"{expected}, got {type(other).__name__} with metadata "
+                f"{getattr(other, 'metadata', None)}"
+            )
+        index = safe_index(slot_index(owner, slot, self.batch_size), self.batch_size)
+        theirs = other._row_arrays()
+        arrays = {
+            name: array.at[index].set(theirs[name][0].astype(array.dtype), mode="drop")
+            for name, array in self._row_arrays().items()
+        }
+        return self._with_rows(arrays, self.batch_size)
+
+    def extract(self, slot: Any) -> Any:
+        """Row ``slot`` as a one-row view (an empty row for a traced out-of-range ``slot``)."""
+        index = slot_index(self._owner("extract"), slot, self.batch_size)
+        return self._gather(index[None], 1)
+
+    def overflow_rows(self) -> jax.Array:
+        """``[batch]`` bool: rows where a write was dropped (none, unless the family keeps
+        overflow flags)."""
+        return jnp.zeros((self.batch_size,), jnp.bool_)
+
+    def check_overflow(self) -> None:
+        """Raise ``CacheOverflowError`` if a row's write was dropped."""
+        raise_if_overflowed(self.overflow_rows(), self._overflow_limit())
+
+    def _overflow_limit(self) -> str:
+        return "its capacity"
+
+    def _unsupported(self, operation: str, reason: str) -> UnsupportedOperationError:
+        return UnsupportedOperationError(self._family(), operation, reason)
+
+
+def raise_if_overflowed(flags: jax.Array, limit: str) -> None:
+    """``CacheOverflowError`` naming the rows whose flag is set."""
+    rows = np.flatnonzero(np.asarray(flags)).tolist()
+    if rows:
+        raise CacheOverflowError(
+            f"rows {rows} overflowed {limit}: their last write was dropped (cached tokens are "
+            f"intact)"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Caches made of one family's views
+# --------------------------------------------------------------------------------------------
+
+
+class LayerCache(BaseCache, RowOperations):
+    """``init_cache``/``init_empty`` and the cache-level row operations of a cache whose views
+    are all of one family: each operation is applied to every layer (``None`` layers stay).
+
+    A subclass pins ``metadata_types`` (the metadata classes it accepts); each metadata class
+    names the view class it builds as ``view_type``.
+    """
+
+    metadata_types: ClassVar[tuple[type, ...]] = ()
+
+    @classmethod
+    def init_cache(cls, metadata: BaseCacheMetadata, *, layers: Any = None) -> Any:
+        """A cache with an empty view for every layer (or only for the layer ids in ``layers``;
+        the others are ``None``)."""
+        owner = f"{cls.__name__}.init_cache"
+        if not isinstance(metadata, cls.metadata_types):
+            allowed = ", ".join(t.__name__ for t in cls.metadata_types)
+            if len(cls.metadata_types) > 1:
+                allowed = f"one of {allowed}"
+            raise TypeError(f"{owner}: metadata must be {allowed}, got {type(metadata).__name__}")
+        wanted = v.require_layers(owner, layers, metadata.num_layers)
+        view_type = metadata.view_type
+        return cls(
+            views=tuple(
+                view_type.init(metadata, i) if i in wanted else None
+                for i in range(metadata.num_layers)
+            )
+        )
+
+    @classmethod
+    def init_empty(cls, num_layers: int) -> Any:
+        """A cache of ``num_layers`` ``None`` views."""
+        v.require_int(f"{cls.__name__}.init_empty", "num_layers", num_layers, minimum=1)
+        return cls(views=(None,) * num_layers)
+
+    def _live_views(self) -> list[Any]:
+        views = [view for view in self.views if view is not None]
+        if not views:
+            raise ValueError(f"{type(self).__name__}: the cache has no initialised views")
+        return views
+
+    def _map(self, operation: str, *args: Any) -> Any:
+        return self.with_views(
+            view if view is None else getattr(view, operation)(*args) for view in self.views
+        )
+
+    def reset_rows(self, rows: Any) -> Any:
+        """Empty the selected rows in every layer (see the views' ``reset_rows``)."""
+        return self._map("reset_rows", rows)
+
+    def truncate(self, lengths: Any) -> Any:
+        """Keep only the first ``lengths[b]`` tokens of each row in every layer."""
+        return self._map("truncate", lengths)
+
+    def select(self, rows: Sequence[int]) -> Any:
+        """Only ``rows`` (distinct, in this order) in every layer."""
+        return self._map("select", rows)
+
+    def reorder(self, indices: Any) -> Any:
+        """Row ``b`` becomes row ``indices[b]`` in every layer."""
+        return self._map("reorder", indices)
+
+    def repeat(self, n: int) -> Any:
+        """Every row repeated ``n`` times, interleaved, in every layer."""
+        return self._map("repeat", n)
+
+    def insert(self, other: Any, slot: Any) -> Any:
+        """Row ``slot`` of every layer replaced by the single row of ``other`` (a one-row cache
+        of the same type, with views in the same layers)."""
+        owner = f"{type(self).__name__}.insert"
+        if type(other) is not type(self) or len(other) != len(self):
+            raise TypeError(
+                f"{owner}: other must be a one-row {type(self).__name__} of {len(self)} layers, "
+                f"got {type(other).__name__}"
+            )
+        views = []
+        for layer, (mine, theirs) in enumerate(zip(self.views, other.views, strict=True)):
+            if (mine is None) != (theirs is None):
+                raise ValueError(
+                    f"{owner}: layer {layer} is initialised in only one of the two caches"
+                )
+            views.append(None if mine is None else mine.insert(theirs, slot))
+        return self.with_views(views)
+
+    def extract(self, slot: Any) -> Any:
+        """Row ``slot`` of every layer as a one-row cache."""
+        return self._map("extract", slot)
+
+    def overflow_rows(self) -> jax.Array:
+        """``[batch]`` bool: rows where some write did not fit (any layer)."""
+        return jnp.any(jnp.stack([view.overflow_rows() for view in self._live_views()]), axis=0)
+
+    def check_overflow(self) -> None:
+        """Raise ``CacheOverflowError`` if any row overflowed (call after a jitted step)."""
+        raise_if_overflowed(self.overflow_rows(), self._live_views()[0]._overflow_limit())

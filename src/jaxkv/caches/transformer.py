@@ -1,7 +1,7 @@
 """Contiguous and sliding-window key/value caches.
 
 Without a window, each batch row stores up to ``max_length`` tokens in
-``keys: [batch, max_length, key_heads, key_dim]`` and
+``keys: [batch, max_length, num_kv_heads, head_dim]`` and
 ``values: [batch, max_length, value_heads, value_dim]``; slot ``s`` holds position ``s``.
 
 With ``sliding_window=W`` each row stores only ``W`` slots, used as a ring: the token at absolute
@@ -12,8 +12,8 @@ sees exactly the previous ``W`` positions even when the chunk is longer than ``W
 ring.
 
 Every row has its own fill length (``lengths: [batch]``), so a batch may hold sequences of
-different lengths; ``TransformerMetadata`` says how many of the ``T`` new tokens of each row are
-real and on which side the padding is.
+different lengths; ``TransformerRuntimeMetadata`` says how many of the ``T`` new tokens of each
+row are real and on which side the padding is.
 
 Capacity: a row may hold at most ``max_length`` tokens in its life (with a window too, where it
 bounds the positions). A write that would pass it writes *nothing* for that row and flags it:
@@ -21,9 +21,15 @@ called eagerly, ``concatenate_to_cache`` raises ``CacheOverflowError``; under ``
 raise, so the returned view's ``overflow: [batch]`` flag turns (and stays) ``True`` for that row --
 check it with ``TransformerCache.check_overflow`` (or ``overflow_rows``) after the step.
 
-Quantised storage: with ``kv_quantization`` set to ``"int8"``, ``"int4"`` or ``"fp8"`` (see
-``jaxkv.quantization``) the views hold the codec's words plus ``key_scales``/``value_scales``;
-each token is quantised as it is written and attention dequantises block by block.
+Rows: every row operation of ``jaxkv.abstracts.RowOperations`` works on views and caches
+(``jaxkv.caches.rows.RowView``); ``truncate`` is for full caches only, since a ring has already
+overwritten the slots a rollback would need.
+
+Storage: keys and values go through the metadata's storage codec (``jaxkv.quantization``):
+floats of ``dtype`` (16-bit ones held as ``uint16`` words so that XLA's CPU backend writes them
+in place), or with ``kv_quantization`` set to ``"int8"``, ``"int4"`` or ``"fp8"`` the codec's
+words plus ``key_scales``/``value_scales``; each token is encoded as it is written and attention
+decodes block by block.
 """
 
 from __future__ import annotations
@@ -36,47 +42,56 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv import _validation as v
-from jaxkv import quantization
 from jaxkv.abstracts import (
-    BaseCache,
+    AttentionCacheView,
     BaseCacheMetadata,
-    BaseCacheView,
     pytree_dataclass,
     static_field,
 )
-from jaxkv.caches import storage
-from jaxkv.caches.rows import RaggedRows, row_mask, token_layout
+from jaxkv.caches.kv_storage import KVStorageMetadata, decode_states
+from jaxkv.caches.rows import (
+    LayerCache,
+    RaggedRuntimeMetadata,
+    RowView,
+    check_ragged_runtime,
+    token_layout,
+)
 from jaxkv.errors import CacheOverflowError
-from jaxkv.ops.attention import CachedKV, KVSegment
+from jaxkv.kv import CachedKV, KVSegment
+
+_LEGACY_NAMES = {"key_heads": "num_kv_heads", "key_dim": "head_dim"}
+"""Field names of earlier releases, still accepted by ``create`` and ``from_dict``."""
 
 
 @pytree_dataclass
-class TransformerCacheMetadata(BaseCacheMetadata):
+class TransformerCacheMetadata(KVStorageMetadata, BaseCacheMetadata):
     """Static configuration of a contiguous or sliding-window KV cache.
 
     Attributes:
         batch_size: rows of the cache.
         max_length: most tokens one row holds over its life.
         num_layers: layers (views) in the cache.
-        key_heads, value_heads: KV heads for keys and for values.
-        key_dim, value_dim: head dimension of keys and of values.
+        num_kv_heads: KV heads (of keys; and of values unless ``value_heads`` differs).
+        head_dim: head dimension of keys (and queries).
+        value_dim: head dimension of values (``head_dim`` unless given).
+        value_heads: heads of values (``num_kv_heads`` unless given).
         sliding_window: ``None`` for a full cache, else the ring size ``W`` (slots per row are
             ``min(W, max_length)``).
-        dtype: storage dtype of keys and values (float32, bfloat16 or float16); with a codec,
-            the dtype ``key_states()``/``value_states()`` return.
+        dtype: dtype of keys and values (float32, bfloat16 or float16); with a codec, the dtype
+            ``key_states()``/``value_states()`` return.
         kv_quantization: storage codec, one of ``jaxkv.quantization.CODECS`` (``"none"``:
             plain ``dtype`` floats).
-        quantization_group_size: int4 only: channels per scale (must divide ``key_dim`` and
+        quantization_group_size: int4 only: channels per scale (must divide ``head_dim`` and
             ``value_dim``); ``None`` for the other codecs.
     """
 
     batch_size: int
     max_length: int
     num_layers: int
-    key_heads: int
-    value_heads: int
-    key_dim: int
-    value_dim: int
+    num_kv_heads: int
+    head_dim: int
+    value_dim: int | None = None
+    value_heads: int | None = None
     sliding_window: int | None = None
     dtype: np.dtype = np.dtype(np.float32)
     kv_quantization: str = "none"
@@ -91,72 +106,66 @@ class TransformerCacheMetadata(BaseCacheMetadata):
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         *,
-        key_heads: int | None = None,
-        value_heads: int | None = None,
-        key_dim: int | None = None,
         value_dim: int | None = None,
+        value_heads: int | None = None,
         sliding_window: int | None = None,
         dtype: Any = jnp.float32,
         kv_quantization: str = "none",
         quantization_group_size: int | None = None,
+        key_heads: int | None = None,
+        key_dim: int | None = None,
     ) -> TransformerCacheMetadata:
         """Validated metadata.
 
-        Give ``num_kv_heads``/``head_dim`` for the usual case, or ``key_heads``/``value_heads`` and
-        ``key_dim``/``value_dim`` when keys and values differ. ``kv_quantization`` picks the
-        storage codec (``"none"``, ``"int8"``, ``"int4"``, ``"fp8"``); int4's
-        ``quantization_group_size`` defaults to ``min(64, key_dim, value_dim)``. Raises
-        ``ValueError``/``TypeError`` naming the field on bad input.
+        ``value_dim`` defaults to ``head_dim`` and ``value_heads`` to ``num_kv_heads``
+        (``key_heads``/``key_dim`` are accepted as the former names of ``num_kv_heads`` and
+        ``head_dim``). ``kv_quantization`` picks the storage codec (``"none"``, ``"int8"``,
+        ``"int4"``, ``"fp8"``); int4's ``quantization_group_size`` defaults to
+        ``min(64, head_dim, value_dim)``. Raises ``ValueError``/``TypeError`` naming the field.
         """
         owner = "TransformerCacheMetadata.create"
-        key_heads = _pick(owner, "key_heads", key_heads, "num_kv_heads", num_kv_heads)
-        value_heads = _pick(owner, "value_heads", value_heads, "num_kv_heads", num_kv_heads)
-        key_dim = _pick(owner, "key_dim", key_dim, "head_dim", head_dim)
-        value_dim = _pick(owner, "value_dim", value_dim, "head_dim", head_dim)
-        return cls(
-            batch_size=batch_size,
-            max_length=max_length,
-            num_layers=num_layers,
-            key_heads=key_heads,
-            value_heads=value_heads,
-            key_dim=key_dim,
-            value_dim=value_dim,
-            sliding_window=sliding_window,
-            dtype=v.require_float_dtype(owner, "dtype", dtype),
-            kv_quantization=kv_quantization,
-            quantization_group_size=quantization_group_size,
+        return cls._construct(
+            dict(
+                batch_size=batch_size,
+                max_length=max_length,
+                num_layers=num_layers,
+                num_kv_heads=_pick(owner, "key_heads", key_heads, "num_kv_heads", num_kv_heads),
+                head_dim=_pick(owner, "key_dim", key_dim, "head_dim", head_dim),
+                value_dim=value_dim,
+                value_heads=value_heads,
+                sliding_window=sliding_window,
+                dtype=dtype,
+                kv_quantization=kv_quantization,
+                quantization_group_size=quantization_group_size,
+            )
         )
+
+    @classmethod
+    def fill_defaults(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        fields = cls.fill_kv_defaults(cls.__name__, fields)
+        if fields.get("value_heads") is None:
+            fields["value_heads"] = fields.get("num_kv_heads")
+        return fields
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TransformerCacheMetadata:
+        """Metadata from ``to_dict`` output (the field names of earlier releases, ``key_heads``
+        and ``key_dim``, are accepted)."""
+        if isinstance(data, dict) and any(name in data for name in _LEGACY_NAMES):
+            data = dict(data)
+            for old, new in _LEGACY_NAMES.items():
+                if old in data:
+                    data[new] = _pick(
+                        f"{cls.__name__}.from_dict", old, data.pop(old), new, data.get(new)
+                    )
+        return super().from_dict(data)
 
     def validate(self) -> None:
         owner = type(self).__name__
-        for name in (
-            "batch_size",
-            "max_length",
-            "num_layers",
-            "key_heads",
-            "value_heads",
-            "key_dim",
-            "value_dim",
-        ):
+        for name in ("batch_size", "max_length", "num_layers", "value_heads"):
             v.require_int(owner, name, getattr(self, name), minimum=1)
         v.require_optional_int(owner, "sliding_window", self.sliding_window, minimum=1)
-        if not isinstance(self.dtype, np.dtype):
-            raise TypeError(f"{owner}: dtype must be a numpy dtype, got {self.dtype!r}")
-        v.require_float_dtype(owner, "dtype", self.dtype)
-        group_size = quantization.resolve_group_size(
-            owner,
-            self.kv_quantization,
-            self.quantization_group_size,
-            (("key_dim", self.key_dim), ("value_dim", self.value_dim)),
-        )
-        if group_size != self.quantization_group_size:
-            # int4's default group size, fixed here so that it is part of the (static) metadata.
-            object.__setattr__(self, "quantization_group_size", group_size)
-
-    @property
-    def codec(self) -> quantization.KVCodec | None:
-        """The storage codec, or ``None`` when unquantised."""
-        return quantization.make_codec(self.kv_quantization, self.quantization_group_size)
+        self.validate_kv()
 
     @property
     def num_slots(self) -> int:
@@ -170,13 +179,13 @@ class TransformerCacheMetadata(BaseCacheMetadata):
         """Whether rows are rings (a window smaller than ``max_length``)."""
         return self.sliding_window is not None and self.sliding_window < self.max_length
 
-    def bytes_per_token(self) -> int:
-        """Bytes of keys and values one token occupies across all layers (scales included)."""
-        codec = self.codec
-        per_layer = self.key_heads * quantization.bytes_per_head(
-            codec, self.key_dim, self.dtype
-        ) + self.value_heads * quantization.bytes_per_head(codec, self.value_dim, self.dtype)
-        return self.num_layers * per_layer
+    def bytes_per_sequence(self, length: int) -> int:
+        """Bytes of keys and values a sequence of ``length`` tokens occupies across all layers:
+        ``min(length, slots)`` slots (a ring holds at most its window)."""
+        length = v.require_int(
+            f"{type(self).__name__}.bytes_per_sequence", "length", length, minimum=0
+        )
+        return min(length, self.num_slots) * self.bytes_per_token()
 
     def bytes_total(self) -> int:
         """Bytes the whole cache allocates (keys, values and bookkeeping)."""
@@ -196,28 +205,32 @@ def _pick(owner: str, name: str, value: Any, fallback_name: str, fallback: Any) 
 
 
 @pytree_dataclass
-class TransformerMetadata(RaggedRows):
+class TransformerRuntimeMetadata(RaggedRuntimeMetadata):
     """Runtime metadata of one write into a ``TransformerCache``: which of the ``T`` tokens of
-    each row are real (see ``jaxkv.caches.rows.RaggedRows``)."""
+    each row are real (see ``jaxkv.caches.rows.RaggedRuntimeMetadata``)."""
+
+
+TransformerMetadata = TransformerRuntimeMetadata
+"""Former name of ``TransformerRuntimeMetadata``."""
 
 
 @pytree_dataclass
-class TransformerCacheView(BaseCacheView):
+class TransformerCacheView(RowView, AttentionCacheView):
     """One layer of a contiguous or sliding-window cache.
 
     Attributes:
-        keys: ``[batch, slots, key_heads, key_dim]`` in ``metadata.dtype``, 16-bit floats held as
-            ``uint16`` words (see ``jaxkv.caches.storage``; ``key_states()`` gives the floats).
-            With a codec: its words, ``[batch, slots, key_heads, codec.stored_dim(key_dim)]``.
-        values: ``[batch, slots, value_heads, value_dim]``, likewise.
+        keys: ``[batch, slots, num_kv_heads, storage.stored_dim(head_dim)]`` stored words of the
+            metadata's storage codec (``key_states()`` gives the floats).
+        values: ``[batch, slots, value_heads, storage.stored_dim(value_dim)]``, likewise.
         lengths: ``[batch]`` int32, tokens written so far per row (the next position).
         positions: ``[batch, slots]`` int32 position held by each ring slot (``-1`` empty); ``None``
             for a full cache, where slot ``s`` holds position ``s``.
         overflow: ``[batch]`` bool, sticky: a write to this row did not fit and was dropped.
         metadata: the cache's ``TransformerCacheMetadata`` (static).
         layer_index: which layer this view belongs to (static).
-        key_scales: with a codec, ``[batch, slots, key_heads, groups]`` uint16 (float16 bits),
-            one scale per token per head (per channel group for int4); ``None`` unquantised.
+        key_scales: with a quantising codec, ``[batch, slots, num_kv_heads, groups]`` uint16
+            (float16 bits), one scale per token per head (per channel group for int4); ``None``
+            unquantised.
         value_scales: ``[batch, slots, value_heads, groups]``, likewise.
     """
 
@@ -231,6 +244,15 @@ class TransformerCacheView(BaseCacheView):
     key_scales: jax.Array | None = None
     value_scales: jax.Array | None = None
 
+    def _family(self) -> str:
+        return "sliding-window ring" if self.metadata.is_ring else "contiguous"
+
+    def _empty_fields(self) -> dict[str, Any]:
+        return {"lengths": 0, "positions": -1, "overflow": False}
+
+    def _overflow_limit(self) -> str:
+        return f"max_length={self.metadata.max_length}"
+
     @classmethod
     def init(
         cls, metadata: TransformerCacheMetadata, layer_index: int | None = None
@@ -243,13 +265,8 @@ class TransformerCacheView(BaseCacheView):
             )
         m = metadata
         slots = m.num_slots
-        codec = m.codec
-        keys, key_scales = storage.allocate(
-            (m.batch_size, slots, m.key_heads), m.key_dim, m.dtype, codec
-        )
-        values, value_scales = storage.allocate(
-            (m.batch_size, slots, m.value_heads), m.value_dim, m.dtype, codec
-        )
+        keys, key_scales = m.storage.allocate((m.batch_size, slots, m.num_kv_heads), m.head_dim)
+        values, value_scales = m.storage.allocate((m.batch_size, slots, m.value_heads), m.value_dim)
         return cls(
             keys=keys,
             values=values,
@@ -263,32 +280,33 @@ class TransformerCacheView(BaseCacheView):
         )
 
     def key_states(self) -> jax.Array:
-        """``[batch, slots, key_heads, key_dim]`` keys as ``metadata.dtype`` floats (a quantised
-        cache is dequantised whole: for inspection, attention reads it block by block)."""
-        m = self.metadata
-        return storage.decode_values(self.keys, self.key_scales, m.dtype, m.codec)
+        """``[batch, slots, num_kv_heads, head_dim]`` keys as ``metadata.dtype`` floats (a
+        quantised cache is dequantised whole: for inspection, attention reads it block by
+        block)."""
+        return decode_states(self.keys, self.key_scales, self.metadata)
 
     def value_states(self) -> jax.Array:
         """``[batch, slots, value_heads, value_dim]`` values as ``metadata.dtype`` floats."""
-        m = self.metadata
-        return storage.decode_values(self.values, self.value_scales, m.dtype, m.codec)
+        return decode_states(self.values, self.value_scales, self.metadata)
 
-    def query_positions(self, runtime: TransformerMetadata | None, new_tokens: int) -> jax.Array:
-        """``[batch, new_tokens]`` int32 absolute positions the next write will give its tokens
+    def query_positions(
+        self, runtime: TransformerRuntimeMetadata | None, num_tokens: int
+    ) -> jax.Array:
+        """``[batch, num_tokens]`` int32 absolute positions the next write will give its tokens
         (``-1`` for padding): what a model needs for RoPE before it writes."""
-        return token_layout(self.lengths, runtime, new_tokens)[1]
+        return token_layout(self.lengths, runtime, num_tokens)[1]
 
     def concatenate_to_cache(
         self,
         key: jax.Array,
         value: jax.Array,
-        runtime: TransformerMetadata | None = None,
+        runtime: TransformerRuntimeMetadata | None = None,
     ) -> tuple[CachedKV, TransformerCacheView]:
         """Write ``T`` new tokens per row at each row's own position.
 
         Args:
-            key: ``[batch, T, key_heads, key_dim]``, any float dtype (cast to ``metadata.dtype``,
-                or quantised token by token with the metadata's codec).
+            key: ``[batch, T, num_kv_heads, head_dim]``, any float dtype (encoded with the
+                metadata's storage codec).
             value: ``[batch, T, value_heads, value_dim]``.
             runtime: which of the ``T`` tokens per row are real (default: all).
 
@@ -302,8 +320,8 @@ class TransformerCacheView(BaseCacheView):
             CacheOverflowError: (eager calls only) a row would pass ``max_length``.
         """
         m = self.metadata
-        owner = f"TransformerCacheView.concatenate_to_cache (layer {self.layer_index})"
-        v.check_array(owner, "key", key, (m.batch_size, None, m.key_heads, m.key_dim))
+        owner = self._owner("concatenate_to_cache")
+        v.check_array(owner, "key", key, (m.batch_size, None, m.num_kv_heads, m.head_dim))
         new_tokens = key.shape[1]
         v.check_array(owner, "value", value, (m.batch_size, new_tokens, m.value_heads, m.value_dim))
         for name, array in (("key", key), ("value", value)):
@@ -311,28 +329,14 @@ class TransformerCacheView(BaseCacheView):
                 raise TypeError(f"{owner}: {name} must be a float array, got {array.dtype}")
         if new_tokens < 1:
             raise ValueError(f"{owner}: key must hold at least one new token, got T={new_tokens}")
-        if runtime is not None and not isinstance(runtime, TransformerMetadata):
-            raise TypeError(
-                f"{owner}: runtime must be TransformerMetadata, got {type(runtime).__name__}"
-            )
-        if runtime is not None and runtime.new_lengths is not None:
-            v.check_array(owner, "runtime.new_lengths", runtime.new_lengths, (m.batch_size,))
-            if not v.is_traced(runtime.new_lengths):
-                counts = np.asarray(runtime.new_lengths)
-                if counts.min() < 0 or counts.max() > new_tokens:
-                    raise ValueError(
-                        f"{owner}: runtime.new_lengths must lie in [0, {new_tokens}], got {counts}"
-                    )
+        check_ragged_runtime(owner, runtime, TransformerRuntimeMetadata, m.batch_size, new_tokens)
 
-        codec = m.codec
-        key, key_scale = storage.encode_values(key, m.dtype, codec)
-        value, value_scale = storage.encode_values(value, m.dtype, codec)
-        stored_as = None if codec is not None else storage.stored_as(m.dtype)
+        storage = m.storage
+        key, key_scale = storage.encode(key)
+        value, value_scale = storage.encode(value)
 
         def segment(keys, values, positions, live, key_scales, value_scales):
-            return KVSegment(
-                keys, values, positions, live, stored_as, key_scales, value_scales, codec
-            )
+            return KVSegment(keys, values, positions, live, storage, key_scales, value_scales)
 
         def scatter(buffer, rows, slots, new):
             return None if buffer is None else buffer.at[rows, slots].set(new, mode="drop")
@@ -409,13 +413,26 @@ class TransformerCacheView(BaseCacheView):
 
     def truncate(self, lengths: Any) -> TransformerCacheView:
         """A view whose rows keep only their first ``lengths[b]`` tokens (``lengths: [batch]``,
-        each at most the row's current length), e.g. to roll a conversation back to the longest
-        prefix it shares with a new prompt. Not possible on a ring, whose old slots are gone."""
-        owner = "TransformerCacheView.truncate"
+        each in ``[0, current length]``), e.g. to roll a conversation back to the longest prefix
+        it shares with a new prompt. Under ``jit`` a row given an out-of-range length keeps its
+        tokens.
+
+        Raises:
+            UnsupportedOperationError: on a sliding-window ring, whose slots past the window
+                already hold newer tokens.
+        """
+        owner = self._owner("truncate")
         if self.metadata.is_ring:
-            raise ValueError(f"{owner}: a sliding-window ring cannot be truncated")
-        lengths = jnp.asarray(lengths, jnp.int32)
+            raise self._unsupported(
+                "truncate",
+                "a ring has overwritten the slots of the tokens before its window, so the "
+                "state at an earlier length is gone (rollback of rings needs spare slots)",
+            )
+        lengths = jnp.asarray(lengths)
+        if not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise TypeError(f"{owner}: lengths must be a [batch] int array, got {lengths.dtype}")
         v.check_array(owner, "lengths", lengths, (self.metadata.batch_size,))
+        lengths = lengths.astype(jnp.int32)
         if not v.is_traced(lengths, self.lengths):
             current = np.asarray(self.lengths)
             wanted = np.asarray(lengths)
@@ -424,82 +441,21 @@ class TransformerCacheView(BaseCacheView):
                     f"{owner}: lengths must lie in [0, current lengths {current.tolist()}], "
                     f"got {wanted.tolist()}"
                 )
-        return dataclasses.replace(self, lengths=jnp.minimum(lengths, self.lengths))
+        valid = (lengths >= 0) & (lengths <= self.lengths)
+        return dataclasses.replace(self, lengths=jnp.where(valid, lengths, self.lengths))
 
-    def reset_rows(self, rows: Any) -> TransformerCacheView:
-        """A view whose selected rows are empty again (length 0, overflow cleared), so a batch
-        slot can take a new sequence. ``rows``: ``[batch]`` bool mask or a sequence of row ids."""
-        mask = row_mask("TransformerCacheView.reset_rows", rows, self.metadata.batch_size)
-        positions = self.positions
-        if positions is not None:
-            positions = jnp.where(mask[:, None], -1, positions)
-        return dataclasses.replace(
-            self,
-            lengths=jnp.where(mask, 0, self.lengths),
-            positions=positions,
-            overflow=self.overflow & ~mask,
-        )
+    def overflow_rows(self) -> jax.Array:
+        """``[batch]`` bool: rows where a write did not fit and was dropped (sticky)."""
+        return self.overflow
 
 
 @pytree_dataclass
-class TransformerCache(BaseCache):
+class TransformerCache(LayerCache):
     """A contiguous or sliding-window KV cache: one ``TransformerCacheView`` per layer."""
 
     views: tuple[TransformerCacheView | None, ...]
 
-    @classmethod
-    def init_cache(
-        cls, metadata: TransformerCacheMetadata, *, layers: Any = None
-    ) -> TransformerCache:
-        """A cache with an empty view for every layer (or only for the layer ids in ``layers``;
-        the others are ``None``)."""
-        if not isinstance(metadata, TransformerCacheMetadata):
-            raise TypeError(
-                f"TransformerCache.init_cache: metadata must be TransformerCacheMetadata, "
-                f"got {type(metadata).__name__}"
-            )
-        wanted = v.require_layers("TransformerCache.init_cache", layers, metadata.num_layers)
-        return cls(
-            views=tuple(
-                TransformerCacheView.init(metadata, i) if i in wanted else None
-                for i in range(metadata.num_layers)
-            )
-        )
+    metadata_types = (TransformerCacheMetadata,)
 
-    @classmethod
-    def init_empty(cls, num_layers: int) -> TransformerCache:
-        """A cache of ``num_layers`` ``None`` views."""
-        v.require_int("TransformerCache.init_empty", "num_layers", num_layers, minimum=1)
-        return cls(views=(None,) * num_layers)
 
-    def _live_views(self) -> list[TransformerCacheView]:
-        return [view for view in self.views if view is not None]
-
-    def reset_rows(self, rows: Any) -> TransformerCache:
-        """Empty the selected rows in every layer (see ``TransformerCacheView.reset_rows``)."""
-        return self.with_views(
-            view if view is None else view.reset_rows(rows) for view in self.views
-        )
-
-    def truncate(self, lengths: Any) -> TransformerCache:
-        """Keep only the first ``lengths[b]`` tokens of each row in every layer."""
-        return self.with_views(
-            view if view is None else view.truncate(lengths) for view in self.views
-        )
-
-    def overflow_rows(self) -> jax.Array:
-        """``[batch]`` bool: rows where some write did not fit (any layer)."""
-        flags = [view.overflow for view in self._live_views()]
-        if not flags:
-            raise ValueError("TransformerCache.overflow_rows: the cache has no initialised views")
-        return jnp.any(jnp.stack(flags), axis=0)
-
-    def check_overflow(self) -> None:
-        """Raise ``CacheOverflowError`` if any row overflowed (call after a jitted step)."""
-        rows = np.flatnonzero(np.asarray(self.overflow_rows())).tolist()
-        if rows:
-            view = self._live_views()[0]
-            raise CacheOverflowError(
-                f"rows {rows} overflowed max_length={view.metadata.max_length}: their last write "
-                f"was dropped (cached tokens are intact)"
-            )
+TransformerCacheMetadata.view_type = TransformerCacheView

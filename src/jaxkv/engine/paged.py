@@ -14,20 +14,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxkv.caches.paged import PagedCache, PagedCacheMetadata, PagedRuntimeMetadata
-from jaxkv.engine.generate import (
-    GenerationResult,
-    Model,
-    _RowState,
-    compiled_step,
-    sampling_arrays,
-)
+from jaxkv._sizes import ceil_div, next_power_of_two
+from jaxkv.caches.paged import PagedCache, PagedCacheMetadata
+from jaxkv.engine.model import Model
+from jaxkv.engine.outputs import GenerationResult, RowProgress
 from jaxkv.engine.sampling import SamplingParams
+from jaxkv.engine.step import compiled_step, sampling_arrays
+from jaxkv.engine.step_inputs import paged_runtime
 from jaxkv.pages import PageManager
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class PagedRunner:
@@ -47,28 +41,37 @@ class PagedRunner:
         self.page_size = page_size
         self.kv_quantization = kv_quantization
 
-    def _pool(self, rows: list[_RowState], max_new_tokens: int) -> tuple[PageManager, PagedCache]:
+    def _pool(self, rows: list[RowProgress], max_new_tokens: int) -> tuple[PageManager, PagedCache]:
         config, page_size = self.model.config, self.page_size
         totals = [len(r.prompt_ids) + max_new_tokens for r in rows]
-        max_pages_per_seq = _ceil_div(max(totals), page_size)
+        max_pages_per_seq = ceil_div(max(totals), page_size)
         # Every sequence's worst case, plus one page per sequence for copy-on-write.
-        num_pages = sum(_ceil_div(t, page_size) for t in totals) + len(rows)
+        num_pages = sum(ceil_div(t, page_size) for t in totals) + len(rows)
         # A decode step packs at most one token per row: no padding beyond the batch, since the
         # matmuls of a step cost what its padded token count costs.
         decode_bucket = len(rows)
-        prefill_bucket = max(16, 1 << (sum(len(r.prompt_ids) for r in rows) - 1).bit_length())
+        prefill_bucket = next_power_of_two(sum(len(r.prompt_ids) for r in rows), 16)
         manager = PageManager(
-            num_pages, page_size, len(rows), max_pages_per_seq,
+            num_pages,
+            page_size,
+            len(rows),
+            max_pages_per_seq,
             token_buckets=sorted({decode_bucket, max(prefill_bucket, decode_bucket)}),
         )
         metadata = PagedCacheMetadata.create(
-            config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim,
-            len(rows), max_pages_per_seq, dtype=self.model.dtype,
+            config.num_layers,
+            num_pages,
+            page_size,
+            config.num_kv_heads,
+            config.head_dim,
+            len(rows),
+            max_pages_per_seq,
+            dtype=self.model.dtype,
             kv_quantization=self.kv_quantization,
         )
         return manager, PagedCache.init_cache(metadata)
 
-    def run(self, rows: list[_RowState], max_new_tokens: int) -> GenerationResult:
+    def run(self, rows: list[RowProgress], max_new_tokens: int) -> GenerationResult:
         model, config = self.model, self.model.config
         manager, cache = self._pool(rows, max_new_tokens)
         for index, row in enumerate(rows):
@@ -84,14 +87,17 @@ class PagedRunner:
             """Schedule, run and commit one step; ``(row, sampled token)`` per sequence."""
             nonlocal cache, key, subkey, compile_seconds
             step = manager.schedule(batch)
-            runtime = PagedRuntimeMetadata.from_step(step)
-            if step.num_copies:
-                cache = cache.copy_pages(runtime.copy_ops)
+            runtime = paged_runtime(step)  # the step applies its copy-on-write copies itself
             if not greedy:  # greedy steps ignore the key: skip a dispatch per step
                 key, subkey = jax.random.split(key)
             args = (
-                model.params, cache, runtime.token_ids, runtime, runtime.logits_indices,
-                subkey, knobs,
+                model.params,
+                cache,
+                runtime.token_ids,
+                runtime,
+                runtime.logits_indices,
+                subkey,
+                knobs,
             )
             compiled, seconds = compiled_step(config, greedy, *args)
             compile_seconds += seconds
@@ -105,8 +111,12 @@ class PagedRunner:
 
         # Compile the decode shape too before timing anything.
         start = time.perf_counter()
-        sampled = run_step([(i, len(r.prompt_ids) - manager.get_sequence(i).num_computed)
-                            for i, r in enumerate(rows)])
+        sampled = run_step(
+            [
+                (i, len(r.prompt_ids) - manager.get_sequence(i).num_computed)
+                for i, r in enumerate(rows)
+            ]
+        )
         prefill_seconds = time.perf_counter() - start - compile_seconds
         for index, token in sampled:
             rows[index].push(token, max_new_tokens)

@@ -44,7 +44,6 @@ class SamplingParams:
         return self.temperature == 0
 
 
-
 def sample(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
     """Pick one token per row.
 

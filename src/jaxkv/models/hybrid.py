@@ -10,8 +10,9 @@ attention, recurrent layers scanned from a zero state); ``hybrid_forward_cached`
 
 The cached forward runs either attention backend. Activations live in the ``[batch, T]`` layout
 throughout; with the ``"paged"`` backend each attention layer gathers its input into the step's
-packed ``[num_tokens]`` axis (``HybridPagedMetadata.to_packed``), writes and attends there, and
-scatters its output back (``to_batch``), while recurrent layers and MLPs stay in ``[batch, T]``.
+packed ``[num_tokens]`` axis (``runtime.attention_inputs``), writes and attends there, and
+scatters its output back (``runtime.attention_outputs``), while recurrent layers and MLPs stay
+in ``[batch, T]``. Both backends run the same code.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxkv import _validation as v
+from jaxkv._sizes import ceil_div
 from jaxkv.caches.hybrid import (
     ATTENTION_KINDS,
     LAYER_KINDS,
     HybridCache,
     HybridCacheMetadata,
-    HybridMetadata,
-    HybridPagedMetadata,
+    HybridPagedRuntimeMetadata,
+    HybridRuntimeMetadata,
 )
 from jaxkv.models import linear_attention as linear
 from jaxkv.models import mamba, mamba2
@@ -109,8 +111,8 @@ class HybridConfig:
         self,
         batch_size: int,
         max_length: int,
-        dtype: Any = jnp.float32,
         *,
+        dtype: Any = jnp.float32,
         attention_backend: str = "contiguous",
         page_size: int = 16,
         num_pages: int | None = None,
@@ -131,7 +133,7 @@ class HybridConfig:
         if attention_backend == "paged":
             v.require_int(owner, "page_size", page_size, minimum=1)
             v.require_int(owner, "batch_size", batch_size, minimum=1)
-            max_pages_per_seq = -(-max_length // page_size)
+            max_pages_per_seq = ceil_div(max_length, page_size)
             if num_pages is None:
                 num_pages = batch_size * max_pages_per_seq
             attention_settings = dict(
@@ -150,14 +152,16 @@ class HybridConfig:
                 if "sliding_attention" in kinds
                 else None
             ),
-            mamba=self.mamba.cache_metadata(batch_size, count("mamba"), dtype)
+            mamba=self.mamba.cache_metadata(batch_size, count("mamba"), dtype=dtype)
             if "mamba" in kinds
             else None,
-            mamba2=self.mamba2.cache_metadata(batch_size, count("mamba2"), dtype)
+            mamba2=self.mamba2.cache_metadata(batch_size, count("mamba2"), dtype=dtype)
             if "mamba2" in kinds
             else None,
             linear_attention=(
-                self.linear_attention.cache_metadata(batch_size, count("linear_attention"), dtype)
+                self.linear_attention.cache_metadata(
+                    batch_size, count("linear_attention"), dtype=dtype
+                )
                 if "linear_attention" in kinds
                 else None
             ),
@@ -231,21 +235,22 @@ def init_hybrid(key: jax.Array, config: HybridConfig) -> dict[str, Any]:
 
 
 def _rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotate ``x: [batch, T, heads, head_dim]`` by ``positions: [batch, T]`` (half-split)."""
+    """Rotate ``x: [..., heads, head_dim]`` by ``positions: [...]`` (half-split)."""
     half = x.shape[-1] // 2
     inverse = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[..., None, None] * inverse  # [batch, T, 1, half]
+    angles = positions.astype(jnp.float32)[..., None, None] * inverse  # [..., 1, half]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     first, second = x[..., :half], x[..., half:]
     return jnp.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1)
 
 
 def _qkv(params, config, hidden, positions):
+    """``hidden: [..., hidden]`` -> q ``[..., heads, D]``, k and v ``[..., kv_heads, D]``."""
     c = config
-    batch, length, _ = hidden.shape
-    q = (hidden @ params["q_proj"]).reshape(batch, length, c.num_heads, c.head_dim)
-    k = (hidden @ params["k_proj"]).reshape(batch, length, c.num_kv_heads, c.head_dim)
-    value = (hidden @ params["v_proj"]).reshape(batch, length, c.num_kv_heads, c.head_dim)
+    lead = hidden.shape[:-1]
+    q = (hidden @ params["q_proj"]).reshape(*lead, c.num_heads, c.head_dim)
+    k = (hidden @ params["k_proj"]).reshape(*lead, c.num_kv_heads, c.head_dim)
+    value = (hidden @ params["v_proj"]).reshape(*lead, c.num_kv_heads, c.head_dim)
     return _rope(q, positions, c.rope_theta), _rope(k, positions, c.rope_theta), value
 
 
@@ -268,26 +273,18 @@ def _attention_full(params, config, hidden, window):
 
 
 def _attention_cached(params, config, hidden, view, runtime):
+    """One attention layer through its cache view, whatever the backend: ``hidden: [batch, T,
+    hidden]`` goes to the layout the backend's views write (``runtime.attention_inputs``: the
+    same ``[batch, T]`` rows, or the paged step's packed ``[N]`` axis) and comes back."""
     c = config
-    batch, length, _ = hidden.shape
-    positions = view.query_positions(runtime, length)
-    q, k, value = _qkv(params, c, hidden, jnp.maximum(positions, 0))
-    kv, view = view.concatenate_to_cache(k, value, runtime)
-    out = attention(q, kv, block_size=c.attention_block_size)
-    return out.reshape(batch, length, -1) @ params["out_proj"], view
-
-
-def _attention_paged(params, config, hidden, view, runtime: HybridPagedMetadata):
-    """``hidden: [batch, T, hidden]`` -> packed ``[N, hidden]`` -> paged write and attention ->
-    ``[batch, T, hidden]``."""
-    c = config
-    packed = runtime.to_packed(hidden)[None]  # [1, N, hidden]: _qkv wants a batch axis
-    positions = view.query_positions(runtime.attention, runtime.num_tokens)  # [N], -1 padding
-    q, k, value = _qkv(params, c, packed, jnp.maximum(positions, 0)[None])
-    kv, view = view.concatenate_to_cache(k[0], value[0], runtime.attention)
-    out = attention(q[0], kv, block_size=c.attention_block_size)  # [N, heads, head_dim]
-    out = out.reshape(runtime.num_tokens, -1) @ params["out_proj"]
-    return runtime.to_batch(out), view
+    x = runtime.attention_inputs(hidden)  # [..., hidden]
+    part = runtime.for_kind("attention")
+    positions = view.query_positions(part, x.shape[-2])  # [...], -1 for padding
+    q, k, value = _qkv(params, c, x, jnp.maximum(positions, 0))
+    kv, view = view.concatenate_to_cache(k, value, part)
+    out = attention(q, kv, block_size=c.attention_block_size)  # [..., heads, head_dim]
+    out = out.reshape(*out.shape[:-2], -1) @ params["out_proj"]
+    return runtime.attention_outputs(out), view
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,7 +344,7 @@ def hybrid_forward_cached(
     config: HybridConfig,
     tokens: jax.Array,
     cache: HybridCache,
-    runtime: HybridMetadata | HybridPagedMetadata | None = None,
+    runtime: HybridRuntimeMetadata | HybridPagedRuntimeMetadata | None = None,
 ) -> tuple[jax.Array, HybridCache]:
     """A chunk of ``T >= 1`` tokens per row through ``cache``.
 
@@ -357,8 +354,9 @@ def hybrid_forward_cached(
             ``r``, ``T = runtime.width``).
         cache: a ``HybridCache`` built from ``config.cache_metadata(...)``.
         runtime: contiguous backend: which tokens of each row are real
-            (``HybridMetadata.create``; default: all). Paged backend (required): the step's
-            ``HybridPagedMetadata.from_step(...)``; its copy ops are applied first.
+            (``HybridRuntimeMetadata.create``; default: all). Paged backend (required): the
+            step's ``jaxkv.engine.step_inputs.hybrid_paged_runtime(...)``; its copy ops are
+            applied by the paged views before their writes.
 
     Returns:
         ``(logits, new_cache)``: ``logits: [batch, T, vocab_size]`` (meaningless at padding
@@ -375,9 +373,8 @@ def hybrid_forward_cached(
             f"{owner}: the cache's layer kinds {cache.metadata.layer_kinds} do not match the "
             f"config's {config.layer_kinds}"
         )
-    paged = cache.metadata.attention_backend == "paged"
-    if paged:
-        if not isinstance(runtime, HybridPagedMetadata):
+    if cache.metadata.attention_backend == "paged":
+        if not isinstance(runtime, HybridPagedRuntimeMetadata):
             raise TypeError(
                 f"{owner}: a paged cache needs runtime=HybridPagedMetadata, "
                 f"got {type(runtime).__name__}"
@@ -392,11 +389,10 @@ def hybrid_forward_cached(
                 f"{owner}: tokens must be [batch, T] = {runtime.token_index.shape} like "
                 f"runtime.token_index, got {tokens.shape}"
             )
-        cache = cache.copy_pages(runtime.attention.copy_ops)
     else:
         if runtime is None:
-            runtime = HybridMetadata.create()
-        if not isinstance(runtime, HybridMetadata):
+            runtime = HybridRuntimeMetadata.create()
+        if not isinstance(runtime, HybridRuntimeMetadata):
             raise TypeError(
                 f"{owner}: runtime must be HybridMetadata, got {type(runtime).__name__}"
             )
@@ -408,10 +404,8 @@ def hybrid_forward_cached(
             x = rms_norm(hidden, layer["mixer_norm"])
             part = runtime.for_kind(kind)
             view = views[index]
-            if kind in ATTENTION_KINDS and paged:
-                x, views[index] = _attention_paged(layer["mixer"], c, x, view, runtime)
-            elif kind in ATTENTION_KINDS:
-                x, views[index] = _attention_cached(layer["mixer"], c, x, view, part)
+            if kind in ATTENTION_KINDS:
+                x, views[index] = _attention_cached(layer["mixer"], c, x, view, runtime)
             elif kind == "mamba":
                 x, views[index] = mamba.mamba_cached(layer["mixer"], c.mamba, x, view, part)
             elif kind == "mamba2":

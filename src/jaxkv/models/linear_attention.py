@@ -32,7 +32,7 @@ from jaxkv import _validation as v
 from jaxkv.caches.recurrent import (
     LinearAttentionCacheMetadata,
     LinearAttentionCacheView,
-    RecurrentMetadata,
+    RecurrentRuntimeMetadata,
 )
 from jaxkv.models.mamba import centered, check_hidden, check_layer_view, dense_init, draw_uniform
 
@@ -181,7 +181,7 @@ class LinearAttentionConfig:
         object.__setattr__(self, "decay", self.cache_metadata(1).decay)
 
     def cache_metadata(
-        self, batch_size: int, num_layers: int = 1, dtype: Any = jnp.float32
+        self, batch_size: int, num_layers: int = 1, *, dtype: Any = jnp.float32
     ) -> LinearAttentionCacheMetadata:
         """The cache metadata matching this layer."""
         return LinearAttentionCacheMetadata.create(
@@ -275,7 +275,7 @@ def linear_attention_cached(
     config: LinearAttentionConfig,
     hidden: jax.Array,
     view: LinearAttentionCacheView,
-    runtime: RecurrentMetadata | None = None,
+    runtime: RecurrentRuntimeMetadata | None = None,
 ) -> tuple[jax.Array, LinearAttentionCacheView]:
     """A chunk of ``T >= 1`` tokens per row through ``view`` (block-parallel form).
 
@@ -291,13 +291,12 @@ def linear_attention_cached(
     owner = "linear_attention_cached"
     check_hidden(owner, hidden, config.hidden_size)
     expected = config.cache_metadata(view.metadata.batch_size)
-    check_layer_view(owner, view, LinearAttentionCacheView, expected)
-    new_tokens = hidden.shape[1]
-    step = view.read(new_tokens, runtime)
+    check_layer_view(owner, view, expected)
+    step = view.read(runtime, hidden.shape[1])
     q, k, v_, log_decay = _project(params, config, hidden)
     out, state = chunked_recurrence(
         q, k, v_, log_decay, step.state, step.token_mask, config.block_size
     )
-    _, view = view.concatenate_to_cache(state, new_tokens, runtime)
+    step, view = view.concatenate_to_cache(step, state)
     out = _output(params, config, out)
     return jnp.where(step.token_mask[..., None], out, 0), view

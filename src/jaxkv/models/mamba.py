@@ -29,7 +29,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxkv import _validation as v
-from jaxkv.caches.recurrent import MambaCacheMetadata, MambaCacheView, RecurrentMetadata
+from jaxkv.caches.recurrent import (
+    MambaCacheMetadata,
+    MambaCacheView,
+    RecurrentRuntimeMetadata,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +63,7 @@ class MambaConfig:
             object.__setattr__(self, "dt_rank", math.ceil(self.hidden_size / 16))
 
     def cache_metadata(
-        self, batch_size: int, num_layers: int = 1, dtype: Any = jnp.float32
+        self, batch_size: int, num_layers: int = 1, *, dtype: Any = jnp.float32
     ) -> MambaCacheMetadata:
         """The cache metadata matching this mixer."""
         return MambaCacheMetadata.create(
@@ -261,7 +265,7 @@ def mamba_cached(
     config: MambaConfig,
     hidden: jax.Array,
     view: MambaCacheView,
-    runtime: RecurrentMetadata | None = None,
+    runtime: RecurrentRuntimeMetadata | None = None,
 ) -> tuple[jax.Array, MambaCacheView]:
     """A chunk of ``T >= 1`` tokens per row through ``view``.
 
@@ -275,22 +279,25 @@ def mamba_cached(
     """
     owner = "mamba_cached"
     check_hidden(owner, hidden, config.hidden_size)
-    check_layer_view(owner, view, MambaCacheView, config.cache_metadata(view.metadata.batch_size))
+    check_layer_view(owner, view, config.cache_metadata(view.metadata.batch_size))
     x_in, z = _mixer_inputs(params, config, hidden)
-    step = view.read(x_in, runtime)
+    step = view.read(runtime, hidden.shape[1], x_in)
     x = jax.nn.silu(windowed_conv(step.conv_window, params["conv_weight"], params["conv_bias"]))
     y, state = _ssm(params, config, x, step.state, step.token_mask)
-    _, view = view.concatenate_to_cache(x_in, state, runtime)
+    step, view = view.concatenate_to_cache(step, state)
     out = (y * jax.nn.silu(z)) @ params["out_proj"]
     return jnp.where(step.token_mask[..., None], out, 0), view
 
 
-def check_layer_view(owner: str, view: Any, view_type: type, expected: Any) -> None:
-    """``view`` is a ``view_type`` whose metadata has the sizes of ``expected`` (any layers,
-    any dtype)."""
-    if not isinstance(view, view_type):
-        raise TypeError(f"{owner}: view must be {view_type.__name__}, got {type(view).__name__}")
-    got = view.metadata.replace(num_layers=expected.num_layers, dtype=expected.dtype)
+def check_layer_view(owner: str, view: Any, expected: Any) -> None:
+    """``view``'s metadata has the sizes of ``expected`` (any layers, any dtype): the view is a
+    state view of the layer's family and shape (checked by its metadata, not its class)."""
+    metadata = getattr(view, "metadata", None)
+    if type(metadata) is not type(expected):
+        raise TypeError(
+            f"{owner}: view must be {expected.view_type.__name__}, got {type(view).__name__}"
+        )
+    got = metadata.replace(num_layers=expected.num_layers, dtype=expected.dtype)
     if got != expected:
         raise ValueError(
             f"{owner}: the view's metadata {view.metadata} does not match the layer's sizes "

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkv import _validation as v
-from jaxkv.caches.recurrent import Mamba2CacheMetadata, Mamba2CacheView, RecurrentMetadata
+from jaxkv.caches.recurrent import Mamba2CacheMetadata, Mamba2CacheView, RecurrentRuntimeMetadata
 from jaxkv.models.linear_attention import chunked_recurrence, rms_norm, scan_recurrence
 from jaxkv.models.mamba import (
     causal_conv,
@@ -88,7 +88,7 @@ class Mamba2Config:
         return self.d_inner + 2 * self.n_groups * self.state_size
 
     def cache_metadata(
-        self, batch_size: int, num_layers: int = 1, dtype: Any = jnp.float32
+        self, batch_size: int, num_layers: int = 1, *, dtype: Any = jnp.float32
     ) -> Mamba2CacheMetadata:
         """The cache metadata matching this mixer."""
         return Mamba2CacheMetadata.create(
@@ -198,7 +198,7 @@ def mamba2_cached(
     config: Mamba2Config,
     hidden: jax.Array,
     view: Mamba2CacheView,
-    runtime: RecurrentMetadata | None = None,
+    runtime: RecurrentRuntimeMetadata | None = None,
 ) -> tuple[jax.Array, Mamba2CacheView]:
     """A chunk of ``T >= 1`` tokens per row through ``view`` (block-parallel SSD form).
 
@@ -212,15 +212,15 @@ def mamba2_cached(
     """
     owner = "mamba2_cached"
     check_hidden(owner, hidden, config.hidden_size)
-    check_layer_view(owner, view, Mamba2CacheView, config.cache_metadata(view.metadata.batch_size))
+    check_layer_view(owner, view, config.cache_metadata(view.metadata.batch_size))
     c = config
     z, xbc_in, dt = _split_projection(params, c, hidden)
-    step = view.read(xbc_in, runtime)
+    step = view.read(runtime, hidden.shape[1], xbc_in)
     xbc = jax.nn.silu(windowed_conv(step.conv_window, params["conv_weight"], params["conv_bias"]))
     q, k, v_, log_decay, x = _recurrence_inputs(params, c, xbc, dt)
     # The cache holds the state as [H, P, N]; the recurrence as [H, N (key), P (value)].
     state = jnp.swapaxes(step.state, -1, -2)
     y, state = chunked_recurrence(q, k, v_, log_decay, state, step.token_mask, c.block_size)
-    _, view = view.concatenate_to_cache(xbc_in, jnp.swapaxes(state, -1, -2), runtime)
+    step, view = view.concatenate_to_cache(step, jnp.swapaxes(state, -1, -2))
     out = _output(params, c, y, x, z)
     return jnp.where(step.token_mask[..., None], out, 0), view

@@ -32,78 +32,19 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from jaxkv import quantization
-from jaxkv.abstracts import pytree_dataclass, static_field
-from jaxkv.ops.attention import (
+from jaxkv.kv import PagedKV, check_scales
+from jaxkv.ops.softmax import (
     DEFAULT_BLOCK_SIZE,
+    combine_windows,
     finish_softmax,
     init_softmax_state,
     online_softmax_update,
     two_block_size,
 )
 
-
-@pytree_dataclass
-class PagedKV:
-    """What ``paged_attention`` reads after a paged cache's write (from ``concatenate_to_cache``).
-
-    Attributes:
-        key_pages: ``[num_pages, page_size, kv_heads, key_dim]`` pool of one layer (16-bit floats
-            as ``uint16`` words, see ``stored_as``; with a codec, its words
-            ``[..., codec.stored_dim(key_dim)]``).
-        value_pages: ``[num_pages, page_size, kv_heads, value_dim]``, likewise.
-        page_tables: ``[max_num_seqs, max_pages_per_seq]`` int32, each row's pages in position
-            order, ``-1`` where unused.
-        context_lens: ``[max_num_seqs]`` int32, tokens in the pool per row after this step's
-            writes (``0`` for unused rows).
-        query_start_loc: ``[max_num_seqs + 1]`` int32, where each row's new tokens start in the
-            packed axis (non-decreasing; entries past the last real row repeat the token count).
-        query_positions: ``[num_tokens]`` int32 absolute position of each packed query, ``-1``
-            for padding.
-        max_query_len: (static) bound on any row's new tokens; ``0`` = ``num_tokens``.
-        sliding_window: the cache's window (static), or ``None``.
-        stored_as: the float dtype the pools hold as raw words (static), or ``None``.
-        key_scales: ``[num_pages, page_size, kv_heads, groups]`` uint16 (float16 bits) with a
-            codec, else ``None``.
-        value_scales: likewise for values.
-        codec: the ``jaxkv.quantization.KVCodec`` of the pools (static), or ``None``.
-    """
-
-    key_pages: jax.Array
-    value_pages: jax.Array
-    page_tables: jax.Array
-    context_lens: jax.Array
-    query_start_loc: jax.Array
-    query_positions: jax.Array
-    max_query_len: int = static_field(0)
-    sliding_window: int | None = static_field(None)
-    stored_as: np.dtype | None = static_field(None)
-    key_scales: jax.Array | None = None
-    value_scales: jax.Array | None = None
-    codec: quantization.KVCodec | None = static_field(None)
-
-    @property
-    def page_size(self) -> int:
-        """Tokens per page."""
-        return self.key_pages.shape[1]
-
-    @property
-    def key_dim(self) -> int:
-        """Channels per key head (not stored words)."""
-        return quantization.head_dim_of(self.key_pages, self.codec)
-
-    @property
-    def value_dim(self) -> int:
-        """Channels per value head."""
-        return quantization.head_dim_of(self.value_pages, self.codec)
-
-
-def _combine_windows(first: int | None, second: int | None) -> int | None:
-    windows = [w for w in (first, second) if w is not None]
-    return min(windows) if windows else None
+__all__ = ["PagedKV", "paged_attention"]
 
 
 def _check_inputs(query, kv, scale, logit_soft_cap, sliding_window, pages_per_block):
@@ -117,12 +58,9 @@ def _check_inputs(query, kv, scale, logit_soft_cap, sliding_window, pages_per_bl
         )
     if not jnp.issubdtype(query.dtype, jnp.floating):
         raise TypeError(f"{owner}: query must be a float array, got {query.dtype}")
-    has_scales = (kv.key_scales is not None, kv.value_scales is not None)
-    if has_scales != ((kv.codec is not None),) * 2:
-        raise ValueError(
-            f"{owner}: kv.key_scales and kv.value_scales must be given exactly when kv.codec is "
-            f"set; got codec={kv.codec!r} with scales present={has_scales}"
-        )
+    check_scales(
+        owner, ("kv.key_scales", "kv.value_scales"), kv.codec, kv.key_scales, kv.value_scales
+    )
     num_tokens, query_heads, key_dim = query.shape
     kv_heads, pool_key_dim = kv.key_pages.shape[2], kv.key_dim
     if pool_key_dim != key_dim:
@@ -200,7 +138,7 @@ def paged_attention(
         pages_per_block = max(1, DEFAULT_BLOCK_SIZE // page_size)
     pages_per_block = two_block_size(pages_per_block, max_pages)  # see two_block_size
     block = pages_per_block * page_size
-    window = _combine_windows(kv.sliding_window, sliding_window)
+    window = combine_windows(kv.sliding_window, sliding_window)
     if scale is None:
         scale = 1.0 / math.sqrt(key_dim)
     groups = query_heads // kv_heads
@@ -228,7 +166,8 @@ def paged_attention(
 
     # A rotating codec stores keys and values rotated (see jaxkv.quantization): rotate the
     # queries to match, and the output back.
-    q = quantization.to_attention_basis(query.astype(jnp.float32), kv.codec)
+    codec = kv.storage
+    q = codec.to_attention_basis(query.astype(jnp.float32))
     q = q[gather_index] * scale  # [S, Q, Hq, D]
     q = q.reshape(num_seqs, max_query_len, kv_heads, groups, key_dim)
     state = init_softmax_state(num_seqs, kv_heads, groups, max_query_len, value_dim)
@@ -244,7 +183,7 @@ def paged_attention(
     def read(pool, scales, pages):
         """The block's slots as float32 ``[S, block, kv_heads, dim]``."""
         scales = None if scales is None else gather(scales, pages)
-        return quantization.read_block(gather(pool, pages), scales, kv.codec, kv.stored_as)
+        return codec.decode_block(gather(pool, pages), scales)
 
     def body(index, carry):
         nominal_page = index * pages_per_block
@@ -264,7 +203,7 @@ def paged_attention(
 
     state = lax.fori_loop(start_block, end_block, body, state)
     out = finish_softmax(state, max_query_len)  # [S, Q, Hq, Dv]
-    out = quantization.from_attention_basis(out, kv.codec)
+    out = codec.from_attention_basis(out)
     scatter_index = jnp.where(present, packed_index, num_tokens)  # absent slots are dropped
     packed = jnp.zeros((num_tokens, query_heads, value_dim), jnp.float32)
     packed = packed.at[scatter_index].set(out, mode="drop")

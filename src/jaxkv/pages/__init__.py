@@ -1,8 +1,10 @@
 """Host-side bookkeeping of the paged KV cache, in plain Python and NumPy.
 
 `PageManager` decides which device page each token of each sequence goes to, shares identical
-prompt prefixes through a hash-keyed prefix cache, forks sequences with copy-on-write, and produces
-the `StepMetadata` arrays a jitted device step consumes. Nothing here imports JAX.
+prompt prefixes through a hash-keyed prefix cache, forks sequences with copy-on-write, truncates
+them (rollback), and produces the `StepMetadata` arrays a jitted device step consumes. `PagedRows`
+does the batch row operations of the paged family (reset, truncate, select, reorder, repeat,
+insert, extract) on page tables through the manager. Nothing here imports JAX.
 """
 
 from jaxkv.pages.allocator import PageAllocator
@@ -17,6 +19,7 @@ from jaxkv.pages.errors import (
 )
 from jaxkv.pages.manager import PageManager, PageStats, SequenceInfo
 from jaxkv.pages.prefix_cache import ROOT_HASH, CachedPage, PrefixCache
+from jaxkv.pages.rows import ConsumedRowsError, PagedRows
 from jaxkv.pages.step import (
     StepMetadata,
     StepRow,
@@ -28,11 +31,13 @@ from jaxkv.pages.step import (
 __all__ = [
     "CachedPage",
     "CapacityError",
+    "ConsumedRowsError",
     "DuplicateSequenceError",
     "OutOfPagesError",
     "PageAllocator",
     "PageManager",
     "PageStats",
+    "PagedRows",
     "PagesError",
     "PrefixCache",
     "ROOT_HASH",

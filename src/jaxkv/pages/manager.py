@@ -16,11 +16,20 @@ Life of a step:
 4. `commit_step(step)` marks the new tokens computed and registers newly full pages in the prefix
    cache. After sampling, `append_tokens(seq_id, [token])` extends a sequence; the next decode step
    schedules it with `num_new_tokens=1`.
+5. Between steps, `fork(parent, child)` starts a copy sharing every page, `truncate(seq_id, n)`
+   rolls a sequence back to its first `n` tokens (speculative decoding, beam search: it keeps the
+   pages of the computed tokens that remain and drops the rest, like `free` does) and
+   `free(seq_id)` drops it. `jaxkv.pages.rows.PagedRows` builds the batch row operations on these.
+
+Copy-on-write: `schedule` gives a sequence a private copy of the page its first new token lands in
+when that page is partially filled and either shared (refcount > 1, after a `fork`) or cached. A
+cached page is full and immutable, so a sequence holds one only partly after a `truncate` inside
+it; the copy keeps the cached contents intact for every other (and later) reader.
 
 One step is pending at a time. While it is pending, `schedule` raises `StepPendingError`, and so do
-`fork` and `append_tokens` of a sequence in that step; `add_sequence`, `free` and all reads are
-allowed (a sequence freed while pending is skipped at commit). Once scheduled, a step must run and
-be committed: its copy ops have already been folded into the page tables.
+`fork`, `append_tokens` and `truncate` of a sequence in that step; `add_sequence`, `free` and all
+reads are allowed (a sequence freed while pending is skipped at commit). Once scheduled, a step
+must run and be committed: its copy ops have already been folded into the page tables.
 
 Every public method validates its arguments first and either succeeds or raises leaving the manager
 exactly as it was (compare `snapshot()` before and after).
@@ -32,9 +41,14 @@ Invariants (checked by `check_invariants`, written down where the data lives):
 - a page's refcount equals the number of live sequences whose page table holds it, and no page
   table holds a page twice;
 - every cached page's digest matches its recorded contents, and a sequence holding a cached page
-  at index i has exactly those token ids at positions `i * page_size ...`;
+  at index i has computed at least one of its positions and agrees with its token ids over every
+  computed position it holds (all `page_size` of them, except in the last page of a sequence
+  truncated inside a cached page);
+- a sequence's `page_hashes[i]` is the chained digest of its tokens of page i, for each of its
+  `num_computed // page_size` full computed pages (when prefix caching is on);
 - a sequence holds `ceil(end / page_size)` pages where `end` is `num_computed` (plus its pending
   new tokens while a step is pending), and never more than `max_pages_per_seq`;
+- every page a pending step writes is held by that sequence alone and is not cached;
 - once every sequence is freed, `num_free_pages + num_evictable_pages == num_pages` (no leak).
 """
 
@@ -47,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxkv._sizes import ceil_div
 from jaxkv.pages.allocator import PageAllocator
 from jaxkv.pages.errors import (
     CapacityError,
@@ -68,10 +83,6 @@ from jaxkv.pages.step import (
 
 MAX_TOKEN_ID = 2**31 - 1
 """Token ids travel to the device as int32."""
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _positive_int(argument: str, value: object) -> int:
@@ -120,7 +131,9 @@ class _Sequence:
 
     `tokens[:num_computed]` have KV on the device; `pages[i]` holds positions
     `i * page_size .. (i + 1) * page_size - 1`; `page_hashes[i]` is the chained digest of full
-    page i, kept for the first `num_computed // page_size` pages when prefix caching is on.
+    page i, kept for the first `num_computed // page_size` pages when prefix caching is on. After a
+    `truncate` inside a cached page, `pages[-1]` is that cached page, of which the sequence has
+    computed only a prefix; `schedule` copies it before writing into it.
     """
 
     seq_id: Hashable
@@ -369,6 +382,15 @@ class PageManager:
             cache_salt=seq.salt or None,
         )
 
+    def in_pending_step(self, seq_id: Hashable) -> bool:
+        """Whether live `seq_id` is in the pending step (then `fork`, `append_tokens` and
+        `truncate` of it are refused until `commit_step`).
+
+        Raises:
+            UnknownSequenceError: `seq_id` is not live.
+        """
+        return self._in_pending(self._lookup("seq_id", seq_id))
+
     def stats(self) -> PageStats:
         """Current occupancy and cumulative prefix-cache counters."""
         counters = self._counters
@@ -529,12 +551,53 @@ class PageManager:
         """
         seq = self._lookup("seq_id", seq_id)
         del self._seqs[seq_id]
-        for page in reversed(seq.pages):
-            if self._allocator.decref(page) == 0:
-                if self._prefix_cache.is_cached(page):
-                    self._prefix_cache.park(page)
-                else:
-                    self._allocator.release(page)
+        self._release_pages(seq.pages)
+
+    def truncate(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Keep only the first `num_tokens` known tokens of a sequence (rollback).
+
+        `num_computed` becomes `min(num_computed, num_tokens)`; the sequence keeps the
+        `ceil(num_computed / page_size)` pages that hold those computed tokens and drops the rest
+        last-to-first, like `free` (a page nobody holds any more becomes evictable if cached, free
+        otherwise). Its digests are trimmed to the full computed pages it keeps. Its prompt
+        counters (`num_prompt_tokens`, `num_cached_tokens`) describe `add_sequence` and stay.
+
+        The last kept page may be a cached page the sequence now holds only partly; the next
+        `schedule` of the sequence writes into a private copy of it (copy-on-write), never into
+        the cached page. Allocates nothing.
+
+        Args:
+            seq_id: a live sequence, not in the pending step.
+            num_tokens: `0 <= num_tokens <= len(token_ids)`.
+
+        Raises:
+            UnknownSequenceError: `seq_id` is not live.
+            TypeError: `num_tokens` is not an int.
+            ValueError: `num_tokens` is out of range.
+            StepPendingError: `seq_id` is in the pending step.
+        """
+        seq = self._lookup("seq_id", seq_id)
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int | np.integer):
+            raise TypeError(
+                f"num_tokens for seq_id={seq_id!r} must be an int, got "
+                f"{type(num_tokens).__name__} {num_tokens!r}"
+            )
+        if not 0 <= num_tokens <= len(seq.tokens):
+            raise ValueError(
+                f"num_tokens={num_tokens} for seq_id={seq_id!r} is out of range; expected "
+                f"0 <= num_tokens <= {len(seq.tokens)} (its known tokens)"
+            )
+        self._refuse_if_pending("truncate", seq)
+
+        # Nothing can fail past this point.
+        num_tokens = int(num_tokens)
+        del seq.tokens[num_tokens:]
+        seq.num_computed = min(seq.num_computed, num_tokens)
+        keep = ceil_div(seq.num_computed, self._page_size)
+        dropped = seq.pages[keep:]
+        del seq.pages[keep:]
+        del seq.page_hashes[seq.num_computed // self._page_size :]
+        self._release_pages(dropped)
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -580,15 +643,18 @@ class PageManager:
         # Nothing can fail past this point.
         copy_ops: list[tuple[int, int]] = []
         rows: list[StepRow] = []
+        released: list[int] = []
         size = self._page_size
         for seq, count in entries:
             start = seq.num_computed
             if start % size:
                 index = start // size
                 shared = seq.pages[index]
-                if self._allocator.refcount(shared) > 1:
+                if self._must_copy(shared, self._allocator.refcount(shared)):
                     private = self._take_page()
-                    self._allocator.decref(shared)  # stays >= 1: another sequence holds it
+                    # 0 only for a cached page this sequence held alone (after a truncate).
+                    if self._allocator.decref(shared) == 0:
+                        released.append(shared)
                     seq.pages[index] = private
                     copy_ops.append((shared, private))
             while len(seq.pages) * size < start + count:
@@ -601,6 +667,9 @@ class PageManager:
                     new_token_ids=tuple(seq.tokens[start : start + count]),
                 )
             )
+        # Parked only now: a copy source is never evicted and reused within its own step.
+        for page in released:
+            self._prefix_cache.park(page)
         self._counters.num_copies += len(copy_ops)
         step = build_step_metadata(
             rows,
@@ -697,7 +766,7 @@ class PageManager:
                     f"{len(seq.tokens)} tokens, max_seq_len={self.max_seq_len}"
                 )
             end = seq.num_computed + pending_new.get(id(seq), 0)
-            if len(seq.pages) != _ceil_div(end, size) or len(seq.pages) > self._max_pages_per_seq:
+            if len(seq.pages) != ceil_div(end, size) or len(seq.pages) > self._max_pages_per_seq:
                 raise AssertionError(
                     f"sequence {seq_id!r} holds {len(seq.pages)} pages for {end} tokens"
                 )
@@ -706,10 +775,27 @@ class PageManager:
                     f"sequence {seq_id!r}: {len(seq.page_hashes)} page digests for "
                     f"{seq.num_computed // size} full computed pages"
                 )
+            parent = ROOT_HASH
+            for index, page_hash in enumerate(seq.page_hashes):
+                page_tokens = seq.tokens[index * size : (index + 1) * size]
+                if page_hash != self._prefix_cache.hash_page(parent, seq.salt, page_tokens):
+                    raise AssertionError(
+                        f"sequence {seq_id!r} page {index}: its digest does not match its tokens"
+                    )
+                parent = page_hash
             for index, page in enumerate(seq.pages):
                 if self._prefix_cache.is_cached(page):
                     entry = self._prefix_cache.entry(page)
-                    if entry.token_ids != tuple(seq.tokens[index * size : (index + 1) * size]):
+                    # Positions of this page the sequence has computed: all of them, except in
+                    # the last page of a sequence truncated inside a cached page (a prefix).
+                    start = index * size
+                    held = min(size, seq.num_computed - start)
+                    if held < 1:
+                        raise AssertionError(
+                            f"sequence {seq_id!r} page {index} (id {page}) is cached but the "
+                            "sequence has computed none of its positions"
+                        )
+                    if entry.token_ids[:held] != tuple(seq.tokens[start : start + held]):
                         raise AssertionError(
                             f"sequence {seq_id!r} page {index} (id {page}) is cached with "
                             "other token ids"
@@ -717,6 +803,15 @@ class PageManager:
                     if index < len(seq.page_hashes) and seq.page_hashes[index] != entry.page_hash:
                         raise AssertionError(
                             f"sequence {seq_id!r} page {index} (id {page}): digest mismatch"
+                        )
+            if id(seq) in pending_new:
+                first = seq.num_computed // size
+                for index in range(first, ceil_div(end, size)):
+                    page = seq.pages[index]
+                    if self._prefix_cache.is_cached(page) or self._allocator.refcount(page) != 1:
+                        raise AssertionError(
+                            f"sequence {seq_id!r}: the pending step writes page {index} (id "
+                            f"{page}), which is cached or shared"
                         )
         refcounts = self._allocator.refcounts()
         for page in range(self._num_pages):
@@ -749,8 +844,11 @@ class PageManager:
             raise UnknownSequenceError(argument, seq_id)
         return seq
 
+    def _in_pending(self, seq: _Sequence) -> bool:
+        return self._pending is not None and any(s is seq for s, _ in self._pending.entries)
+
     def _refuse_if_pending(self, what: str, seq: _Sequence) -> None:
-        if self._pending is not None and any(s is seq for s, _ in self._pending.entries):
+        if self._in_pending(seq):
             raise StepPendingError(
                 f"{what}() of seq_id={seq.seq_id!r}: it is in the pending step; commit_step() first"
             )
@@ -800,11 +898,27 @@ class PageManager:
             if start % size:
                 shared = seq.pages[start // size]
                 refcount = simulated.get(shared, self._allocator.refcount(shared))
-                if refcount > 1:
+                if self._must_copy(shared, refcount):
                     needed += 1
                     simulated[shared] = refcount - 1
-            needed += _ceil_div(start + count, size) - len(seq.pages)
+            needed += ceil_div(start + count, size) - len(seq.pages)
         return needed
+
+    def _must_copy(self, page: int, refcount: int) -> bool:
+        """Whether a write into the partially filled `page` (held `refcount` times) needs a private
+        copy: another sequence holds it, or it is cached (full and immutable; a truncated sequence
+        holds it partly). `schedule` and `_plan` both decide through this."""
+        return refcount > 1 or self._prefix_cache.is_cached(page)
+
+    def _release_pages(self, pages: list[int]) -> None:
+        """Drop one hold on each page, last to first; a page nobody holds becomes evictable if
+        cached, free otherwise."""
+        for page in reversed(pages):
+            if self._allocator.decref(page) == 0:
+                if self._prefix_cache.is_cached(page):
+                    self._prefix_cache.park(page)
+                else:
+                    self._allocator.release(page)
 
     def _take_page(self) -> int:
         """A page with refcount 1: the oldest free page, else the least recently used evictable

@@ -1,0 +1,148 @@
+"""Step inputs: the host's step plan (``jaxkv.pages.StepMetadata``) turned into the device
+runtime metadata a jitted step takes. The caches take device arrays only; this is where the host
+plan crosses over.
+
+* ``paged_runtime(step)`` -> ``PagedRuntimeMetadata`` for a paged cache;
+* ``hybrid_paged_runtime(step, slots=..., width=..., padding_side=...)`` ->
+  ``HybridPagedRuntimeMetadata`` for a hybrid stack on the paged backend (which batch row, or
+  *slot*, each scheduled sequence's recurrent state lives in, and where its tokens sit in the
+  ``[batch, T]`` layout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv import _validation as v
+from jaxkv._sizes import next_power_of_two
+from jaxkv.caches.hybrid import HybridPagedRuntimeMetadata
+from jaxkv.caches.paged import RUNTIME_ARRAYS, PagedRuntimeMetadata
+from jaxkv.caches.recurrent import RecurrentRuntimeMetadata
+from jaxkv.pages.step import StepMetadata
+
+
+def query_bucket(step: StepMetadata) -> int:
+    """The power of two >= the step's longest run of new tokens (at most the padded count):
+    the ``max_query_len`` a jitted step specialises on."""
+    longest = max(step.num_new_tokens, default=1)
+    return min(next_power_of_two(longest), step.num_tokens_padded)
+
+
+def paged_runtime(step: StepMetadata) -> PagedRuntimeMetadata:
+    """Device arrays (int32) of a host step, checked for consistency.
+
+    Raises:
+        TypeError: ``step`` is not a ``StepMetadata``.
+        ValueError: arrays whose shapes disagree, or values outside the contract (a
+            ``query_start_loc`` that is not a prefix sum, a padding slot that is not ``-1``, a
+            context shorter than the row's new tokens).
+    """
+    owner = "paged_runtime"
+    if not isinstance(step, StepMetadata):
+        raise TypeError(f"{owner}: step must be a StepMetadata, got {type(step).__name__}")
+    # The builder makes int32 arrays; a hand-made step may hold other numbers (checked below).
+    arrays = {name: np.asarray(getattr(step, name)).astype(np.int64) for name in RUNTIME_ARRAYS}
+    start = np.asarray(step.query_start_loc)
+    if start[-1] != step.num_tokens:
+        raise ValueError(
+            f"{owner}: query_start_loc must rise from 0 to num_tokens={step.num_tokens}, "
+            f"got {start.tolist()}"
+        )
+    return PagedRuntimeMetadata.create(
+        **arrays, num_seqs=np.asarray(step.num_seqs), max_query_len=query_bucket(step)
+    )
+
+
+def hybrid_paged_runtime(
+    step: StepMetadata,
+    *,
+    slots: Sequence[int] | Mapping[Hashable, int] | None = None,
+    width: int | None = None,
+    padding_side: str = "right",
+) -> HybridPagedRuntimeMetadata:
+    """The hybrid runtime of one host step (NumPy work on the host; arrays int32).
+
+    Args:
+        step: the ``StepMetadata`` from ``PageManager.schedule``.
+        slots: the batch row (slot) of each scheduled sequence: a sequence of ints in
+            ``step.seq_ids`` order, or a mapping ``seq_id -> slot`` holding every scheduled
+            id (``jaxkv.pages.PagedRows.slots()``). Default: the ``i``-th scheduled sequence
+            takes slot ``i``. Slots are distinct, in ``[0, max_num_seqs)``.
+        width: ``T``, columns of the batch layout, at least the longest row of new tokens;
+            also the ``max_query_len`` of the paged part, so a jitted step compiles once per
+            ``(num_tokens, width)``. Default: that longest row rounded up to a power of two
+            (at most the padded token count).
+        padding_side: where each slot's padding sits, ``"right"`` or ``"left"``.
+
+    Raises:
+        TypeError: ``step`` is not a ``StepMetadata``; a slot that is not an int.
+        ValueError: slots of the wrong count, repeated or out of range, a missing seq id;
+            a ``width`` shorter than a row; a bad ``padding_side``; step arrays that
+            disagree (see ``paged_runtime``).
+    """
+    owner = "hybrid_paged_runtime"
+    if not isinstance(step, StepMetadata):
+        raise TypeError(f"{owner}: step must be a StepMetadata, got {type(step).__name__}")
+    v.require_choice(owner, "padding_side", padding_side, ("right", "left"))
+    attention = paged_runtime(step)
+    seqs = int(step.page_tables.shape[0])
+    slot_of_row = _resolve_slots(owner, step, slots, seqs)
+    counts = np.asarray(step.num_new_tokens, np.int64)
+    longest = int(counts.max(initial=0))
+    if width is None:
+        width = max(attention.max_query_len, longest, 1)
+    v.require_int(owner, "width", width, minimum=1)
+    if width < longest:
+        raise ValueError(
+            f"{owner}: width={width} is shorter than the longest row of new tokens "
+            f"({longest}); expected width >= {longest}"
+        )
+    starts = np.asarray(step.query_start_loc, np.int64)[: step.num_seqs]
+    new_lengths = np.zeros((seqs,), np.int32)
+    new_lengths[slot_of_row] = counts
+    column = np.arange(width)[None, :]
+    lead = (width - counts)[:, None] if padding_side == "left" else 0
+    rank = column - lead  # [num_seqs, width] rank among the row's new tokens
+    token_index = np.full((seqs, width), -1, np.int32)
+    token_index[slot_of_row] = np.where(
+        (rank >= 0) & (rank < counts[:, None]), starts[:, None] + rank, -1
+    )
+    return HybridPagedRuntimeMetadata(
+        # The width bounds every row's new tokens, so it serves as paged attention's query
+        # bound too: a jitted step then specialises on (num_tokens, width) only.
+        attention=attention.replace(max_query_len=width),
+        recurrent=RecurrentRuntimeMetadata.create(new_lengths, padding_side),
+        token_index=jnp.asarray(token_index),
+    )
+
+
+def _resolve_slots(owner: str, step: StepMetadata, slots: Any, seqs: int) -> np.ndarray:
+    """``[num_seqs]`` int64 slot of each scheduled row, validated."""
+    if slots is None:
+        return np.arange(step.num_seqs)
+    if isinstance(slots, Mapping):
+        missing = [seq_id for seq_id in step.seq_ids if seq_id not in slots]
+        if missing:
+            raise ValueError(f"{owner}: slots has no entry for scheduled seq id(s) {missing}")
+        slots = [slots[seq_id] for seq_id in step.seq_ids]
+    elif isinstance(slots, str | bytes) or not isinstance(slots, Sequence):
+        raise TypeError(
+            f"{owner}: slots must be a sequence of ints or a mapping seq_id -> int, got {slots!r}"
+        )
+    slots = list(slots)
+    if len(slots) != step.num_seqs:
+        raise ValueError(
+            f"{owner}: slots has {len(slots)} entries; expected one per scheduled sequence "
+            f"({step.num_seqs})"
+        )
+    for index, slot in enumerate(slots):
+        v.require_int(owner, f"slots[{index}]", slot)
+        if not 0 <= slot < seqs:
+            raise ValueError(f"{owner}: slots[{index}]={slot} outside [0, max_num_seqs={seqs})")
+    if len(set(slots)) != len(slots):
+        raise ValueError(f"{owner}: slots must be distinct, got {slots}")
+    return np.asarray(slots, np.int64)
