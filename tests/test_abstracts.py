@@ -339,3 +339,46 @@ def test_user_defined_cache_works_under_jit_with_donation():
     assert restored == metadata
     with pytest.raises(ValueError, match="width must be >= 1"):
         metadata.replace(width=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Seed details: scalar *types* in metadata, item assignment
+# ------------------------------------------------------------------------------------------
+
+
+@pytree_dataclass
+class _ScalarTypeMetadata(BaseCacheMetadata):
+    """Metadata in the style of EasyDeL configs: dtypes held as scalar types."""
+
+    dtype: Any = jnp.bfloat16
+    param_dtype: Any = np.float32
+    kinds: tuple = (jnp.float16, np.int8)
+
+    @classmethod
+    def create(cls, **kwargs):
+        return cls(**kwargs)
+
+
+def test_scalar_types_round_trip_exactly_through_json():
+    metadata = _ScalarTypeMetadata.create()
+    restored = _ScalarTypeMetadata.from_json(metadata.to_json())
+    assert restored.dtype is jnp.bfloat16
+    assert restored.param_dtype is np.float32
+    assert restored.kinds[0] is jnp.float16 and restored.kinds[1] is np.int8
+    assert restored == metadata and hash(restored) == hash(metadata)
+    assert _ScalarTypeMetadata.from_dict(metadata.to_dict()) == metadata
+    float8 = _ScalarTypeMetadata.create(dtype=jnp.float8_e4m3fn, param_dtype=jnp.int4)
+    assert _ScalarTypeMetadata.from_json(float8.to_json()) == float8
+    with pytest.raises(ValueError, match="unknown jax.numpy scalar type 'nonsense'"):
+        _ScalarTypeMetadata.from_json(
+            '{"dtype": {"__scalar_type__": {"module": "jax.numpy", "name": "nonsense"}}}'
+        )
+
+
+def test_item_assignment_points_to_replace_view():
+    from jaxkv.caches import TransformerCache, TransformerCacheMetadata
+
+    cache = TransformerCache.init_cache(TransformerCacheMetadata.create(1, 4, 2, 1, 2))
+    with pytest.raises(TypeError, match=r"cache = cache.replace_view\(0, view\)"):
+        cache[0] = cache[1]
+    assert cache.replace_view(0, cache[1])[0] is cache[1]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxkv.caches import TransformerCacheMetadata
+from jaxkv._sizes import ceil_div
+from jaxkv.caches import PagedCacheMetadata, TransformerCacheMetadata
 from jaxkv.models.config import LlamaConfig
 from jaxkv.quantization import CODECS
 
@@ -29,10 +30,19 @@ def kv_memory_rows(config: LlamaConfig, length: int, page_size: int = 16) -> lis
         metadata = TransformerCacheMetadata.create(
             1, length, config.num_layers, config.num_kv_heads, config.head_dim, **kwargs
         )
+        paged = PagedCacheMetadata.create(
+            config.num_layers,
+            ceil_div(length, page_size),
+            page_size,
+            config.num_kv_heads,
+            config.head_dim,
+            1,
+            ceil_div(length, page_size),
+            **kwargs,
+        )
         per_token = metadata.bytes_per_token()
-        rows.append((f"contiguous {label}", per_token, per_token * length))
-        pages = -(-length // page_size)
-        rows.append((f"paged {label}", per_token, pages * page_size * per_token))
+        rows.append((f"contiguous {label}", per_token, metadata.bytes_per_sequence(length)))
+        rows.append((f"paged {label}", paged.bytes_per_token(), paged.bytes_per_sequence(length)))
     return rows
 
 

@@ -73,6 +73,7 @@ from jaxkv.caches.transformer import (
     TransformerCacheView,
     TransformerRuntimeMetadata,
 )
+from jaxkv.errors import UnsupportedOperationError
 
 ATTENTION_BACKENDS: dict[str, type] = {
     "contiguous": TransformerCacheView,
@@ -681,9 +682,32 @@ class HybridCache(LayerCache):
         """The kind of layer ``layer``."""
         return self.metadata.layer_kinds[layer]
 
+    def _recurrent_kinds(self) -> list[str]:
+        return [kind for kind in RECURRENT_KINDS if kind in self.metadata.layer_kinds]
+
     def _map(self, operation: str, *args: Any) -> HybridCache:
+        if operation in ("select", "repeat", "extract"):
+            self._check_rows_can_change(operation)
+        if operation == "truncate" and self._recurrent_kinds():
+            raise UnsupportedOperationError(
+                "hybrid",
+                "truncate",
+                f"its {', '.join(self._recurrent_kinds())} layers keep one state per row, not one "
+                f"per token, and every layer rolls back together or none does (nothing was "
+                f"changed)",
+            )
         cache = super()._map(operation, *args)
         return cache._with_rows_of_views()
+
+    def _check_rows_can_change(self, operation: str) -> None:
+        if self.metadata.attention_backend == "paged" and self._recurrent_kinds():
+            raise UnsupportedOperationError(
+                "hybrid (paged attention)",
+                operation,
+                "a step always has max_num_seqs slots and the recurrent layers keep one row per "
+                "slot, so the number of rows cannot change; use reorder (duplicates allowed) "
+                "and reset_rows on the cache, and the same operation on the PagedRows",
+            )
 
     def _with_rows_of_views(self) -> HybridCache:
         """The cache with its metadata's ``batch_size`` following its views' (after ``select``,
@@ -698,7 +722,10 @@ class HybridCache(LayerCache):
     def insert(self, other: Any, slot: Any) -> HybridCache:
         """Row ``slot`` of every layer replaced by the single row of ``other`` (a one-row hybrid
         cache of the same stack)."""
-        expected = self.metadata.with_batch_size(1) if self.metadata.batch_size else self.metadata
+        self._check_rows_can_change("insert")
+        expected = self.metadata
+        if self.metadata.attention_backend != "paged" and self.metadata.batch_size:
+            expected = self.metadata.with_batch_size(1)
         if not isinstance(other, HybridCache) or other.metadata != expected:
             raise TypeError(
                 f"HybridCache.insert: other must be a one-row HybridCache of the same stack "

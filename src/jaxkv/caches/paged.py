@@ -13,11 +13,12 @@ and per layer ``kv, view = view.concatenate_to_cache(key, value, runtime)`` appl
 copy-on-write page copies, then writes the new tokens at ``slot_mapping`` (``-1`` writes nothing);
 ``jaxkv.ops.attention(query, kv)`` then runs ragged paged attention of the packed queries.
 
-Rows. The pools have no rows: a paged cache's rows are its page tables, kept on the host. The row
-operations of ``jaxkv.abstracts.RowOperations`` on views and caches therefore move nothing on the
-device (``select``/``repeat``/``extract`` only change ``metadata.batch_size``, the page-table rows
-of a step); ``jaxkv.pages.PagedRows`` does the same operations on the page tables (fork with
-copy-on-write for ``repeat`` and duplicated ``reorder`` rows, frees, rollback).
+Rows. The pools have no rows: a paged cache's rows are its page tables, kept on the host, and
+every step has ``batch_size`` (the page manager's ``max_num_seqs``) page-table rows whatever
+the batch holds. The row operations of ``jaxkv.abstracts.RowOperations`` on paged views and
+caches therefore check their arguments and move nothing on the device;
+``jaxkv.pages.PagedRows`` does the same operations on the page tables (fork with copy-on-write
+for ``repeat`` and duplicated ``reorder`` rows, frees, rollback), which is all they take.
 
 Storage goes through the metadata's storage codec (``jaxkv.quantization``): floats, 16-bit ones
 held as ``uint16`` words so that XLA's CPU backend scatters into the pool in place; or with
@@ -52,7 +53,6 @@ from jaxkv.caches.kv_storage import KVStorageMetadata, decode_states
 from jaxkv.caches.rows import (
     LayerCache,
     require_count,
-    row_indices,
     row_mask,
     slot_index,
     static_row_ids,
@@ -476,8 +476,7 @@ class PagedCacheView(AttentionCacheView, RowOperations):
         value_scales: likewise for values.
 
     Row operations (see the module docstring): the pool has no rows, so they check their
-    arguments and move nothing; ``select``, ``repeat`` and ``extract`` set the metadata's
-    ``batch_size`` to the new number of rows. Move the rows' pages with ``jaxkv.pages.PagedRows``.
+    arguments and move nothing. Move the rows' pages with ``jaxkv.pages.PagedRows``.
     """
 
     key_pages: jax.Array
@@ -634,63 +633,68 @@ class PagedCacheView(AttentionCacheView, RowOperations):
 
     @property
     def batch_size(self) -> int:
-        """Rows of a step's page table."""
+        """Rows of every step's page table: the page manager's ``max_num_seqs``, however many
+        rows a ``PagedRows`` holds."""
         return self.metadata.batch_size
 
     def _owner(self, operation: str) -> str:
         return f"PagedCacheView.{operation} (layer {self.layer_index})"
 
-    def _with_rows(self, batch_size: int) -> PagedCacheView:
-        if batch_size == self.metadata.batch_size:
-            return self
-        return dataclasses.replace(self, metadata=self.metadata.replace(batch_size=batch_size))
-
     def reset_rows(self, rows: Any) -> PagedCacheView:
         """Nothing to clear on the device: a freed sequence's pages return to the host's pool
-        (``PagedRows.reset_rows`` / ``PageManager.free``)."""
+        (``PagedRows.reset_rows``)."""
         row_mask(self._owner("reset_rows"), rows, self.batch_size)
         return self
 
     def truncate(self, lengths: Any) -> PagedCacheView:
         """Nothing to change on the device: rollback shortens the host's page tables
-        (``PagedRows.truncate`` / ``PageManager.truncate``)."""
+        (``PagedRows.truncate``; pages that become empty go back to the pool)."""
         lengths = jnp.asarray(lengths)
-        v.check_array(self._owner("truncate"), "lengths", lengths, (self.batch_size,))
+        if lengths.ndim != 1 or not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise TypeError(
+                f"{self._owner('truncate')}: lengths must be a [rows] int array, got {lengths!r}"
+            )
         return self
 
     def select(self, rows: Any) -> PagedCacheView:
-        """The same pools seen as ``len(rows)`` rows (``PagedRows.select`` moves the pages)."""
-        ids = static_row_ids(self._owner("select"), "rows", rows, self.batch_size)
-        return self._with_rows(len(ids))
+        """The same pools (``PagedRows.select`` frees the rows left out)."""
+        static_row_ids(self._owner("select"), "rows", rows, self.batch_size)
+        return self
 
     def reorder(self, indices: Any) -> PagedCacheView:
         """The same pools (``PagedRows.reorder`` forks and frees the page tables)."""
-        row_indices(self._owner("reorder"), indices, self.batch_size)
+        array = jnp.asarray(indices)
+        if array.ndim != 1 or not jnp.issubdtype(array.dtype, jnp.integer):
+            raise TypeError(f"{self._owner('reorder')}: indices must be row ids, got {indices!r}")
         return self
 
     def repeat(self, n: int) -> PagedCacheView:
-        """The same pools seen as ``n * batch_size`` rows (``PagedRows.repeat`` forks the page
-        tables: the copies share pages until they write)."""
-        n = require_count(self._owner("repeat"), n)
-        return self._with_rows(n * self.batch_size)
-
-    def insert(self, other: Any, slot: Any) -> PagedCacheView:
-        """The same pools: a sequence joins a row through ``PagedRows.insert`` on the same page
-        manager (pools of different caches share no page ids)."""
-        owner = self._owner("insert")
-        expected = self.metadata.replace(batch_size=1)
-        if type(other) is not type(self) or other.metadata != expected:
-            raise TypeError(
-                f"{owner}: other must be a one-row PagedCacheView with metadata {expected}, got "
-                f"{type(other).__name__} with metadata {getattr(other, 'metadata', None)}"
-            )
-        slot_index(owner, slot, self.batch_size)
+        """The same pools (``PagedRows.repeat`` forks the page tables: the copies share pages
+        until they write)."""
+        require_count(self._owner("repeat"), n)
         return self
 
+    def insert(self, other: Any, slot: Any) -> PagedCacheView:
+        """``other``'s pools: a paged batch and a row taken out of it with ``extract`` share one
+        pool (and one page manager), so the one-row cache that was written to since -- a
+        sequence prefilled on its own before it joins the batch -- holds the newest pool. The
+        sequence joins row ``slot`` through ``PagedRows.insert`` (pools of different caches
+        share no page ids, so ``other`` must come from this pool; between the ``extract`` and
+        the ``insert``, write to one of the two only)."""
+        owner = self._owner("insert")
+        if type(other) is not type(self) or other.metadata != self.metadata:
+            raise TypeError(
+                f"{owner}: other must be a PagedCacheView of the same pool ({self.metadata}), "
+                f"got {type(other).__name__} with metadata {getattr(other, 'metadata', None)}"
+            )
+        slot_index(owner, slot, self.batch_size)
+        return other
+
     def extract(self, slot: Any) -> PagedCacheView:
-        """The same pools seen as one row (``PagedRows.extract`` forks the row's page table)."""
+        """The same pools, for one row (``PagedRows.extract`` forks the row's page table); see
+        ``insert`` for bringing the row back."""
         slot_index(self._owner("extract"), slot, self.batch_size)
-        return self._with_rows(1)
+        return self
 
     def overflow_rows(self) -> jax.Array:
         """``[batch_size]`` bool, all ``False``: paged capacity is checked on the host before a

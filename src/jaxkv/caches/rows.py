@@ -141,6 +141,8 @@ def row_mask(owner: str, rows: Any, batch_size: int) -> jax.Array:
     if array.dtype == jnp.bool_:
         v.check_array(owner, "rows", array, (batch_size,))
         return array
+    if array.shape == (0,):  # no row ids at all (a float array when built from [])
+        array = array.astype(jnp.int32)
     if not jnp.issubdtype(array.dtype, jnp.integer) or array.ndim != 1:
         raise TypeError(
             f"{owner}: rows must be a [batch] bool mask or a list of row ids, got {rows!r}"
