@@ -57,8 +57,32 @@ def check_scales(
         )
 
 
+class _StoredKV:
+    """What ``KVSegment`` and ``PagedKV`` both answer about their stored keys and values."""
+
+    codec: StorageCodec | None
+
+    def _stored(self) -> tuple[jax.Array, jax.Array]:
+        raise NotImplementedError
+
+    @property
+    def storage(self) -> StorageCodec:
+        """The storage codec (``codec``, or the raw codec of plain float arrays)."""
+        return resolve_codec(self._stored()[0], self.codec)
+
+    @property
+    def key_dim(self) -> int:
+        """Channels per key head (not stored words)."""
+        return self.storage.head_dim(self._stored()[0].shape[-1])
+
+    @property
+    def value_dim(self) -> int:
+        """Channels per value head."""
+        return self.storage.head_dim(self._stored()[1].shape[-1])
+
+
 @pytree_dataclass
-class KVSegment:
+class KVSegment(_StoredKV):
     """A run of key/value slots that attention reads.
 
     Attributes:
@@ -83,20 +107,8 @@ class KVSegment:
     key_scales: jax.Array | None = None
     value_scales: jax.Array | None = None
 
-    @property
-    def storage(self) -> StorageCodec:
-        """The storage codec (``codec``, or the raw codec of plain float arrays)."""
-        return resolve_codec(self.keys, self.codec)
-
-    @property
-    def key_dim(self) -> int:
-        """Channels per key head (not stored words)."""
-        return self.storage.head_dim(self.keys.shape[-1])
-
-    @property
-    def value_dim(self) -> int:
-        """Channels per value head."""
-        return self.storage.head_dim(self.values.shape[-1])
+    def _stored(self) -> tuple[jax.Array, jax.Array]:
+        return self.keys, self.values
 
 
 @pytree_dataclass
@@ -119,7 +131,7 @@ class CachedKV:
 
 
 @pytree_dataclass
-class PagedKV:
+class PagedKV(_StoredKV):
     """What paged attention reads after a paged cache's write.
 
     Attributes:
@@ -154,22 +166,10 @@ class PagedKV:
     key_scales: jax.Array | None = None
     value_scales: jax.Array | None = None
 
-    @property
-    def storage(self) -> StorageCodec:
-        """The storage codec (``codec``, or the raw codec of plain float pools)."""
-        return resolve_codec(self.key_pages, self.codec)
+    def _stored(self) -> tuple[jax.Array, jax.Array]:
+        return self.key_pages, self.value_pages
 
     @property
     def page_size(self) -> int:
         """Tokens per page."""
         return self.key_pages.shape[1]
-
-    @property
-    def key_dim(self) -> int:
-        """Channels per key head (not stored words)."""
-        return self.storage.head_dim(self.key_pages.shape[-1])
-
-    @property
-    def value_dim(self) -> int:
-        """Channels per value head."""
-        return self.storage.head_dim(self.value_pages.shape[-1])

@@ -503,6 +503,12 @@ ERROR_CASES: list[tuple[str, Callable[[PageManager], object], type[Exception], s
 def test_error_paths_raise_clearly_and_change_nothing(
     call: Callable[[PageManager], object], error: type[Exception], match: str
 ) -> None:
+    _raises_and_changes_nothing(call, error, match)
+
+
+def _raises_and_changes_nothing(
+    call: Callable[[PageManager], object], error: type[Exception], match: str
+) -> None:
     manager, _ = populated()
     before = manager.snapshot()
     with pytest.raises(error, match=match):
@@ -840,11 +846,7 @@ TRUNCATE_ERROR_CASES: list[tuple[str, Callable[[PageManager], object], type[Exce
 def test_truncate_errors_raise_clearly_and_change_nothing(
     call: Callable[[PageManager], object], error: type[Exception], match: str
 ) -> None:
-    manager, _ = populated()
-    before = manager.snapshot()
-    with pytest.raises(error, match=match):
-        call(manager)
-    assert manager.snapshot() == before
+    _raises_and_changes_nothing(call, error, match)
 
 
 def test_truncate_refuses_a_sequence_in_the_pending_step() -> None:

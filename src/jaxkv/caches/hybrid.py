@@ -4,9 +4,11 @@ linear attention, and layers that keep nothing.
 ``HybridCacheMetadata`` holds the kind of every layer and one metadata per kind in use (its
 ``num_layers`` is the number of layers of that kind); ``HybridCache.init_cache`` builds the view
 each per-kind metadata names (``metadata.view_type``), ``None`` for ``"none"`` layers. What differs
-between kinds is one record each in ``LAYER_KIND_TABLE`` (its metadata class per attention backend,
-which runtime part it takes, its window rule); everything else -- building, validation, the row
-operations, overflow -- is one loop over the table or over the views, with no per-family code.
+between kinds is one record each in ``LAYER_KIND_TABLE`` (``jaxkv.caches.layer_kinds``: its
+metadata class per attention backend, which runtime part it takes, its window rule); everything
+else -- building, validation, the row operations, overflow -- is one loop over the table or over
+the views, with no per-family code. The runtime metadata of a forward pass live in
+``jaxkv.caches.hybrid_runtime``.
 
 Attention layers are built by the backend named by ``attention_backend``:
 
@@ -51,102 +53,57 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxkv import _validation as v
-from jaxkv.abstracts import (
-    BaseCacheMetadata,
-    BaseRunTimeMetadata,
-    pytree_dataclass,
-    static_field,
+from jaxkv.abstracts import BaseCacheMetadata, pytree_dataclass, static_field
+from jaxkv.caches.hybrid_runtime import (
+    HybridMetadata,
+    HybridPagedMetadata,
+    HybridPagedRuntimeMetadata,
+    HybridRuntimeMetadata,
 )
-from jaxkv.caches.paged import PagedCacheMetadata, PagedCacheView, PagedRuntimeMetadata
+from jaxkv.caches.layer_kinds import (
+    ATTENTION_BACKENDS,
+    ATTENTION_KINDS,
+    ATTENTION_METADATA,
+    KIND_METADATA,
+    LAYER_KIND_TABLE,
+    LAYER_KINDS,
+    PAGED_GEOMETRY,
+    RECURRENT_KINDS,
+    AttentionMetadata,
+    LayerKind,
+)
+from jaxkv.caches.paged import PagedCacheMetadata
 from jaxkv.caches.recurrent import (
     LinearAttentionCacheMetadata,
     Mamba2CacheMetadata,
     MambaCacheMetadata,
-    RecurrentRuntimeMetadata,
 )
 from jaxkv.caches.rows import LayerCache, raise_if_overflowed
-from jaxkv.caches.transformer import (
-    TransformerCacheMetadata,
-    TransformerCacheView,
-    TransformerRuntimeMetadata,
-)
+from jaxkv.caches.transformer import TransformerCacheMetadata
 from jaxkv.errors import UnsupportedOperationError
 
-ATTENTION_BACKENDS: dict[str, type] = {
-    "contiguous": TransformerCacheView,
-    "paged": PagedCacheView,
-}
-"""Attention view class per ``attention_backend`` name."""
-
-ATTENTION_METADATA: dict[str, type] = {
-    "contiguous": TransformerCacheMetadata,
-    "paged": PagedCacheMetadata,
-}
-"""Attention metadata class per ``attention_backend`` name."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerKind:
-    """How one kind of layer is cached: one record of ``LAYER_KIND_TABLE``.
-
-    Attributes:
-        name: the kind, as written in ``layer_kinds``.
-        metadata_types: the metadata class of its views per attention backend (the same class
-            for both backends when the kind is not attention).
-        runtime_part: the part of the hybrid runtime its views take (``"attention"`` or
-            ``"recurrent"``).
-        windowed: attention kinds only: whether its metadata must set ``sliding_window``
-            (``True``) or leave it ``None`` (``False``); ``None`` for other kinds.
-    """
-
-    name: str
-    metadata_types: Mapping[str, type]
-    runtime_part: str
-    windowed: bool | None = None
-
-    def metadata_type(self, backend: str) -> type:
-        return self.metadata_types[backend]
-
-    @property
-    def is_attention(self) -> bool:
-        return self.runtime_part == "attention"
-
-
-def _same_for_both(metadata_type: type) -> dict[str, type]:
-    return {backend: metadata_type for backend in ATTENTION_BACKENDS}
-
-
-LAYER_KIND_TABLE: dict[str, LayerKind] = {
-    kind.name: kind
-    for kind in (
-        LayerKind("attention", ATTENTION_METADATA, "attention", windowed=False),
-        LayerKind("sliding_attention", ATTENTION_METADATA, "attention", windowed=True),
-        LayerKind("mamba", _same_for_both(MambaCacheMetadata), "recurrent"),
-        LayerKind("mamba2", _same_for_both(Mamba2CacheMetadata), "recurrent"),
-        LayerKind("linear_attention", _same_for_both(LinearAttentionCacheMetadata), "recurrent"),
-    )
-}
-"""One record per kind of layer that keeps a state (``"none"`` keeps nothing)."""
-
-LAYER_KINDS = (*LAYER_KIND_TABLE, "none")
-ATTENTION_KINDS = tuple(name for name, kind in LAYER_KIND_TABLE.items() if kind.is_attention)
-RECURRENT_KINDS = tuple(name for name, kind in LAYER_KIND_TABLE.items() if not kind.is_attention)
-
-KIND_METADATA: dict[str, type] = {
-    name: kind.metadata_type("contiguous") for name, kind in LAYER_KIND_TABLE.items()
-}
-"""The metadata class of each kind that keeps a state with the ``"contiguous"`` backend."""
-
-PAGED_GEOMETRY = ("num_pages", "page_size", "batch_size", "max_pages_per_seq")
-"""Paged fields that full and sliding attention layers must share (one page manager)."""
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "ATTENTION_KINDS",
+    "ATTENTION_METADATA",
+    "KIND_METADATA",
+    "LAYER_KINDS",
+    "LAYER_KIND_TABLE",
+    "PAGED_GEOMETRY",
+    "RECURRENT_KINDS",
+    "HybridCache",
+    "HybridCacheMetadata",
+    "HybridMetadata",
+    "HybridPagedMetadata",
+    "HybridPagedRuntimeMetadata",
+    "HybridRuntimeMetadata",
+    "LayerKind",
+]
 
 _RESERVED = ("batch_size", "num_layers", "max_num_seqs")
 """Settings that come from the hybrid cache itself (``max_num_seqs``: paged ``batch_size``)."""
-
-AttentionMetadata = TransformerCacheMetadata | PagedCacheMetadata
 
 
 @pytree_dataclass
@@ -405,232 +362,6 @@ def _build_kind(
             f"{owner}: {kind.name} settings do not fit {metadata_type.__name__}.create "
             f"(attention_backend={backend!r}): {error}"
         ) from error
-
-
-def _part(runtime: Any, owner: str, kind: str) -> Any:
-    """The part of a hybrid runtime that a layer of ``kind`` takes (``None`` for ``"none"``)."""
-    v.require_choice(owner, "kind", kind, LAYER_KINDS)
-    if kind == "none":
-        return None
-    return getattr(runtime, LAYER_KIND_TABLE[kind].runtime_part)
-
-
-@pytree_dataclass
-class HybridRuntimeMetadata(BaseRunTimeMetadata):
-    """Runtime metadata of one forward pass through a hybrid stack with the ``"contiguous"``
-    attention backend.
-
-    Attributes:
-        attention: what attention views take (``TransformerRuntimeMetadata``; ``None``: all
-            tokens real).
-        recurrent: what recurrent views take (``RecurrentRuntimeMetadata``; ``None``: all real).
-    """
-
-    attention: TransformerRuntimeMetadata | None = None
-    recurrent: RecurrentRuntimeMetadata | None = None
-
-    def __post_init__(self) -> None:
-        owner = type(self).__name__
-        if self.attention is not None and not isinstance(
-            self.attention, TransformerRuntimeMetadata
-        ):
-            raise TypeError(
-                f"{owner}: attention must be TransformerMetadata, "
-                f"got {type(self.attention).__name__}"
-            )
-        if self.recurrent is not None and not isinstance(self.recurrent, RecurrentRuntimeMetadata):
-            raise TypeError(
-                f"{owner}: recurrent must be RecurrentMetadata, got {type(self.recurrent).__name__}"
-            )
-
-    @classmethod
-    def create(cls, new_lengths: Any = None, padding_side: str = "right") -> HybridRuntimeMetadata:
-        """Both parts from the same per-row real token counts (``[batch]`` ints, or ``None``:
-        every token real) and padding side."""
-        if new_lengths is None:
-            return cls(
-                attention=TransformerRuntimeMetadata.create(None, padding_side),
-                recurrent=RecurrentRuntimeMetadata.create(None, padding_side),
-            )
-        recurrent = RecurrentRuntimeMetadata.create(new_lengths, padding_side)
-        attention = TransformerRuntimeMetadata.create(recurrent.new_lengths, padding_side)
-        return cls(attention=attention, recurrent=recurrent)
-
-    def for_kind(self, kind: str) -> TransformerRuntimeMetadata | RecurrentRuntimeMetadata | None:
-        """The part a layer of ``kind`` takes (``None`` for ``"none"``)."""
-        return _part(self, "HybridMetadata.for_kind", kind)
-
-    def attention_inputs(self, hidden: jax.Array) -> jax.Array:
-        """``hidden`` unchanged: contiguous attention reads the ``[batch, T]`` layout."""
-        return hidden
-
-    def attention_outputs(self, out: jax.Array) -> jax.Array:
-        """``out`` unchanged."""
-        return out
-
-
-HybridMetadata = HybridRuntimeMetadata
-"""Former name of ``HybridRuntimeMetadata``."""
-
-
-def _check_token_index(
-    owner: str, token_index: np.ndarray, new_lengths: np.ndarray, padding_side: str, num_tokens: int
-) -> None:
-    """Host check that ``token_index`` is a valid ``[batch, T]`` layout (see
-    ``HybridPagedMetadata``) agreeing with ``new_lengths``."""
-    batch, width = token_index.shape
-    counts = np.sum(token_index >= 0, axis=1)
-    if not np.array_equal(counts, new_lengths):
-        raise ValueError(
-            f"{owner}: recurrent.new_lengths {new_lengths.tolist()} must count the real "
-            f"(>= 0) entries of token_index per row, got {counts.tolist()}"
-        )
-    if token_index.size and (token_index.min() < -1 or token_index.max() >= num_tokens):
-        raise ValueError(
-            f"{owner}: token_index must hold packed indices in [0, {num_tokens}) or -1, got "
-            f"values in [{token_index.min()}, {token_index.max()}]"
-        )
-    slot = np.arange(width)[None, :]
-    lead = width - counts[:, None] if padding_side == "left" else np.zeros((batch, 1), np.int64)
-    real = (slot >= lead) & (slot < lead + counts[:, None])
-    first = np.where(
-        counts > 0, token_index[np.arange(batch), np.minimum(lead[:, 0], width - 1)], 0
-    )
-    expected = np.where(real, first[:, None] + slot - lead, -1)
-    if not np.array_equal(token_index, expected):
-        raise ValueError(
-            f"{owner}: each row of token_index must be one run of consecutive packed indices "
-            f"padded on the {padding_side} with -1, got {token_index.tolist()}"
-        )
-    used = token_index[token_index >= 0]
-    if np.unique(used).size != used.size:
-        raise ValueError(f"{owner}: token_index names a packed token twice: {token_index.tolist()}")
-
-
-@pytree_dataclass
-class HybridPagedRuntimeMetadata(BaseRunTimeMetadata):
-    """Runtime metadata of one step through a hybrid stack with the ``"paged"`` backend.
-
-    With ``S = max_num_seqs`` (= the cache's ``batch_size``), ``N`` the step's padded packed token
-    count and ``T`` the per-row width of the batch layout:
-
-    Attributes:
-        attention: the step's ``PagedRuntimeMetadata`` (page tables, slot mapping, packed
-            ``[N]`` tokens, copy ops ...), what paged attention views take.
-        recurrent: ``RecurrentRuntimeMetadata`` of the ``[S, T]`` batch layout: ``new_lengths: [S]``
-            int32 real tokens per slot (``0`` for a slot not scheduled this step, whose state
-            stays exactly as it was) and the ``padding_side``; what recurrent views take.
-        token_index: ``[S, T]`` int32; ``token_index[r, t]`` is the packed index (into
-            ``attention``'s ``[N]`` axis) of the token at column ``t`` of slot ``r``, ``-1`` for
-            padding. Each slot's real tokens form one run of consecutive packed indices -- its
-            scheduled sequence's ``query_start_loc[i] .. query_start_loc[i + 1] - 1`` -- at the
-            start (``"right"`` padding) or end (``"left"``) of the row.
-
-    The engine builds it from a host step (``jaxkv.engine.step_inputs.hybrid_paged_runtime``);
-    see the module docstring for how slots stay stable.
-    """
-
-    attention: PagedRuntimeMetadata
-    recurrent: RecurrentRuntimeMetadata
-    token_index: jax.Array
-
-    def __post_init__(self) -> None:
-        owner = type(self).__name__
-        if not isinstance(self.attention, PagedRuntimeMetadata):
-            raise TypeError(
-                f"{owner}: attention must be PagedRuntimeMetadata, "
-                f"got {type(self.attention).__name__}"
-            )
-        if not isinstance(self.recurrent, RecurrentRuntimeMetadata):
-            raise TypeError(
-                f"{owner}: recurrent must be RecurrentMetadata, got {type(self.recurrent).__name__}"
-            )
-        if self.recurrent.new_lengths is None:
-            raise ValueError(f"{owner}: recurrent.new_lengths must be a [batch] array, got None")
-        if not hasattr(self.token_index, "dtype") or not jnp.issubdtype(
-            self.token_index.dtype, jnp.integer
-        ):
-            raise TypeError(
-                f"{owner}: token_index must be a [batch, T] int array, "
-                f"got {getattr(self.token_index, 'dtype', type(self.token_index).__name__)}"
-            )
-        seqs = self.attention.page_tables.shape[0]
-        v.check_array(owner, "token_index", self.token_index, (seqs, None))
-        v.check_array(owner, "recurrent.new_lengths", self.recurrent.new_lengths, (seqs,))
-        if self.token_index.shape[1] < 1:
-            raise ValueError(f"{owner}: token_index must have T >= 1 columns, got 0")
-        if not v.is_traced(self.token_index, self.recurrent.new_lengths):
-            _check_token_index(
-                owner,
-                np.asarray(self.token_index),
-                np.asarray(self.recurrent.new_lengths),
-                self.recurrent.padding_side,
-                self.num_tokens,
-            )
-
-    @property
-    def num_tokens(self) -> int:
-        """``N``, the padded length of the packed token axis."""
-        return int(self.attention.slot_mapping.shape[0])
-
-    @property
-    def batch_size(self) -> int:
-        """``S``, rows (slots) of the batch layout."""
-        return int(self.token_index.shape[0])
-
-    @property
-    def width(self) -> int:
-        """``T``, columns of the batch layout."""
-        return int(self.token_index.shape[1])
-
-    def for_kind(self, kind: str) -> PagedRuntimeMetadata | RecurrentRuntimeMetadata | None:
-        """The part a layer of ``kind`` takes (``None`` for ``"none"``)."""
-        return _part(self, "HybridPagedMetadata.for_kind", kind)
-
-    def attention_inputs(self, hidden: jax.Array) -> jax.Array:
-        """``[S, T, ...]`` activations in the layout attention layers write and read: the
-        step's packed ``[N, ...]`` axis (``to_packed``)."""
-        return self.to_packed(hidden)
-
-    def attention_outputs(self, out: jax.Array) -> jax.Array:
-        """Attention outputs ``[N, ...]`` back in the ``[S, T, ...]`` layout (``to_batch``)."""
-        return self.to_batch(out)
-
-    def to_packed(self, batched: jax.Array) -> jax.Array:
-        """``[S, T, ...]`` -> ``[N, ...]``: each real entry moves to its packed index; packed
-        padding gets zeros. Jittable."""
-        owner = "HybridPagedMetadata.to_packed"
-        v.check_array(
-            owner,
-            "batched",
-            batched,
-            (self.batch_size, self.width) + (None,) * (getattr(batched, "ndim", 2) - 2),
-        )
-        n = self.num_tokens
-        target = jnp.where(self.token_index >= 0, self.token_index, n).reshape(-1)
-        flat = batched.reshape(-1, *batched.shape[2:])
-        packed = jnp.zeros((n, *batched.shape[2:]), batched.dtype)
-        return packed.at[target].set(flat, mode="drop")
-
-    def to_batch(self, packed: jax.Array) -> jax.Array:
-        """``[N, ...]`` -> ``[S, T, ...]``: each entry reads its packed token; padding entries
-        get zeros. Jittable."""
-        owner = "HybridPagedMetadata.to_batch"
-        v.check_array(
-            owner, "packed", packed, (self.num_tokens,) + (None,) * (getattr(packed, "ndim", 1) - 1)
-        )
-        real = self.token_index >= 0
-        gathered = packed[jnp.maximum(self.token_index, 0)]
-        mask = real.reshape(real.shape + (1,) * (packed.ndim - 1))
-        return jnp.where(mask, gathered, jnp.zeros((), packed.dtype))
-
-    def batch_token_ids(self) -> jax.Array:
-        """``[S, T]`` int32 ids of the new tokens in the batch layout (``0`` at padding)."""
-        return self.to_batch(self.attention.token_ids.astype(jnp.int32))
-
-
-HybridPagedMetadata = HybridPagedRuntimeMetadata
-"""Former name of ``HybridPagedRuntimeMetadata``."""
 
 
 @pytree_dataclass

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxkv import _validation as v
+from jaxkv._sizes import ceil_div
 from jaxkv.caches.recurrent import (
     LinearAttentionCacheMetadata,
     LinearAttentionCacheView,
@@ -109,7 +110,7 @@ def chunked_recurrence(
     """
     batch, new_tokens, heads, key_dim = k.shape
     block = max(1, min(block_size, new_tokens))
-    num_blocks = -(-new_tokens // block)
+    num_blocks = ceil_div(new_tokens, block)
     pad = num_blocks * block - new_tokens
     real = mask[..., None]
     k = jnp.where(real[..., None], k, 0)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxkv._sizes import ceil_div
+
 DEFAULT_BLOCK_SIZE = 256
 """Key slots a kernel reads per loop step unless told otherwise."""
 
@@ -115,4 +117,4 @@ def two_block_size(block_size: int, length: int) -> int:
     a batch-8 decode at 256 slots), and in a paged step the hoisted page gather fuses with the
     step's write into the pool, forcing a copy of the whole pool.
     """
-    return min(block_size, max(1, -(-length // 2)))
+    return min(block_size, max(1, ceil_div(length, 2)))

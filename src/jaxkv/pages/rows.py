@@ -260,12 +260,7 @@ class PagedRows:
             StepPendingError: a row to shorten is in the pending step.
         """
         owner = self._owner("truncate")
-        values = _int_list(owner, "lengths", lengths)
-        if len(values) != len(self._seq_ids):
-            raise ValueError(
-                f"{owner}: lengths must hold one int per row ({len(self._seq_ids)}), got "
-                f"{len(values)}"
-            )
+        values = self._per_row(owner, "lengths", lengths, "one int")
         changes: list[tuple[Hashable, int]] = []
         for row, (seq_id, length) in enumerate(zip(self._seq_ids, values, strict=True)):
             known = 0 if seq_id is None else len(self._manager.get_sequence(seq_id).token_ids)
@@ -323,12 +318,7 @@ class PagedRows:
             DuplicateSequenceError, TypeError: `new_seq_id` minted a live or unhashable id.
         """
         owner = self._owner("reorder")
-        ids = _int_list(owner, "indices", indices)
-        if len(ids) != len(self._seq_ids):
-            raise ValueError(
-                f"{owner}: indices must hold one row id per row ({len(self._seq_ids)}), got "
-                f"{len(ids)}"
-            )
+        ids = self._per_row(owner, "indices", indices, "one row id")
         _check_row_ids(owner, "indices", ids, len(self._seq_ids))
         return self._gather("reorder", ids)
 
@@ -431,6 +421,16 @@ class PagedRows:
         self._check_usable("check_overflow")
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _per_row(self, owner: str, argument: str, values: object, what: str) -> list[int]:
+        """`values` as ints, exactly one per row."""
+        values = _int_list(owner, argument, values)
+        if len(values) != len(self._seq_ids):
+            raise ValueError(
+                f"{owner}: {argument} must hold {what} per row ({len(self._seq_ids)}), got "
+                f"{len(values)}"
+            )
+        return values
 
     def _owner(self, operation: str) -> str:
         """`PagedRows.<operation>`, once this object is known usable and all its rows live."""
