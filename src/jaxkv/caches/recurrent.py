@@ -105,12 +105,25 @@ class _StateMetadata(BaseCacheMetadata):
         return self.batch_size * (self.state_bytes_per_sequence() + 4 * self.num_layers)
 
 
+class _ConvStateMetadata(_StateMetadata):
+    """Mamba and Mamba2: a conv window of ``conv_kernel - 1`` inputs over ``conv_dim`` channels
+    plus an SSM state of ``d_inner * state_size`` per row."""
+
+    @property
+    def conv_state_shape(self) -> tuple[int, int, int]:
+        """``(batch, conv_dim, conv_kernel - 1)``."""
+        return (self.batch_size, self.conv_dim, self.conv_kernel - 1)
+
+    def _state_elements_per_layer(self) -> int:
+        return self.conv_dim * (self.conv_kernel - 1) + self.d_inner * self.state_size
+
+
 def _check_conv_kernel(owner: str, conv_kernel: Any) -> None:
     v.require_int(owner, "conv_kernel", conv_kernel, minimum=2)
 
 
 @pytree_dataclass
-class MambaCacheMetadata(_StateMetadata):
+class MambaCacheMetadata(_ConvStateMetadata):
     """Static configuration of a Mamba (selective-scan) state cache.
 
     Attributes:
@@ -162,21 +175,13 @@ class MambaCacheMetadata(_StateMetadata):
         return self.d_inner
 
     @property
-    def conv_state_shape(self) -> tuple[int, int, int]:
-        """``(batch, d_inner, conv_kernel - 1)``."""
-        return (self.batch_size, self.conv_dim, self.conv_kernel - 1)
-
-    @property
     def ssm_state_shape(self) -> tuple[int, int, int]:
         """``(batch, d_inner, state_size)``."""
         return (self.batch_size, self.d_inner, self.state_size)
 
-    def _state_elements_per_layer(self) -> int:
-        return self.conv_dim * (self.conv_kernel - 1) + self.d_inner * self.state_size
-
 
 @pytree_dataclass
-class Mamba2CacheMetadata(_StateMetadata):
+class Mamba2CacheMetadata(_ConvStateMetadata):
     """Static configuration of a Mamba2 (SSD) state cache.
 
     Attributes:
@@ -245,17 +250,9 @@ class Mamba2CacheMetadata(_StateMetadata):
         return self.d_inner + 2 * self.n_groups * self.state_size
 
     @property
-    def conv_state_shape(self) -> tuple[int, int, int]:
-        """``(batch, conv_dim, conv_kernel - 1)``."""
-        return (self.batch_size, self.conv_dim, self.conv_kernel - 1)
-
-    @property
     def ssm_state_shape(self) -> tuple[int, int, int, int]:
         """``(batch, num_heads, head_dim, state_size)``."""
         return (self.batch_size, self.num_heads, self.head_dim, self.state_size)
-
-    def _state_elements_per_layer(self) -> int:
-        return self.conv_dim * (self.conv_kernel - 1) + self.d_inner * self.state_size
 
 
 @pytree_dataclass
