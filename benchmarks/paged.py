@@ -153,6 +153,8 @@ def _paged_decode(batch: int, live: int, max_context: int):
         token_ids=jnp.zeros((batch,), jnp.int32),
         copy_ops=jnp.full((batch, 2), -1, jnp.int32),
         logits_indices=jnp.arange(batch, dtype=jnp.int32),
+        num_pages=num_pages,
+        page_size=PAGE_SIZE,
         max_query_len=1,  # a decode step: one new token per sequence
     )
     query = jax.random.normal(jax.random.key(1), (batch, Q_HEADS, HEAD_DIM), jnp.float32)

@@ -13,13 +13,26 @@ import numpy as np
 FLOAT_DTYPES = tuple(np.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
-def require_int(owner: str, name: str, value: Any, *, minimum: int | None = None) -> int:
+MAX_SIZE = 2**31 - 1
+"""Largest size a cache dimension may have: sizes, positions and ids travel as int32."""
+
+
+def require_int(
+    owner: str, name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
     """``value`` as an int, or ``ValueError``/``TypeError`` naming ``owner.name``."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{owner}: {name} must be <= {maximum}, got {value}")
     return int(value)
+
+
+def require_size(owner: str, name: str, value: Any) -> int:
+    """A cache dimension: an int in ``[1, MAX_SIZE]``."""
+    return require_int(owner, name, value, minimum=1, maximum=MAX_SIZE)
 
 
 def require_optional_int(owner: str, name: str, value: Any, *, minimum: int) -> int | None:

@@ -240,7 +240,7 @@ def test_bfloat16_pool_is_stored_as_words_and_attends():
     np.testing.assert_array_equal(keys[page], jnp.asarray(written).astype(jnp.bfloat16))
 
 
-def _runtime(slot_mapping, positions=None, copy_ops=None):
+def _runtime(slot_mapping, positions=None, copy_ops=None, num_pages=None):
     """A hand-made runtime for one sequence in a MAX_SEQS x MAX_PAGES table."""
     tokens = len(slot_mapping)
     real = sum(s >= 0 for s in slot_mapping)
@@ -260,6 +260,8 @@ def _runtime(slot_mapping, positions=None, copy_ops=None):
             copy_ops if copy_ops is not None else -np.ones((MAX_SEQS, 2)), jnp.int32
         ),
         logits_indices=jnp.zeros((MAX_SEQS,), jnp.int32),
+        num_pages=12 if num_pages is None else num_pages,
+        page_size=PAGE_SIZE,
     )
 
 
@@ -291,7 +293,7 @@ def test_padding_slots_write_nothing_and_positions_are_minus_one():
     metadata = _metadata(max_pages_per_seq=MAX_PAGES, num_pages=MAX_PAGES)
     view = _random_view(metadata)
     slots = [21, 8, -1, 9, -1, -1]  # page 5 offset 1, page 2 offsets 0 and 1, padding
-    runtime = _runtime(slots, positions=[5, 4, 0, 6, 0, 0])
+    runtime = _runtime(slots, positions=[5, 4, 0, 6, 0, 0], num_pages=MAX_PAGES)
     key = jnp.asarray(np.random.default_rng(5).standard_normal((6, KV_HEADS, DIM)), jnp.float32)
     kv, new_view = jax.jit(lambda v, k, r: v.concatenate_to_cache(k, k, r))(view, key, runtime)
     before = np.asarray(view.key_pages).reshape(-1, KV_HEADS, DIM)
@@ -349,7 +351,7 @@ def test_pytree_and_serialisation_round_trips():
     ):
         for name in runtime.to_dict():
             got, want = getattr(restored, name), getattr(runtime, name)
-            if name == "max_query_len":
+            if name in ("max_query_len", "num_pages", "page_size"):  # static ints
                 assert got == want
                 continue
             assert got.dtype == want.dtype and got.shape == want.shape
@@ -531,6 +533,8 @@ def test_donated_step_updates_the_pools_in_place_without_copies():
         token_ids=jnp.zeros((1,), jnp.int32),
         copy_ops=jnp.full((1, 2), -1, jnp.int32),
         logits_indices=jnp.zeros((1,), jnp.int32),
+        num_pages=1024,
+        page_size=16,
         max_query_len=1,
     )
 

@@ -436,6 +436,44 @@ def test_wrong_tensor_shape(tmp_path):
         load_gguf(path)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("qtype", [None, gguf.GGMLQuantizationType.F16])
+def test_non_finite_weights_are_refused(tmp_path, bad, qtype):
+    weight = np.ones((24, 32), np.float32)
+    weight[3, 5] = weight[20, 0] = bad
+    path = tmp_path / "nan.gguf"
+    types = {} if qtype is None else {"blk.1.ffn_gate.weight": qtype}
+    _write_tiny(path, extra={"blk.1.ffn_gate.weight": weight}, types=types)
+    name = "F32" if qtype is None else "F16"
+    with pytest.raises(
+        GGUFError,
+        match=rf"tensor 'blk.1.ffn_gate.weight' \({name}, shape \(24, 32\)\) decodes to 2 "
+        r"non-finite value\(s\) \(NaN or inf\) out of 768; expected finite weights",
+    ) as info:
+        load_gguf(path)
+    assert str(path) in str(info.value)
+
+
+def test_non_finite_quantization_scale_is_refused(tmp_path):
+    """A Q8_0 block whose float16 scale is inf decodes to inf (or NaN where the quant is 0)."""
+    path = tmp_path / "scale.gguf"
+    _write_tiny(path, types={"token_embd.weight": gguf.GGMLQuantizationType.Q8_0})
+    info = read_gguf_metadata(path).tensors["token_embd.weight"]
+    raw = bytearray(path.read_bytes())
+    raw[info.offset : info.offset + 2] = np.float16(np.inf).tobytes()  # block 0's scale
+    path.write_bytes(bytes(raw))
+    with pytest.raises(GGUFError, match=r"'token_embd.weight' \(Q8_0, .* 32 non-finite"):
+        load_gguf(path)
+
+
+def test_float16_overflow_is_refused(tmp_path):
+    path = tmp_path / "big.gguf"
+    _write_tiny(path, extra={"output_norm.weight": np.full(32, 1e5, np.float32)})
+    assert load_gguf(path)[1]["final_norm"][0] == 1e5
+    with pytest.raises(GGUFError, match=r"'output_norm.weight' has 32 value\(s\) out of 32 beyond"):
+        load_gguf(path, dtype=np.float16)
+
+
 def test_missing_metadata_key(tmp_path):
     path = tmp_path / "tiny.gguf"
     _write_tiny(path)

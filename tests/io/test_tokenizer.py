@@ -203,6 +203,28 @@ def test_encode_decode_errors(tokenizer):
         StreamDecoder("not a tokenizer")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("text", "detail"),
+    [
+        (
+            b"caf\xe9 au lait".decode("utf-8", "surrogateescape"),
+            r"3 .*U\+DCE9 \(the undecodable input byte 0xE9\)",
+        ),
+        ("lone \ud83d half of an emoji", r"5 holds the lone surrogate U\+D83D$"),
+    ],
+)
+def test_text_that_is_not_utf8(tokenizer, text, detail):
+    """What `sys.stdin` with errors="surrogateescape" makes of Latin-1 input, say."""
+    with pytest.raises(ValueError, match=rf"^text must be valid UTF-8 text, but position {detail}"):
+        tokenizer.encode(text)
+    with pytest.raises(
+        ValueError, match=r"^messages\[1\]\['content'\] must be valid UTF-8 text, but position"
+    ):
+        tokenizer.apply_chat_template(
+            [{"role": "system", "content": "ok"}, {"role": "user", "content": text}]
+        )
+
+
 def test_chat_template_errors(tokenizer):
     with pytest.raises(TypeError, match="messages must be a list of dicts"):
         tokenizer.apply_chat_template("hello")  # type: ignore[arg-type]
@@ -224,8 +246,9 @@ def test_template_is_sandboxed(meta):
     sneaky = _tokenizer_with(
         meta, **{"tokenizer.chat_template": "{{ ''.__class__.__mro__[1].__subclasses__() }}"}
     )
-    with pytest.raises(jinja2.exceptions.SecurityError):
+    with pytest.raises(TokenizerError, match="chat template error: SecurityError") as info:
         sneaky.apply_chat_template([{"role": "user", "content": "x"}])
+    assert isinstance(info.value.__cause__, jinja2.exceptions.SecurityError)
     raising = _tokenizer_with(
         meta, **{"tokenizer.chat_template": "{{ raise_exception('roles must alternate') }}"}
     )

@@ -254,5 +254,5 @@ def test_validation_errors():
         paged_attention(query, kv, pages_per_block=0)
     with pytest.raises(ValueError, match="scale must be a finite float"):
         paged_attention(query, kv, scale=float("nan"))
-    with pytest.raises(ValueError, match="block_size must be a positive int"):
+    with pytest.raises(ValueError, match="block_size must be an int >= 1, got 0"):
         attention(query, kv, block_size=0)

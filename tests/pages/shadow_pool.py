@@ -19,10 +19,17 @@ class ShadowPool:
         self.pages: list[list[int | None]] = [[None] * page_size for _ in range(num_pages)]
 
     def apply(self, step: StepMetadata) -> None:
+        """Apply `step`; an AssertionError if it copies into one page twice or writes one slot
+        twice (the device would keep one of the two, silently)."""
         before = [list(page) for page in self.pages]
-        for src, dst in step.copy_ops[: step.num_copies].tolist():
+        copies = step.copy_ops[: step.num_copies].tolist()
+        assert len({dst for _, dst in copies}) == len(copies), (
+            f"copies into one page twice: {copies}"
+        )
+        for src, dst in copies:
             self.pages[dst] = list(before[src])
         slots = step.slot_mapping[: step.num_tokens].tolist()
+        assert len(set(slots)) == len(slots), f"a step writes one slot twice: {slots}"
         tokens = step.token_ids[: step.num_tokens].tolist()
         for slot, token in zip(slots, tokens, strict=True):
             page, offset = divmod(slot, self.page_size)

@@ -232,6 +232,8 @@ class PageManagerMachine(RuleBasedStateMachine):
             return
         assert needed <= available
         assert step.num_copies <= len(batch)
+        geometry = (step.num_pages, step.page_size, step.max_num_seqs, step.max_pages_per_seq)
+        assert geometry == (NUM_PAGES, self.page_size, MAX_NUM_SEQS, MAX_PAGES_PER_SEQ)
         if step.num_copies:
             event("copy-on-write")
         if self.manager.stats().num_evictions > evictions:

@@ -53,6 +53,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxkv import _validation as v
 from jaxkv.abstracts import BaseCacheMetadata, pytree_dataclass, static_field
@@ -82,7 +83,7 @@ from jaxkv.caches.recurrent import (
 )
 from jaxkv.caches.rows import LayerCache, raise_if_overflowed
 from jaxkv.caches.transformer import TransformerCacheMetadata
-from jaxkv.errors import UnsupportedOperationError
+from jaxkv.errors import CacheOverflowError, UnsupportedOperationError
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -463,6 +464,94 @@ class HybridCache(LayerCache):
                 f"(metadata {expected}), got {type(other).__name__}"
             )
         return super().insert(other, slot)
+
+    def admit(
+        self, runtime: HybridRuntimeMetadata | HybridPagedRuntimeMetadata, num_tokens: int
+    ) -> tuple[HybridCache, Any, jax.Array]:
+        """Decide, for the whole stack at once, which rows may take this step's tokens; a
+        forward pass calls it before any layer writes (``hybrid_forward_cached`` does). A row
+        that one layer would refuse is refused by every layer, so it stays untouched everywhere.
+
+        * Contiguous backend: a row whose write would pass an attention layer's
+          ``max_length``. Eagerly: ``CacheOverflowError``, nothing written. Under ``jit``: the
+          row's tokens are dropped in every layer and its attention ``overflow`` flags are set
+          (``check_overflow`` reports it).
+        * Paged backend: a scheduled slot whose recurrent state has not seen exactly the
+          tokens before this step's (the page manager served a prefix-cache hit or a fork the
+          recurrent state never saw). Eagerly: ``ValueError``. Under ``jit``: the slot's tokens
+          are dropped in every layer (no attention write, no state change).
+
+        Args:
+            runtime: the step's hybrid runtime metadata.
+            num_tokens: ``T``, tokens per row of the ``[batch, T]`` layout.
+
+        Returns:
+            ``(cache, runtime, refused)``: the cache (with overflow flags set), the runtime with
+            the refused rows' tokens dropped, and ``refused: [batch]`` bool.
+        """
+        lengths = self._row_lengths()
+        if self.metadata.attention_backend == "paged":
+            return self._admit_paged(runtime, lengths)
+        return self._admit_contiguous(runtime, num_tokens)
+
+    def _row_lengths(self) -> jax.Array | None:
+        try:
+            return self.lengths()
+        except ValueError:
+            return None
+
+    def _admit_contiguous(
+        self, runtime: HybridRuntimeMetadata, num_tokens: int
+    ) -> tuple[HybridCache, HybridRuntimeMetadata, jax.Array]:
+        batch = self.metadata.batch_size or 0
+        part = runtime.attention or runtime.recurrent
+        if part is None or part.new_lengths is None:
+            counts = jnp.full((batch,), num_tokens, jnp.int32)
+        else:
+            counts = part.new_lengths.astype(jnp.int32)
+        refused = jnp.zeros((batch,), jnp.bool_)
+        limits = []
+        for view, kind in zip(self.views, self.metadata.layer_kinds, strict=True):
+            if view is not None and kind in ATTENTION_KINDS:
+                refused |= view.lengths + counts > view.metadata.max_length
+                limits.append(view.metadata.max_length)
+        if not v.is_traced(refused) and bool(jnp.any(refused)):
+            rows = np.flatnonzero(np.asarray(refused)).tolist()
+            raise CacheOverflowError(
+                f"HybridCache: writing {np.asarray(counts)[rows].tolist()} token(s) to row(s) "
+                f"{rows} would pass an attention layer's max_length ({sorted(set(limits))}); "
+                f"nothing was written in any layer"
+            )
+        admitted = jnp.where(refused, 0, counts)
+        side = "right" if part is None else part.padding_side
+        runtime = HybridRuntimeMetadata.create(admitted, side)
+        views = [
+            view.mark_overflow(refused) if view is not None and kind in ATTENTION_KINDS else view
+            for view, kind in zip(self.views, self.metadata.layer_kinds, strict=True)
+        ]
+        return self.with_views(views), runtime, refused
+
+    def _admit_paged(
+        self, runtime: HybridPagedRuntimeMetadata, lengths: jax.Array | None
+    ) -> tuple[HybridCache, HybridPagedRuntimeMetadata, jax.Array]:
+        batch = runtime.batch_size
+        if lengths is None:  # no recurrent layer: every layer's bookkeeping is the host's
+            return self, runtime, jnp.zeros((batch,), jnp.bool_)
+        offsets = runtime.slot_offsets()
+        refused = (offsets >= 0) & (lengths != offsets)
+        if not v.is_traced(refused) and bool(jnp.any(refused)):
+            slots = np.flatnonzero(np.asarray(refused)).tolist()
+            raise ValueError(
+                f"HybridCache: slot(s) {slots} continue their sequences at position(s) "
+                f"{np.asarray(offsets)[slots].tolist()} but their recurrent state has seen "
+                f"{np.asarray(lengths)[slots].tolist()} token(s): the page manager served "
+                f"pages (a prefix-cache hit or a fork) that the recurrent state never saw. Run "
+                f"the PageManager of a stack with recurrent layers with "
+                f"enable_prefix_caching=False (jaxkv.engine.step_inputs.hybrid_page_manager) "
+                f"and move rows with the same operation on the cache and on PagedRows; nothing "
+                f"was written"
+            )
+        return self, runtime.drop_slots(refused), refused
 
     def copy_pages(self, copy_ops: jax.Array) -> HybridCache:
         """Apply a step's ``(src, dst)`` page copies (``copy_ops: [C, 2]`` int, ``-1`` rows are

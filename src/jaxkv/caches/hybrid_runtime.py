@@ -10,6 +10,7 @@ contiguous backend), so a model runs either backend with the same code.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -195,6 +196,38 @@ class HybridPagedRuntimeMetadata(BaseRunTimeMetadata):
     def for_kind(self, kind: str) -> PagedRuntimeMetadata | RecurrentRuntimeMetadata | None:
         """The part a layer of ``kind`` takes (``None`` for ``"none"``)."""
         return runtime_part(self, "HybridPagedMetadata.for_kind", kind)
+
+    def slot_offsets(self) -> jax.Array:
+        """``[S]`` int32: for each slot with new tokens, the position of its first one (the
+        tokens its sequence had computed before this step); ``-1`` for the others."""
+        real = self.token_index >= 0
+        first = jnp.argmax(real, axis=1)
+        packed = jnp.take_along_axis(self.token_index, first[:, None], axis=1)[:, 0]
+        positions = self.attention.positions[jnp.maximum(packed, 0)]
+        return jnp.where(jnp.any(real, axis=1), positions, -1).astype(jnp.int32)
+
+    def drop_slots(self, slots: jax.Array) -> HybridPagedRuntimeMetadata:
+        """The same step with every token of the slots where ``slots: [S]`` bool is true
+        dropped: no attention write (``slot_mapping`` ``-1``) and no recurrent token. Jittable;
+        constructed without the host checks (which hold for the result by construction)."""
+        packed = jnp.where(slots[:, None], self.token_index, -1).reshape(-1)
+        num_tokens = self.num_tokens
+        dropped = (
+            jnp.zeros((num_tokens,), jnp.bool_)
+            .at[jnp.where(packed >= 0, packed, num_tokens)]
+            .set(True, mode="drop")
+        )
+        attention = dataclasses.replace(
+            self.attention,
+            slot_mapping=jnp.where(dropped, -1, self.attention.slot_mapping),
+        )
+        recurrent = dataclasses.replace(
+            self.recurrent, new_lengths=jnp.where(slots, 0, self.recurrent.new_lengths)
+        )
+        token_index = jnp.where(slots[:, None], -1, self.token_index)
+        return dataclasses.replace(
+            self, attention=attention, recurrent=recurrent, token_index=token_index
+        )
 
     def attention_inputs(self, hidden: jax.Array) -> jax.Array:
         """``[S, T, ...]`` activations in the layout attention layers write and read: the

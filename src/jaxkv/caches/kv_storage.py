@@ -45,7 +45,7 @@ class KVStorageMetadata:
         """Check the head sizes, the dtype and the codec settings."""
         owner = type(self).__name__
         for name in self.HEAD_FIELDS:
-            v.require_int(owner, name, getattr(self, name), minimum=1)
+            v.require_size(owner, name, getattr(self, name))
         if not isinstance(self.dtype, np.dtype):
             raise TypeError(f"{owner}: dtype must be a numpy dtype, got {self.dtype!r}")
         v.require_float_dtype(owner, "dtype", self.dtype)

@@ -240,7 +240,7 @@ class PagedCacheMetadata(KVStorageMetadata, BaseCacheMetadata):
     def validate(self) -> None:
         owner = type(self).__name__
         for name in ("num_layers", "num_pages", "page_size", "batch_size", "max_pages_per_seq"):
-            v.require_int(owner, name, getattr(self, name), minimum=1)
+            v.require_size(owner, name, getattr(self, name))
         v.require_optional_int(owner, "sliding_window", self.sliding_window, minimum=1)
         if self.max_pages_per_seq > self.num_pages:
             raise ValueError(
@@ -337,6 +337,8 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
         copy_ops: ``[S, 2]`` ``(src_page, dst_page)`` copies to apply before the writes; ``-1``
             rows are no-ops.
         logits_indices: ``[S]`` packed index of each row's last new token.
+        num_pages, page_size: (static) the pool the step was planned for (the page manager's);
+            a cache with another pool refuses the step, at trace time, so even under ``jit``.
         max_query_len: (static) a bound on any row's new tokens, rounded up to a power of two
             so steps of similar shape share a compiled function; attention lays queries out as
             ``[S, max_query_len]`` and reads each row's pages once. ``0`` means unknown (then the
@@ -352,11 +354,15 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
     token_ids: jax.Array
     copy_ops: jax.Array
     logits_indices: jax.Array
+    num_pages: int = static_field()
+    page_size: int = static_field()
     max_query_len: int = static_field(0)
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         v.require_int(owner, "max_query_len", self.max_query_len, minimum=0)
+        v.require_int(owner, "num_pages", self.num_pages, minimum=1)
+        v.require_int(owner, "page_size", self.page_size, minimum=1)
         for name in (*RUNTIME_ARRAYS, "num_seqs"):
             array = getattr(self, name)
             if not hasattr(array, "shape") or not hasattr(array, "dtype"):
@@ -379,11 +385,14 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
         v.check_array(owner, "logits_indices", self.logits_indices, (seqs,))
 
     @classmethod
-    def create(cls, *, max_query_len: int = 0, **arrays: Any) -> PagedRuntimeMetadata:
+    def create(
+        cls, *, num_pages: int, page_size: int, max_query_len: int = 0, **arrays: Any
+    ) -> PagedRuntimeMetadata:
         """Runtime metadata from the step arrays (NumPy or JAX, any int dtype; stored as int32),
         checked for consistency when they are concrete.
 
         Args:
+            num_pages, page_size: the pool the step was planned for.
             max_query_len: static bound on any row's new tokens (``0``: unknown).
             **arrays: every name of ``RUNTIME_ARRAYS`` plus ``num_seqs``.
 
@@ -406,6 +415,8 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
                 raise TypeError(f"{owner}: {name} must be an integer array, got {array.dtype}")
         runtime = cls(
             **{name: jnp.asarray(array, jnp.int32) for name, array in host.items()},
+            num_pages=num_pages,
+            page_size=page_size,
             max_query_len=max_query_len,
         )
         seqs = host["page_tables"].shape[0]
@@ -442,6 +453,12 @@ def _check_runtime(owner: str, runtime: Any, metadata: PagedCacheMetadata) -> No
             f"{owner}: runtime must be PagedRuntimeMetadata, got {type(runtime).__name__}"
         )
     m = metadata
+    if (runtime.num_pages, runtime.page_size) != (m.num_pages, m.page_size):
+        raise ValueError(
+            f"{owner}: the runtime was built for a pool of {runtime.num_pages} pages of "
+            f"{runtime.page_size} tokens, but this cache has {m.num_pages} pages of "
+            f"{m.page_size}: its page manager drives another pool"
+        )
     v.check_array(
         owner, "runtime.page_tables", runtime.page_tables, (m.batch_size, m.max_pages_per_seq)
     )
@@ -457,6 +474,13 @@ def _check_runtime(owner: str, runtime: Any, metadata: PagedCacheMetadata) -> No
             raise ValueError(
                 f"{owner}: runtime.slot_mapping must hold slots in [0, {m.num_slots}) or -1, "
                 f"got values in [{slots.min()}, {slots.max()}]"
+            )
+        real = slots[slots >= 0]
+        unique, counts = np.unique(real, return_counts=True)
+        if np.any(counts > 1):
+            raise ValueError(
+                f"{owner}: runtime.slot_mapping writes slot {int(unique[counts > 1][0])} twice "
+                f"(one token's keys and values would be lost); every real slot must be distinct"
             )
 
 
@@ -726,6 +750,12 @@ def _copy_indices(owner: str, copy_ops: Any, num_pages: int) -> tuple[jax.Array,
             raise ValueError(
                 f"{owner}: copy_ops row {row} = {ops[row].tolist()} must be two distinct page "
                 f"ids in [0, {num_pages}) or (-1, -1)"
+            )
+        targets, counts = np.unique(ops[real, 1], return_counts=True)
+        if np.any(counts > 1):
+            raise ValueError(
+                f"{owner}: copy_ops copies into page {int(targets[counts > 1][0])} twice (which "
+                f"copy lands is unspecified); every destination must be distinct"
             )
     ops = jnp.asarray(copy_ops, jnp.int32)
     real = jnp.all((ops >= 0) & (ops < num_pages), axis=1)

@@ -78,7 +78,7 @@ class _StateMetadata(BaseCacheMetadata):
     def _validate_common(self, int_fields: Sequence[str]) -> None:
         owner = type(self).__name__
         for name in ("batch_size", "num_layers", *int_fields):
-            v.require_int(owner, name, getattr(self, name), minimum=1)
+            v.require_size(owner, name, getattr(self, name))
         if not isinstance(self.dtype, np.dtype):
             raise TypeError(f"{owner}: dtype must be a numpy dtype, got {self.dtype!r}")
         v.require_float_dtype(owner, "dtype", self.dtype)

@@ -134,10 +134,20 @@ def token_layout(
 # --------------------------------------------------------------------------------------------
 
 
+def _as_array(owner: str, name: str, value: Any, expected: str) -> jax.Array:
+    """``value`` as a JAX array, or ``TypeError`` naming what was expected."""
+    if isinstance(value, str | bytes) or value is None:
+        raise TypeError(f"{owner}: {name} must be {expected}, got {value!r}")
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{owner}: {name} must be {expected}, got {value!r:.80}") from None
+
+
 def row_mask(owner: str, rows: Any, batch_size: int) -> jax.Array:
     """``[batch]`` bool mask from a bool mask or a sequence of row ids (validated when concrete;
     a traced out-of-range id, negative ones included, selects nothing)."""
-    array = jnp.asarray(rows)
+    array = _as_array(owner, "rows", rows, "a [batch] bool mask or a list of row ids")
     if array.dtype == jnp.bool_:
         v.check_array(owner, "rows", array, (batch_size,))
         return array
@@ -184,7 +194,7 @@ def static_row_ids(owner: str, name: str, rows: Any, batch_size: int) -> tuple[i
 
 def row_indices(owner: str, indices: Any, batch_size: int) -> jax.Array:
     """``[batch]`` int32 source rows for ``reorder`` (validated when concrete)."""
-    array = jnp.asarray(indices)
+    array = _as_array(owner, "indices", indices, "a [batch] array of row ids")
     if not jnp.issubdtype(array.dtype, jnp.integer) or array.ndim != 1:
         raise TypeError(f"{owner}: indices must be a [batch] array of row ids, got {indices!r}")
     v.check_array(owner, "indices", array, (batch_size,))
@@ -199,7 +209,7 @@ def slot_index(owner: str, slot: Any, batch_size: int) -> jax.Array:
     """A row id as an int32 scalar (validated when concrete)."""
     if isinstance(slot, bool) or isinstance(slot, np.bool_):
         raise TypeError(f"{owner}: slot must be an int row id, got {slot!r}")
-    array = jnp.asarray(slot)
+    array = _as_array(owner, "slot", slot, "an int row id")
     if array.ndim != 0 or not jnp.issubdtype(array.dtype, jnp.integer):
         raise TypeError(f"{owner}: slot must be an int row id, got {slot!r}")
     if not v.is_traced(array) and not 0 <= int(array) < batch_size:

@@ -59,6 +59,9 @@ from jaxkv.caches.rows import (
 from jaxkv.errors import CacheOverflowError
 from jaxkv.kv import CachedKV, KVSegment
 
+MAX_LENGTH = 2**30
+"""Most tokens a row may hold: positions are int32, and ``length + new tokens`` must not wrap."""
+
 _LEGACY_NAMES = {"key_heads": "num_kv_heads", "key_dim": "head_dim"}
 """Field names of earlier releases, still accepted by ``create`` and ``from_dict``."""
 
@@ -162,10 +165,16 @@ class TransformerCacheMetadata(KVStorageMetadata, BaseCacheMetadata):
 
     def validate(self) -> None:
         owner = type(self).__name__
-        for name in ("batch_size", "max_length", "num_layers", "value_heads"):
-            v.require_int(owner, name, getattr(self, name), minimum=1)
-        v.require_optional_int(owner, "sliding_window", self.sliding_window, minimum=1)
+        for name in ("batch_size", "max_length", "num_layers"):
+            v.require_size(owner, name, getattr(self, name))
         self.validate_kv()
+        v.require_size(owner, "value_heads", self.value_heads)
+        if self.max_length > MAX_LENGTH:
+            raise ValueError(
+                f"{owner}: max_length must be <= {MAX_LENGTH} (positions and lengths are int32, "
+                f"with room for any write), got {self.max_length}"
+            )
+        v.require_optional_int(owner, "sliding_window", self.sliding_window, minimum=1)
 
     @property
     def num_slots(self) -> int:
@@ -447,6 +456,11 @@ class TransformerCacheView(RowView, AttentionCacheView):
     def overflow_rows(self) -> jax.Array:
         """``[batch]`` bool: rows where a write did not fit and was dropped (sticky)."""
         return self.overflow
+
+    def mark_overflow(self, rows: jax.Array) -> TransformerCacheView:
+        """A view whose rows where ``rows: [batch]`` bool is true are flagged as having had a
+        write dropped (a stack refusing a row in every layer flags it here)."""
+        return dataclasses.replace(self, overflow=self.overflow | rows)
 
 
 @pytree_dataclass

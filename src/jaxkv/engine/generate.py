@@ -9,7 +9,7 @@ prefills only what each new turn adds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import jax
@@ -98,7 +98,11 @@ def generate(
     v.require_int("generate", "max_new_tokens", max_new_tokens, minimum=1)
     v.require_choice("generate", "cache", cache, CACHE_KINDS)
     v.require_choice("generate", "kv_quantization", kv_quantization, CODECS)
-    if isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop):
+    v.require_int("generate", "page_size", page_size, minimum=1)
+    if isinstance(stop, str) or not isinstance(stop, Iterable):
+        raise ValueError(f"generate: stop must be a list of non-empty strings, got {stop!r}")
+    stop = tuple(stop)  # a generator is read once, here
+    if any(not isinstance(s, str) or not s for s in stop):
         raise ValueError(f"generate: stop must be a list of non-empty strings, got {stop!r}")
     sampling = SamplingParams(temperature, top_k, top_p, seed)
     prompt_ids = _check_prompts(model, prompts)
@@ -165,6 +169,7 @@ class ChatSession:
         """Add a user turn, generate the assistant's reply and return it."""
         if not isinstance(text, str):
             raise TypeError(f"ChatSession.send: text must be a str, got {type(text).__name__}")
+        v.require_int("ChatSession.send", "max_new_tokens", max_new_tokens, minimum=1)
         model, config = self.model, self.model.config
         messages = [*self.messages, {"role": "user", "content": text}]
         prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

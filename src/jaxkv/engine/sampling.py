@@ -73,7 +73,14 @@ def sample_dynamic(
 
     ``logits: [batch, vocab]`` -> ``[batch]`` int32; ``top_k`` counts tokens (vocab = off).
     """
-    logits = logits / temperature
+    # Shift by the row's maximum first: with a tiny temperature, logits / temperature would
+    # overflow to inf and the softmax to NaN; shifted, the best token stays at 0 and the others
+    # go to -inf at worst, so the result tends to greedy as the temperature goes to 0.
+    # XLA flushes subnormal floats to zero, so a temperature below the smallest normal float32
+    # would divide by zero: clamp it there (it samples the best token either way).
+    temperature = jnp.maximum(temperature, jnp.finfo(jnp.float32).tiny)
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    logits = (logits - peak) / temperature
     order = jnp.argsort(-logits, axis=-1)
     ranked = jnp.take_along_axis(logits, order, axis=-1)  # descending
     probs = jax.nn.softmax(ranked, axis=-1)

@@ -3,6 +3,8 @@ runtime metadata a jitted step takes. The caches take device arrays only; this i
 plan crosses over.
 
 * ``paged_runtime(step)`` -> ``PagedRuntimeMetadata`` for a paged cache;
+* ``hybrid_page_manager(metadata)`` -> the ``PageManager`` of a hybrid paged stack (prefix
+  caching off when the stack has recurrent layers);
 * ``hybrid_paged_runtime(step, slots=..., width=..., padding_side=...)`` ->
   ``HybridPagedRuntimeMetadata`` for a hybrid stack on the paged backend (which batch row, or
   *slot*, each scheduled sequence's recurrent state lives in, and where its tokens sit in the
@@ -19,10 +21,40 @@ import numpy as np
 
 from jaxkv import _validation as v
 from jaxkv._sizes import next_power_of_two
-from jaxkv.caches.hybrid import HybridPagedRuntimeMetadata
+from jaxkv.caches.hybrid import RECURRENT_KINDS, HybridCacheMetadata, HybridPagedRuntimeMetadata
 from jaxkv.caches.paged import RUNTIME_ARRAYS, PagedRuntimeMetadata
 from jaxkv.caches.recurrent import RecurrentRuntimeMetadata
+from jaxkv.pages import PageManager
 from jaxkv.pages.step import StepMetadata
+
+
+def hybrid_page_manager(metadata: HybridCacheMetadata, **options: Any) -> PageManager:
+    """The ``PageManager`` that drives a hybrid stack's paged attention layers (its geometry
+    from ``metadata.paged_geometry()``; ``options`` go to ``PageManager``).
+
+    A stack with recurrent layers keeps one state per slot that page sharing cannot reach, so
+    its manager runs with prefix caching off (a prefix-cache hit would skip tokens the recurrent
+    state never saw); rows are copied with ``reorder`` on both the cache and the ``PagedRows``.
+
+    Raises:
+        ValueError: ``enable_prefix_caching=True`` for a stack with recurrent layers, or a
+            stack without paged attention layers.
+    """
+    owner = "hybrid_page_manager"
+    if not isinstance(metadata, HybridCacheMetadata):
+        raise TypeError(
+            f"{owner}: metadata must be HybridCacheMetadata, got {type(metadata).__name__}"
+        )
+    recurrent = [kind for kind in metadata.layer_kinds if kind in RECURRENT_KINDS]
+    if recurrent:
+        if options.get("enable_prefix_caching"):
+            raise ValueError(
+                f"{owner}: enable_prefix_caching=True cannot serve a stack with "
+                f"{sorted(set(recurrent))} layers: a prefix-cache hit skips tokens their "
+                f"recurrent state never saw; use enable_prefix_caching=False"
+            )
+        options["enable_prefix_caching"] = False
+    return PageManager(**metadata.paged_geometry(), **options)
 
 
 def query_bucket(step: StepMetadata) -> int:
@@ -53,7 +85,11 @@ def paged_runtime(step: StepMetadata) -> PagedRuntimeMetadata:
             f"got {start.tolist()}"
         )
     return PagedRuntimeMetadata.create(
-        **arrays, num_seqs=np.asarray(step.num_seqs), max_query_len=query_bucket(step)
+        **arrays,
+        num_seqs=np.asarray(step.num_seqs),
+        num_pages=step.num_pages,
+        page_size=step.page_size,
+        max_query_len=query_bucket(step),
     )
 
 

@@ -36,11 +36,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.metadata
+import itertools
+import math
 import mmap
 import os
 import pathlib
+import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -86,6 +89,7 @@ _SCALAR_FORMATS: dict[int, str] = {
 }
 _STRING = 8
 _ARRAY = 9
+_MAX_ARRAY_NESTING = 8  # arrays of arrays deeper than this are taken as corruption
 _NUMPY_ARRAY_TYPES: dict[int, str] = {
     0: "<u1",
     1: "<i1",
@@ -112,6 +116,7 @@ _LAYER_TENSORS: dict[str, str] = {
     "w_down": "ffn_down.weight",
 }
 _OPTIONAL_GLOBAL_TENSORS = ("output.weight",)
+_LAYER_TENSOR_NAME = re.compile(r"blk\.(0|[1-9][0-9]{0,17})\.(.+)")
 
 
 class GGUFError(ValueError):
@@ -234,7 +239,7 @@ class _HeaderCursor:
         except UnicodeDecodeError as err:
             raise GGUFError(f"{self._path}: {what} is not valid UTF-8 ({err})") from None
 
-    def value(self, value_type: int, what: str) -> Any:
+    def value(self, value_type: int, what: str, depth: int = 0) -> Any:
         if value_type in _SCALAR_FORMATS:
             return self.scalar(_SCALAR_FORMATS[value_type], what)
         if value_type == _STRING:
@@ -253,7 +258,12 @@ class _HeaderCursor:
             if item_type == _STRING:
                 return [self.string(f"item {i} of {what}") for i in range(count)]
             if item_type == _ARRAY:
-                return [self.value(_ARRAY, f"item {i} of {what}") for i in range(count)]
+                if depth >= _MAX_ARRAY_NESTING:
+                    raise GGUFError(
+                        f"{self._path}: truncated or corrupt GGUF file: {what} nests arrays "
+                        f"more than {_MAX_ARRAY_NESTING} deep"
+                    )
+                return [self.value(_ARRAY, f"item {i} of {what}", depth + 1) for i in range(count)]
             raise GGUFError(f"{self._path}: {what} has unknown array item type {item_type}")
         raise GGUFError(f"{self._path}: {what} has unknown value type {value_type}")
 
@@ -262,9 +272,14 @@ def _check_path(path: str | os.PathLike[str]) -> pathlib.Path:
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
     resolved = pathlib.Path(path)
-    if not resolved.exists():
+    try:
+        exists, is_file = resolved.exists(), resolved.is_file()
+    except (OSError, ValueError) as err:  # e.g. a name too long, an embedded NUL byte
+        reason = getattr(err, "strerror", None) or err
+        raise GGUFError(f"path {str(resolved)!r:.200} cannot be a GGUF file: {reason}") from None
+    if not exists:
         raise GGUFError(f"{resolved}: no such GGUF file")
-    if not resolved.is_file():
+    if not is_file:
         raise GGUFError(f"{resolved}: expected a GGUF file, got a directory or special file")
     return resolved
 
@@ -309,7 +324,10 @@ def _parse(buffer: mmap.mmap, path: pathlib.Path) -> GGUFMetadata:
     for index in range(field_count):
         key = cursor.string(f"metadata key #{index}")
         value_type = cursor.scalar("<I", f"value type of {key!r}")
-        fields[key] = cursor.value(value_type, f"metadata value {key!r}")
+        value = cursor.value(value_type, f"metadata value {key!r}")
+        if key in fields:
+            raise GGUFError(f"{path}: metadata key {key!r} appears twice")
+        fields[key] = value
 
     raw_tensors: list[tuple[str, tuple[int, ...], int, int]] = []
     for index in range(tensor_count):
@@ -322,9 +340,17 @@ def _parse(buffer: mmap.mmap, path: pathlib.Path) -> GGUFMetadata:
         relative_offset = cursor.scalar("<Q", f"offset of tensor {name!r}")
         raw_tensors.append((name, ne, ggml_type, relative_offset))
 
-    alignment = int(fields.get("general.alignment", _DEFAULT_ALIGNMENT))
-    if alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFError(f"{path}: general.alignment must be a power of two, got {alignment}")
+    alignment = fields.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if (
+        isinstance(alignment, bool)
+        or not isinstance(alignment, int)
+        or alignment <= 0
+        or alignment & (alignment - 1)
+    ):
+        raise GGUFError(
+            f"{path}: general.alignment must be a power of two, got "
+            f"{type(alignment).__name__} {alignment!r:.80}"
+        )
     data_offset = -(-cursor.offset // alignment) * alignment
 
     tensors: dict[str, GGUFTensorInfo] = {}
@@ -340,8 +366,7 @@ def _parse(buffer: mmap.mmap, path: pathlib.Path) -> GGUFMetadata:
                     f"{path}: tensor {name!r} of type {type_name} has row length {ne[0]}, "
                     f"not a multiple of its block size {block_size}"
                 )
-            n_elements = int(np.prod(ne, dtype=np.int64)) if ne else 1
-            nbytes = n_elements // block_size * block_bytes
+            nbytes = math.prod(ne) // block_size * block_bytes  # exact: dims may be huge
         offset = data_offset + relative_offset
         if offset + nbytes > len(buffer):
             raise GGUFError(
@@ -378,7 +403,10 @@ class _MappedFile:
         self._path = path
 
     def __enter__(self) -> mmap.mmap:
-        self._file = open(self._path, "rb")  # closed in __exit__
+        try:
+            self._file = open(self._path, "rb")  # closed in __exit__
+        except OSError as err:
+            raise GGUFError(f"{self._path}: cannot open the GGUF file: {err}") from err
         try:
             size = os.fstat(self._file.fileno()).st_size
             if size < 4:
@@ -413,38 +441,58 @@ def read_gguf_metadata(path: str | os.PathLike[str]) -> GGUFMetadata:
         return _parse(buffer, resolved)
 
 
+_INTEGER = (int, np.integer)
+_REAL = (int, float, np.integer, np.floating)
+_KIND_NAMES = {_INTEGER: "an integer", _REAL: "a number", str: "a string"}
+
+
 def _field(meta: GGUFMetadata, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    """``meta.fields[key]`` (or ``default``), checked to be of ``kind``; bools are not numbers."""
     value = meta.fields.get(key, default)
     if value is None:
         raise GGUFError(f"{meta.path}: required metadata key {key!r} is missing")
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value.item()
-    if not isinstance(value, kind):
+    if not isinstance(value, kind) or isinstance(value, bool | np.bool_):
         raise GGUFError(
-            f"{meta.path}: metadata key {key!r} should be {kind}, got {type(value).__name__} "
-            f"{value!r}"
+            f"{meta.path}: metadata key {key!r} should be {_KIND_NAMES.get(kind, kind)}, got "
+            f"{type(value).__name__} {value!r:.80}"
         )
     return value
+
+
+def _optional_int(meta: GGUFMetadata, key: str) -> int | None:
+    """An integer metadata value, or None when the key is absent."""
+    if meta.fields.get(key) is None:
+        return None
+    return int(_field(meta, key, _INTEGER))
 
 
 def config_from_metadata(meta: GGUFMetadata) -> LlamaConfig:
     """Build a `LlamaConfig` from a GGUF file's metadata (and its tensor table).
 
+    Args:
+      meta: from `read_gguf_metadata`.
+
+    Returns:
+      the model's hyper-parameters and special token ids.
+
     Raises:
-      GGUFError: the architecture is not Llama, a required key is missing, or the
+      TypeError: ``meta`` is not a `GGUFMetadata`.
+      GGUFError: the architecture is not Llama, a required key is missing or has
+        the wrong type (a bool, string or array where a number belongs), or the
         model uses a feature this reader does not support (partial rotary
         embeddings, YaRN/Llama-3 RoPE scaling, different key/value head sizes).
     """
     if not isinstance(meta, GGUFMetadata):
-        raise TypeError(f"meta must be a GGUFMetadata, got {type(meta).__name__}")
+        raise TypeError(f"meta must be a GGUFMetadata, got {type(meta).__name__} {meta!r:.80}")
     arch = meta.architecture
     if arch not in _SUPPORTED_ARCHITECTURES:
         raise GGUFError(
             f"{meta.path}: unsupported architecture {arch!r} (general.architecture); "
             f"expected one of {_SUPPORTED_ARCHITECTURES}"
         )
-    integer = (int, np.integer)
-    real = (int, float, np.integer, np.floating)
+    integer, real = _INTEGER, _REAL
     hidden = int(_field(meta, f"{arch}.embedding_length", integer))
     num_heads = int(_field(meta, f"{arch}.attention.head_count", integer))
     num_kv_heads = int(_field(meta, f"{arch}.attention.head_count_kv", integer, num_heads))
@@ -490,10 +538,10 @@ def config_from_metadata(meta: GGUFMetadata) -> LlamaConfig:
     eos = int(_field(meta, "tokenizer.ggml.eos_token_id", integer))
     eos_ids = [eos]
     for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-        extra = meta.fields.get(key)
-        if extra is not None and int(extra) not in eos_ids:
-            eos_ids.append(int(extra))
-    pad = meta.fields.get("tokenizer.ggml.padding_token_id")
+        extra = _optional_int(meta, key)
+        if extra is not None and extra not in eos_ids:
+            eos_ids.append(extra)
+    pad = _optional_int(meta, "tokenizer.ggml.padding_token_id")
     name = meta.fields.get("general.name", "")
     try:
         return LlamaConfig(
@@ -510,7 +558,7 @@ def config_from_metadata(meta: GGUFMetadata) -> LlamaConfig:
             tie_word_embeddings="output.weight" not in meta.tensors,
             bos_token_id=int(_field(meta, "tokenizer.ggml.bos_token_id", integer)),
             eos_token_ids=tuple(eos_ids),
-            pad_token_id=None if pad is None else int(pad),
+            pad_token_id=pad,
             rope_scaling_type=scaling_type,
             rope_scaling_factor=scaling_factor,
             name=name if isinstance(name, str) else "",
@@ -519,8 +567,39 @@ def config_from_metadata(meta: GGUFMetadata) -> LlamaConfig:
         raise GGUFError(f"{meta.path}: invalid model hyper-parameters: {err}") from err
 
 
-def _expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """GGUF tensor name -> NumPy shape ([out, in] for matrices) of a Llama checkpoint."""
+class _ExpectedTensors:
+    """The tensor names and NumPy shapes ([out, in] for matrices) of a Llama checkpoint.
+
+    Names are answered one at a time rather than listed, so an absurd ``block_count`` in a
+    corrupt file costs nothing before it is reported.
+    """
+
+    def __init__(self, config: LlamaConfig) -> None:
+        self.num_layers = config.num_layers
+        self.global_shapes, self.layer_shapes = _tensor_shapes(config)
+        self.count = len(self.global_shapes) + self.num_layers * len(self.layer_shapes)
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """Expected shape of tensor ``name``, or None when a Llama checkpoint has no such tensor."""
+        if name in self.global_shapes:
+            return self.global_shapes[name]
+        match = _LAYER_TENSOR_NAME.fullmatch(name)
+        if match is None or int(match[1]) >= self.num_layers:
+            return None
+        return self.layer_shapes.get(match[2])
+
+    def names(self) -> Iterator[str]:
+        """Every expected name, in file order (globals, then layer by layer)."""
+        yield from self.global_shapes
+        for layer in range(self.num_layers):
+            for suffix in self.layer_shapes:
+                yield f"blk.{layer}.{suffix}"
+
+
+def _tensor_shapes(
+    config: LlamaConfig,
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """(global tensor name -> shape, per-layer name suffix -> shape) of a Llama checkpoint."""
     hidden, ffn = config.hidden_size, config.intermediate_size
     q_dim = config.num_heads * config.head_dim
     kv_dim = config.num_kv_heads * config.head_dim
@@ -541,10 +620,7 @@ def _expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
         "ffn_up.weight": (ffn, hidden),
         "ffn_down.weight": (hidden, ffn),
     }
-    for layer in range(config.num_layers):
-        for suffix, shape in per_layer.items():
-            shapes[f"blk.{layer}.{suffix}"] = shape
-    return shapes
+    return shapes, per_layer
 
 
 def _undo_rope_permutation(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -579,6 +655,31 @@ def _resolve_dtype(dtype: Any) -> np.dtype:
     return resolved
 
 
+def _check_finite(
+    path: pathlib.Path,
+    name: str,
+    info: GGUFTensorInfo,
+    values: np.ndarray,
+    cast_to: np.dtype | None = None,
+) -> None:
+    """Raise `GGUFError` unless every value of one tensor is finite (one pass over it)."""
+    finite = np.isfinite(values)
+    if finite.all():
+        return
+    bad = values.size - int(np.count_nonzero(finite))
+    if cast_to is None:
+        raise GGUFError(
+            f"{path}: tensor {name!r} ({info.type_name}, shape {info.shape}) decodes to {bad} "
+            f"non-finite value(s) (NaN or inf) out of {values.size}; expected finite weights "
+            "(the file is corrupt)"
+        )
+    wider = "float32" if cast_to.name == "bfloat16" else "float32 or bfloat16"
+    raise GGUFError(
+        f"{path}: tensor {name!r} has {bad} value(s) out of {values.size} beyond the range of "
+        f"dtype={cast_to.name}; load it with dtype={wider}"
+    )
+
+
 def load_gguf(
     path: str | os.PathLike[str] | None = None, dtype: Any = np.float32
 ) -> tuple[LlamaConfig, Params]:
@@ -608,11 +709,15 @@ def load_gguf(
                      "w_gate": [hidden, ffn], "w_up": [hidden, ffn],
                      "w_down": [ffn, hidden]}, ...]}   # num_layers entries
 
-      All arrays are C-contiguous and of ``dtype``, owning their memory.
+      All arrays are C-contiguous, writeable and of ``dtype``, share no memory
+      with the file or each other, and every value is finite.
 
     Raises:
-      GGUFError: missing file, not GGUF, truncated/corrupt, unsupported
-        architecture or tensor type, missing/unexpected tensors or wrong shapes.
+      TypeError: ``path`` is not a str or os.PathLike.
+      GGUFError: missing or unreadable file, not GGUF, truncated/corrupt,
+        unsupported architecture or tensor type, missing/unexpected tensors,
+        wrong shapes, or a tensor holding NaN/inf (or, for ``dtype=float16``,
+        values beyond float16's range).
       ValueError: unsupported ``dtype``.
     """
     import gguf
@@ -622,24 +727,26 @@ def load_gguf(
     with _MappedFile(resolved) as buffer:
         meta = _parse(buffer, resolved)
         config = config_from_metadata(meta)
-        expected = _expected_shapes(config)
-        missing = [name for name in expected if name not in meta.tensors]
-        if missing:
-            shown = ", ".join(repr(name) for name in missing[:5])
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise GGUFError(f"{resolved}: missing tensor(s) {shown}{more}")
+        expected = _ExpectedTensors(config)
+        present = sum(expected.shape(name) is not None for name in meta.tensors)
+        if present < expected.count:
+            missing = (name for name in expected.names() if name not in meta.tensors)
+            shown = ", ".join(repr(name) for name in itertools.islice(missing, 5))
+            more = expected.count - present - 5
+            more_text = f" and {more} more" if more > 0 else ""
+            raise GGUFError(f"{resolved}: missing tensor(s) {shown}{more_text}")
         unexpected = [
             name
             for name in meta.tensors
-            if name not in expected and name not in _OPTIONAL_GLOBAL_TENSORS
+            if expected.shape(name) is None and name not in _OPTIONAL_GLOBAL_TENSORS
         ]
         if unexpected:
             raise GGUFError(
                 f"{resolved}: unexpected tensor(s) {unexpected[:5]} for a Llama model "
                 "(biases and extra weights are not supported)"
             )
-        for name, shape in expected.items():
-            info = meta.tensors[name]
+        for name in expected.names():
+            info, shape = meta.tensors[name], expected.shape(name)
             if info.shape != shape:
                 raise GGUFError(
                     f"{resolved}: tensor {name!r} has shape {info.shape}, expected {shape} "
@@ -652,26 +759,41 @@ def load_gguf(
                 )
 
         def dequantized(name: str) -> np.ndarray:
-            """float32 [rows, cols] (NumPy order) copy of one tensor."""
+            """float32 [rows, cols] (NumPy order) copy of one tensor, checked to be finite."""
             info = meta.tensors[name]
             raw = np.frombuffer(buffer[info.offset : info.offset + info.nbytes], dtype=np.uint8)
-            row_bytes = info.nbytes // max(1, int(np.prod(info.shape[:-1], dtype=np.int64)))
+            row_bytes = info.nbytes // max(1, math.prod(info.shape[:-1]))
             raw = raw.reshape(*info.shape[:-1], row_bytes)
-            values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(info.ggml_type))
-            return np.asarray(values, dtype=np.float32).reshape(info.shape)
+            with np.errstate(all="ignore"):  # corrupt scales overflow; reported just below
+                values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(info.ggml_type))
+                values = np.asarray(values, dtype=np.float32)
+            if values.shape != info.shape:
+                values = values.reshape(info.shape)
+            _check_finite(resolved, name, info, values)
+            return values
+
+        def cast(name: str, values: np.ndarray) -> np.ndarray:
+            """C-contiguous, writeable ``out_dtype`` array; float16 overflow to inf is refused."""
+            with np.errstate(all="ignore"):
+                out = np.ascontiguousarray(values, dtype=out_dtype)
+            if not out.flags.writeable:  # a view of the file's bytes (an F32 tensor)
+                out = out.copy()
+            if out_dtype != np.float32:
+                _check_finite(resolved, name, meta.tensors[name], out, out_dtype)
+            return out
 
         def vector(name: str) -> np.ndarray:
-            return dequantized(name).astype(out_dtype)
+            return cast(name, dequantized(name))
 
         def matrix(name: str, rope_heads: int = 0) -> np.ndarray:
             """[in, out] copy of a GGUF [out, in] weight."""
             weight = dequantized(name)
             if rope_heads:
                 weight = _undo_rope_permutation(weight, rope_heads)
-            return np.ascontiguousarray(weight.T, dtype=out_dtype)
+            return cast(name, weight.T)
 
         params: Params = {
-            "embed": np.ascontiguousarray(dequantized("token_embd.weight"), dtype=out_dtype),
+            "embed": cast("token_embd.weight", dequantized("token_embd.weight")),
             "final_norm": vector("output_norm.weight"),
             "lm_head": None if config.tie_word_embeddings else matrix("output.weight"),
             "layers": [],

@@ -13,6 +13,7 @@ import codecs
 import datetime
 import functools
 import json
+import operator
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -48,7 +49,43 @@ _END_OF_TURN_MARKERS = (
 
 
 class TokenizerError(ValueError):
-    """The GGUF tokenizer metadata is missing or describes an unsupported tokenizer."""
+    """The GGUF tokenizer metadata is missing, malformed or describes an unsupported tokenizer,
+    or its chat template fails to render."""
+
+
+def _check_text(name: str, text: Any) -> str:
+    """``text`` if it is a str that UTF-8 can encode, else TypeError/ValueError naming ``name``.
+
+    A str holding lone surrogates (what ``errors="surrogateescape"`` makes of bytes that are not
+    UTF-8, e.g. ``sys.stdin`` or ``sys.argv`` given Latin-1 bytes) cannot be tokenized.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str, got {type(text).__name__} {text!r:.80}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            code = ord(text[err.start])
+            origin = (
+                f" (the undecodable input byte 0x{code - 0xDC00:02X})"
+                if 0xDC80 <= code <= 0xDCFF
+                else ""
+            )
+            raise ValueError(
+                f"{name} must be valid UTF-8 text, but position {err.start} holds the lone "
+                f"surrogate U+{code:04X}{origin}"
+            ) from None
+    return text
+
+
+def _as_index(value: Any) -> int | None:
+    """``value`` as an int when it is an integer (Python, NumPy or JAX scalar), not a bool."""
+    if isinstance(value, bool):
+        return None
+    try:  # numpy.bool has no __index__
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 @functools.cache
@@ -148,23 +185,53 @@ class Tokenizer:
 
         if isinstance(tokens, str) or not isinstance(tokens, Sequence) or not tokens:
             raise TokenizerError(f"tokens must be a non-empty sequence of str, got {tokens!r:.80}")
+        for token_id, token in enumerate(tokens):
+            if not isinstance(token, str):
+                raise TokenizerError(
+                    f"tokens[{token_id}] must be a str, got {type(token).__name__} {token!r:.80}"
+                )
         if isinstance(merges, str) or not isinstance(merges, Sequence):
             raise TokenizerError(f"merges must be a sequence of str, got {type(merges).__name__}")
         vocab_size = len(tokens)
         if token_types is None:
             token_types = [1] * vocab_size
+        if (
+            isinstance(token_types, str | bytes)
+            or not isinstance(token_types, Iterable)
+            or not hasattr(token_types, "__len__")
+        ):
+            raise TokenizerError(
+                f"token_types must be a sequence of ints, got {type(token_types).__name__}"
+            )
         if len(token_types) != vocab_size:
             raise TokenizerError(
                 f"token_types must have one entry per token ({vocab_size}), got {len(token_types)}"
             )
+        checked_types = []
+        for token_id, kind in enumerate(token_types):
+            index = _as_index(kind)
+            if index is None:
+                raise TokenizerError(
+                    f"token_types[{token_id}] must be an int, got {type(kind).__name__} "
+                    f"{kind!r:.80}"
+                )
+            checked_types.append(index)
+        token_types = checked_types
+        ids: dict[str, int | None] = {}
         for name, value in (
             ("bos_token_id", bos_token_id),
             ("eos_token_id", eos_token_id),
             ("unk_token_id", unk_token_id),
             ("pad_token_id", pad_token_id),
         ):
-            if value is not None and not 0 <= int(value) < vocab_size:
+            index = None if value is None else _as_index(value)
+            if value is not None and index is None:
+                raise TokenizerError(
+                    f"{name} must be an int or None, got {type(value).__name__} {value!r:.80}"
+                )
+            if index is not None and not 0 <= index < vocab_size:
                 raise TokenizerError(f"{name} must be in [0, {vocab_size}), got {value}")
+            ids[name] = index
 
         alphabet = set(_char_to_byte())
         special_ids = [
@@ -179,14 +246,33 @@ class Tokenizer:
             vocab.setdefault(token, token_id)
         merge_pairs: list[tuple[str, str]] = []
         for index, merge in enumerate(merges):
+            if not isinstance(merge, str):
+                raise TokenizerError(
+                    f"merge #{index} must be a str 'left right', got {type(merge).__name__} "
+                    f"{merge!r:.80}"
+                )
             parts = merge.split(" ")
             if len(parts) != 2:
                 raise TokenizerError(f"merge #{index} must be 'left right', got {merge!r}")
             merge_pairs.append((parts[0], parts[1]))
 
-        backend = _BackendTokenizer(
-            models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False)
-        )
+        try:
+            backend = _BackendTokenizer(
+                models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False)
+            )
+        except Exception as err:  # `tokenizers` raises a bare Exception, e.g. for a merge
+            # whose parts or result are not in the vocabulary
+            raise TokenizerError(f"tokens and merges do not form a BPE vocabulary: {err}") from err
+        if pre_tokenizer is not None and not isinstance(pre_tokenizer, str):
+            raise TokenizerError(
+                f"pre_tokenizer (tokenizer.ggml.pre) must be a str or None, got "
+                f"{type(pre_tokenizer).__name__} {pre_tokenizer!r:.80}"
+            )
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise TokenizerError(
+                "chat_template (tokenizer.chat_template) must be a str or None, got "
+                f"{type(chat_template).__name__} {chat_template!r:.80}"
+            )
         pre = pre_tokenizer or "default"
         if pre in _GPT2_PRE:
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -235,12 +321,19 @@ class Tokenizer:
         self._tokens = list(tokens)
         self._special_set = frozenset(special_set)
         self.vocab_size = vocab_size
-        self.bos_token_id = None if bos_token_id is None else int(bos_token_id)
-        self.eos_token_id = None if eos_token_id is None else int(eos_token_id)
-        self.unk_token_id = None if unk_token_id is None else int(unk_token_id)
-        self.pad_token_id = None if pad_token_id is None else int(pad_token_id)
+        self.bos_token_id = ids["bos_token_id"]
+        self.eos_token_id = ids["eos_token_id"]
+        self.unk_token_id = ids["unk_token_id"]
+        self.pad_token_id = ids["pad_token_id"]
         self.special_tokens: dict[str, int] = {tokens[i]: i for i in special_ids}
-        end_ids = {int(i) for i in extra_eos_token_ids}
+        end_ids = set()
+        for extra in extra_eos_token_ids:
+            index = _as_index(extra)
+            if index is None:
+                raise TokenizerError(
+                    f"extra_eos_token_ids must hold ints, got {type(extra).__name__} {extra!r:.80}"
+                )
+            end_ids.add(index)
         if self.eos_token_id is not None:
             end_ids.add(self.eos_token_id)
         for marker in _END_OF_TURN_MARKERS:
@@ -250,7 +343,12 @@ class Tokenizer:
         if bad:
             raise TokenizerError(f"extra_eos_token_ids must be in [0, {vocab_size}), got {bad}")
         self.eos_token_ids: frozenset[int] = frozenset(end_ids)
-        self.add_bos = bool(add_bos)
+        if not isinstance(add_bos, bool):
+            raise TokenizerError(
+                f"add_bos (tokenizer.ggml.add_bos_token) must be a bool, got "
+                f"{type(add_bos).__name__} {add_bos!r:.80}"
+            )
+        self.add_bos = add_bos
         self.chat_template = chat_template
         self.missing_bytes: frozenset[int] = frozenset(
             byte for byte, char in _byte_to_char().items() if char not in vocab
@@ -264,11 +362,19 @@ class Tokenizer:
     def from_metadata(cls, meta: GGUFMetadata) -> Tokenizer:
         """Build the tokenizer described by a GGUF file's metadata.
 
+        Args:
+          meta: from `read_gguf_metadata`.
+
+        Returns:
+          the tokenizer.
+
         Raises:
-          TokenizerError: the tokenizer model is not ``gpt2`` or keys are missing.
+          TypeError: ``meta`` is not a `GGUFMetadata`.
+          TokenizerError: the tokenizer model is not ``gpt2``, keys are missing, or
+            a value has the wrong type (e.g. a bool or string where an id belongs).
         """
         if not isinstance(meta, GGUFMetadata):
-            raise TypeError(f"meta must be a GGUFMetadata, got {type(meta).__name__}")
+            raise TypeError(f"meta must be a GGUFMetadata, got {type(meta).__name__} {meta!r:.80}")
         fields = meta.fields
         model = fields.get("tokenizer.ggml.model")
         if model != "gpt2":
@@ -282,27 +388,33 @@ class Tokenizer:
 
         def optional_id(key: str) -> int | None:
             value = fields.get(key)
-            return None if value is None else int(value)
+            if value is None:
+                return None
+            index = _as_index(value)
+            if index is None:
+                raise TokenizerError(
+                    f"{meta.path}: metadata key {key!r} must be an integer token id, got "
+                    f"{type(value).__name__} {value!r:.80}"
+                )
+            return index
 
-        token_types = fields.get("tokenizer.ggml.token_type")
         extra = [
-            int(fields[key])
+            index
             for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-            if key in fields
+            if (index := optional_id(key)) is not None
         ]
-        template = fields.get("tokenizer.chat_template")
         try:
             return cls(
                 fields["tokenizer.ggml.tokens"],
                 fields["tokenizer.ggml.merges"],
-                None if token_types is None else [int(t) for t in token_types],
+                fields.get("tokenizer.ggml.token_type"),
                 bos_token_id=optional_id("tokenizer.ggml.bos_token_id"),
                 eos_token_id=optional_id("tokenizer.ggml.eos_token_id"),
                 unk_token_id=optional_id("tokenizer.ggml.unknown_token_id"),
                 pad_token_id=optional_id("tokenizer.ggml.padding_token_id"),
                 extra_eos_token_ids=extra,
-                add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
-                chat_template=template if isinstance(template, str) else None,
+                add_bos=fields.get("tokenizer.ggml.add_bos_token", False),
+                chat_template=fields.get("tokenizer.chat_template"),
                 pre_tokenizer=fields.get("tokenizer.ggml.pre"),
             )
         except TokenizerError as err:
@@ -312,9 +424,16 @@ class Tokenizer:
     def from_gguf(cls, path: str | os.PathLike[str] | None = None) -> Tokenizer:
         """Read the tokenizer of a GGUF file (None: the default model).
 
+        Args:
+          path: a GGUF file, or None for `default_model_path()`.
+
+        Returns:
+          the tokenizer its metadata describes.
+
         Raises:
+          TypeError: ``path`` is not a str, os.PathLike or None.
           GGUFError: the file cannot be read.
-          TokenizerError: its tokenizer is unsupported.
+          TokenizerError: its tokenizer is unsupported or its metadata malformed.
         """
         return cls.from_metadata(read_gguf_metadata(default_model_path() if path is None else path))
 
@@ -331,37 +450,42 @@ class Tokenizer:
         return None if self.eos_token_id is None else self._tokens[self.eos_token_id]
 
     def id_to_token(self, token_id: int) -> str:
-        """The vocabulary entry of ``token_id`` (byte-alphabet spelling for normal tokens)."""
-        self._check_id("token_id", token_id)
-        return self._tokens[token_id]
+        """The vocabulary entry of ``token_id`` (byte-alphabet spelling for normal tokens).
+
+        Raises:
+          TypeError: ``token_id`` is not an int (NumPy/JAX integer scalars count; bools do not).
+          ValueError: ``token_id`` is outside ``[0, vocab_size)``.
+        """
+        return self._tokens[self._check_id("token_id", token_id)]
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a vocabulary entry (byte-alphabet spelling), or None when absent."""
         if not isinstance(token, str):
-            raise TypeError(f"token must be a str, got {type(token).__name__}")
+            raise TypeError(f"token must be a str, got {type(token).__name__} {token!r:.80}")
         return self._backend.token_to_id(token)
 
-    def _check_id(self, name: str, token_id: Any) -> None:
-        if isinstance(token_id, bool) or not isinstance(token_id, int):
-            raise TypeError(f"{name} must be an int, got {type(token_id).__name__} {token_id!r}")
-        if not 0 <= token_id < self.vocab_size:
-            raise ValueError(f"{name} must be in [0, {self.vocab_size}), got {token_id}")
+    def _check_id(self, name: str, token_id: Any) -> int:
+        index = token_id if type(token_id) is int else _as_index(token_id)
+        if index is None:
+            raise TypeError(
+                f"{name} must be an int, got {type(token_id).__name__} {token_id!r:.80}"
+            )
+        if not 0 <= index < self.vocab_size:
+            raise ValueError(f"{name} must be in [0, {self.vocab_size}), got {index}")
+        return index
 
-    def _check_ids(self, ids: Any) -> list[int]:
-        if isinstance(ids, str | bytes) or not isinstance(ids, Iterable):
-            raise TypeError(f"ids must be a sequence of ints, got {type(ids).__name__}")
-        checked = []
-        for position, token_id in enumerate(ids):
-            if hasattr(token_id, "item") and not isinstance(token_id, int):
-                token_id = token_id.item()  # NumPy / JAX scalars
-            self._check_id(f"ids[{position}]", token_id)
-            checked.append(token_id)
-        return checked
+    def _check_ids(self, ids: Any, expected: str = "a sequence of ints") -> list[int]:
+        """``ids`` as a list of in-range ints; nothing is kept when any one is bad."""
+        if isinstance(ids, str | bytes | bytearray | memoryview) or not isinstance(ids, Iterable):
+            raise TypeError(f"ids must be {expected}, got {type(ids).__name__} {ids!r:.80}")
+        shape = getattr(ids, "shape", None)
+        if shape is not None and len(shape) != 1:
+            raise ValueError(f"ids must be {expected} (one dimension), got shape {tuple(shape)}")
+        return [self._check_id(f"ids[{i}]", token_id) for i, token_id in enumerate(ids)]
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes one token stands for (UTF-8 text for special tokens)."""
-        self._check_id("token_id", token_id)
-        return self._all_token_bytes()[token_id]
+        return self._all_token_bytes()[self._check_id("token_id", token_id)]
 
     def _all_token_bytes(self) -> list[bytes]:
         if self._token_bytes is None:
@@ -386,17 +510,25 @@ class Tokenizer:
         """Token ids of ``text``; special-token text (``<|im_start|>``) becomes its id.
 
         Args:
-          text: any string.
+          text: any string UTF-8 can encode (NUL characters are text like any other).
           add_bos: prepend BOS; None uses the checkpoint's default (`add_bos`).
 
         Returns:
           list of ints in ``[0, vocab_size)``. UTF-8 bytes listed in
           `missing_bytes` have no token and are dropped.
+
+        Raises:
+          TypeError: ``text`` is not a str (e.g. bytes: decode them first), or
+            ``add_bos`` is not a bool or None.
+          ValueError: ``text`` holds a lone surrogate, so it is not valid UTF-8
+            (what ``errors="surrogateescape"`` makes of undecodable bytes), or
+            ``add_bos=True`` and the tokenizer has no BOS token.
         """
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        _check_text("text", text)
         if add_bos is not None and not isinstance(add_bos, bool):
-            raise TypeError(f"add_bos must be a bool or None, got {add_bos!r}")
+            raise TypeError(
+                f"add_bos must be a bool or None, got {type(add_bos).__name__} {add_bos!r:.80}"
+            )
         ids = self._backend.encode(text, add_special_tokens=False).ids
         if self.add_bos if add_bos is None else add_bos:
             if self.bos_token_id is None:
@@ -408,9 +540,24 @@ class Tokenizer:
         """Text of a sequence of ids; invalid UTF-8 becomes U+FFFD.
 
         Args:
-          ids: token ids in ``[0, vocab_size)`` (ints or NumPy integer scalars).
+          ids: token ids in ``[0, vocab_size)``: a list, tuple, 1-D array or any
+            iterable (a generator is consumed) of ints or NumPy/JAX integer scalars.
           skip_special_tokens: drop control tokens (``<|im_end|>`` ...).
+
+        Returns:
+          the text.
+
+        Raises:
+          TypeError: ``ids`` is not an iterable of ints (str, bytes, bytearray, a
+            float or bool id), or ``skip_special_tokens`` is not a bool.
+          ValueError: an id is outside ``[0, vocab_size)``, or ``ids`` is an
+            array of more than one dimension.
         """
+        if not isinstance(skip_special_tokens, bool):
+            raise TypeError(
+                f"skip_special_tokens must be a bool, got {type(skip_special_tokens).__name__} "
+                f"{skip_special_tokens!r:.80}"
+            )
         checked = self._check_ids(ids)
         if skip_special_tokens:
             checked = [i for i in checked if i not in self._special_set]
@@ -432,29 +579,46 @@ class Tokenizer:
         """Render a conversation with the checkpoint's chat template (sandboxed Jinja).
 
         Args:
-          messages: ``[{"role": "user", "content": "..."}, ...]``; ``role`` and
-            ``content`` must be strings.
+          messages: ``[{"role": "user", "content": "..."}, ...]`` (a list or tuple;
+            not a generator); ``role`` and ``content`` must be strings of valid UTF-8.
           add_generation_prompt: end with the header of an assistant turn.
           template_kwargs: further variables for the template.
 
         Returns:
           the prompt text; encode it with ``encode(text, add_bos=False)`` when the
           template writes its own markers.
+
+        Raises:
+          TypeError: ``messages`` is not a sequence of dicts, or
+            ``add_generation_prompt`` is not a bool.
+          ValueError: a ``role`` or ``content`` is not a str, or holds a lone
+            surrogate (is not valid UTF-8).
+          TokenizerError: the checkpoint has no chat template, or the template
+            fails to compile or render (it calls ``raise_exception``, touches
+            something the sandbox forbids, ...); the cause is chained.
         """
         if self.chat_template is None:
             raise TokenizerError("this checkpoint has no chat template (tokenizer.chat_template)")
         if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
-            raise TypeError(f"messages must be a list of dicts, got {type(messages).__name__}")
+            raise TypeError(
+                f"messages must be a list of dicts, got {type(messages).__name__} {messages!r:.80}"
+            )
         for index, message in enumerate(messages):
             if not isinstance(message, Mapping):
-                raise TypeError(f"messages[{index}] must be a dict, got {type(message).__name__}")
+                raise TypeError(
+                    f"messages[{index}] must be a dict, got {type(message).__name__} "
+                    f"{message!r:.80}"
+                )
             for key in ("role", "content"):
+                name = f"messages[{index}][{key!r}]"
                 if not isinstance(message.get(key), str):
-                    raise ValueError(
-                        f"messages[{index}][{key!r}] must be a str, got {message.get(key)!r}"
-                    )
+                    raise ValueError(f"{name} must be a str, got {message.get(key)!r:.80}")
+                _check_text(name, message[key])
         if not isinstance(add_generation_prompt, bool):
-            raise TypeError(f"add_generation_prompt must be a bool, got {add_generation_prompt!r}")
+            raise TypeError(
+                f"add_generation_prompt must be a bool, got {type(add_generation_prompt).__name__} "
+                f"{add_generation_prompt!r:.80}"
+            )
         variables: dict[str, Any] = {
             "bos_token": self.bos_token or "",
             "eos_token": self.eos_token or "",
@@ -462,7 +626,14 @@ class Tokenizer:
             "messages": [dict(m) for m in messages],
             "add_generation_prompt": add_generation_prompt,
         }
-        return self._compiled_template().render(**variables)
+        try:
+            return self._compiled_template().render(**variables)
+        except (TokenizerError, ImportError):  # ImportError: jinja2 is not installed
+            raise
+        except Exception as err:  # the template comes from the file: any failure is its own
+            raise TokenizerError(
+                f"chat template error: {type(err).__name__}: {err}".rstrip(": ")
+            ) from err
 
     def _compiled_template(self) -> Any:
         compiled = self._template
@@ -506,9 +677,23 @@ class StreamDecoder:
         self.ids: list[int] = []
 
     def feed(self, ids: int | Iterable[int]) -> str:
-        """Add one id (or several) and return the newly completed text ("" if none)."""
-        batch = [ids] if isinstance(ids, int) and not isinstance(ids, bool) else ids
-        checked = self._tokenizer._check_ids(batch)
+        """Add one id (or several) and return the newly completed text ("" if none).
+
+        Args:
+          ids: one token id (an int, or a NumPy/JAX integer scalar) or an iterable of them.
+
+        Returns:
+          the text completed by these ids.
+
+        Raises:
+          TypeError: ``ids`` is neither an int nor an iterable of ints.
+          ValueError: an id is outside ``[0, vocab_size)``. Nothing of a rejected
+            batch is kept: the decoder is as it was before the call.
+        """
+        single = _as_index(ids) is not None  # an int, or a 0-d NumPy/JAX integer
+        checked = self._tokenizer._check_ids(
+            [ids] if single else ids, "an int or a sequence of ints"
+        )
         self.ids.extend(checked)
         table = self._tokenizer._all_token_bytes()
         special = self._tokenizer._special_set

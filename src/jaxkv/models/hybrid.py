@@ -361,8 +361,11 @@ def hybrid_forward_cached(
     Returns:
         ``(logits, new_cache)``: ``logits: [batch, T, vocab_size]`` (meaningless at padding
         tokens; ``runtime.to_packed(logits)[runtime.attention.logits_indices]`` gives each
-        scheduled sequence's last logits with the paged backend). Under ``jax.jit`` a contiguous
-        attention overflow is flagged in the cache, see ``HybridCache.check_overflow``.
+        scheduled sequence's last logits with the paged backend). A row the cache refuses
+        (``HybridCache.admit``: an attention overflow, or a paged slot whose recurrent state does
+        not match its pages) is untouched in every layer and gets NaN logits; eagerly the
+        refusal raises, under ``jax.jit`` a contiguous overflow is also flagged in the cache
+        (``HybridCache.check_overflow``).
     """
     owner = "hybrid_forward_cached"
     _check_tokens(owner, tokens, config)
@@ -396,6 +399,8 @@ def hybrid_forward_cached(
             raise TypeError(
                 f"{owner}: runtime must be HybridMetadata, got {type(runtime).__name__}"
             )
+    # One decision for every layer: a row any layer would refuse takes no token anywhere.
+    cache, runtime, refused = cache.admit(runtime, tokens.shape[1])
     c = config
     hidden = params["embed"][tokens]
     views = list(cache.views)
@@ -416,4 +421,5 @@ def hybrid_forward_cached(
                 )
             hidden = hidden + x
         hidden = hidden + _mlp(layer, hidden)
-    return _logits(params, hidden), cache.with_views(views)
+    logits = jnp.where(refused[:, None, None], jnp.nan, _logits(params, hidden))
+    return logits, cache.with_views(views)

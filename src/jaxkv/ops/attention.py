@@ -27,6 +27,7 @@ from jaxkv.kv import CachedKV, KVSegment, PagedKV, check_scales
 from jaxkv.ops.paged_attention import paged_attention
 from jaxkv.ops.softmax import (
     DEFAULT_BLOCK_SIZE,
+    check_options,
     combine_windows,
     finish_softmax,
     init_softmax_state,
@@ -66,9 +67,14 @@ def attention(
         ``[batch, new_tokens, query_heads, value_dim]`` in ``query.dtype``; softmax and
         accumulation run in float32 whatever the storage dtype. Padding queries give zeros.
     """
+    check_options(
+        "attention",
+        scale=scale,
+        logit_soft_cap=logit_soft_cap,
+        sliding_window=sliding_window,
+        block=("block_size", block_size),
+    )
     if isinstance(kv, PagedKV):
-        if not isinstance(block_size, int) or block_size <= 0:
-            raise ValueError(f"attention: block_size must be a positive int, got {block_size!r}")
         return paged_attention(
             query,
             kv,
@@ -77,6 +83,8 @@ def attention(
             sliding_window=sliding_window,
             pages_per_block=max(1, block_size // kv.page_size),
         )
+    if not hasattr(query, "ndim") or not jnp.issubdtype(query.dtype, jnp.floating):
+        raise TypeError(f"attention: query must be a float array, got {query!r:.80}")
     if query.ndim != 4:
         raise ValueError(
             f"attention: query must be [batch, new_tokens, query_heads, key_dim], "
@@ -114,10 +122,6 @@ def attention(
             f"attention: query is [batch={batch}, new_tokens={new_tokens}, ...] but the cache "
             f"wrote positions of shape {kv.query_positions.shape}"
         )
-    if not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"attention: block_size must be a positive int, got {block_size!r}")
-    if logit_soft_cap is not None and not logit_soft_cap > 0:
-        raise ValueError(f"attention: logit_soft_cap must be > 0, got {logit_soft_cap!r}")
     window = combine_windows(kv.sliding_window, sliding_window)
     if scale is None:
         scale = 1.0 / math.sqrt(key_dim)

@@ -37,6 +37,7 @@ from jax import lax
 from jaxkv.kv import PagedKV, check_scales
 from jaxkv.ops.softmax import (
     DEFAULT_BLOCK_SIZE,
+    check_options,
     combine_windows,
     finish_softmax,
     init_softmax_state,
@@ -83,24 +84,13 @@ def _check_inputs(query, kv, scale, logit_soft_cap, sliding_window, pages_per_bl
             f"query_start_loc ({num_seqs + 1},); got {kv.context_lens.shape} and "
             f"{kv.query_start_loc.shape}"
         )
-    if scale is not None and not (isinstance(scale, int | float) and math.isfinite(scale)):
-        raise ValueError(f"{owner}: scale must be a finite float or None, got {scale!r}")
-    if logit_soft_cap is not None and not (
-        isinstance(logit_soft_cap, int | float) and logit_soft_cap > 0
-    ):
-        raise ValueError(f"{owner}: logit_soft_cap must be > 0, got {logit_soft_cap!r}")
-    if sliding_window is not None and (
-        isinstance(sliding_window, bool)
-        or not isinstance(sliding_window, int)
-        or sliding_window < 1
-    ):
-        raise ValueError(f"{owner}: sliding_window must be an int >= 1, got {sliding_window!r}")
-    if pages_per_block is not None and (
-        isinstance(pages_per_block, bool)
-        or not isinstance(pages_per_block, int)
-        or pages_per_block < 1
-    ):
-        raise ValueError(f"{owner}: pages_per_block must be an int >= 1, got {pages_per_block!r}")
+    check_options(
+        owner,
+        scale=scale,
+        logit_soft_cap=logit_soft_cap,
+        sliding_window=sliding_window,
+        block=("pages_per_block", pages_per_block),
+    )
 
 
 def paged_attention(

@@ -8,6 +8,8 @@ normalises with ``finish_softmax``. ``two_block_size`` picks the block actually 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -15,6 +17,34 @@ from jaxkv._sizes import ceil_div
 
 DEFAULT_BLOCK_SIZE = 256
 """Key slots a kernel reads per loop step unless told otherwise."""
+
+
+def check_options(
+    owner: str,
+    *,
+    scale: float | None,
+    logit_soft_cap: float | None,
+    sliding_window: int | None,
+    block: tuple[str, int | None],
+) -> None:
+    """The attention options both kernels take: a finite ``scale``, a positive
+    ``logit_soft_cap``, a ``sliding_window >= 1`` and a block size ``>= 1`` (``block`` is its
+    ``(name, value)``), each ``None`` for the default."""
+
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    if scale is not None and not (number(scale) and math.isfinite(scale)):
+        raise ValueError(f"{owner}: scale must be a finite float or None, got {scale!r}")
+    if logit_soft_cap is not None and not (
+        number(logit_soft_cap) and math.isfinite(logit_soft_cap) and logit_soft_cap > 0
+    ):
+        raise ValueError(f"{owner}: logit_soft_cap must be > 0, got {logit_soft_cap!r}")
+    for name, value in (("sliding_window", sliding_window), block):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}")
 
 
 def combine_windows(first: int | None, second: int | None) -> int | None:

@@ -20,17 +20,19 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 
+from jaxkv.pages._ints import is_int, positive_int
 from jaxkv.pages.errors import OutOfPagesError
 
 
 def _check_page_id(argument: str, page: object, num_pages: int) -> int:
-    if isinstance(page, bool) or not isinstance(page, int):
+    """`page` as a Python int page id (NumPy integers are accepted, bools are not)."""
+    if not is_int(page):
         raise TypeError(f"{argument} must be an int page id, got {page!r}")
     if not 0 <= page < num_pages:
         raise ValueError(
             f"{argument}={page} is out of range; expected 0 <= {argument} < {num_pages}"
         )
-    return page
+    return int(page)
 
 
 class PageAllocator:
@@ -38,12 +40,17 @@ class PageAllocator:
 
     The free queue is first-in first-out: `allocate` takes the page that has been free longest, so
     a just-released page is reused last (which keeps stale data around longest for debugging and
-    spreads writes over the pool).
+    spreads writes over the pool). Page arguments may be Python or NumPy ints, never bools.
+
+    Args:
+        num_pages: an int in `[1, 2**31 - 1]` (page ids travel to the device as int32).
+
+    Raises:
+        ValueError: `num_pages` is not such an int.
     """
 
     def __init__(self, num_pages: int) -> None:
-        if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1:
-            raise ValueError(f"num_pages must be an int >= 1, got {num_pages!r}")
+        num_pages = positive_int("num_pages", num_pages)
         self._num_pages = num_pages
         # refcounts[page]: number of sequences holding the page.
         self._refcounts: list[int] = [0] * num_pages
@@ -90,7 +97,7 @@ class PageAllocator:
 
     def incref(self, page: int) -> int:
         """Add one holder to a page that is in use or parked; return the new refcount."""
-        _check_page_id("page", page, self._num_pages)
+        page = _check_page_id("page", page, self._num_pages)
         if page in self._free:
             raise ValueError(f"page={page} is in the free queue; allocate() it instead of incref()")
         self._refcounts[page] += 1
@@ -99,7 +106,7 @@ class PageAllocator:
     def decref(self, page: int) -> int:
         """Drop one holder; return the new refcount. A page reaching 0 is parked, not freed:
         the caller decides between `release` (free queue) and the prefix cache."""
-        _check_page_id("page", page, self._num_pages)
+        page = _check_page_id("page", page, self._num_pages)
         if self._refcounts[page] == 0:
             raise ValueError(f"page={page} has refcount 0; it cannot be released again")
         self._refcounts[page] -= 1
@@ -107,7 +114,7 @@ class PageAllocator:
 
     def release(self, page: int) -> None:
         """Put a parked page (refcount 0, not free) at the back of the free queue."""
-        _check_page_id("page", page, self._num_pages)
+        page = _check_page_id("page", page, self._num_pages)
         if self._refcounts[page] != 0:
             raise ValueError(
                 f"page={page} has refcount {self._refcounts[page]}; only refcount-0 pages "

@@ -11,7 +11,8 @@ Life of a step:
    sequence's `num_computed` past them) and returns the number of hit tokens. It allocates nothing.
 2. `schedule([(seq_id, num_new_tokens), ...])` allocates the pages the new tokens need, copies
    shared partially filled pages on first write (copy-on-write), and returns a `StepMetadata` (the
-   device arrays, including the copy ops to apply before the writes). The step is now pending.
+   device arrays, including the copy ops to apply before the writes, and the pool geometry the
+   device cache must match). The step is now pending.
 3. The device runs the step (copies, then writes KV at `slot_mapping`, then attention).
 4. `commit_step(step)` marks the new tokens computed and registers newly full pages in the prefix
    cache. After sampling, `append_tokens(seq_id, [token])` extends a sequence; the next decode step
@@ -54,14 +55,16 @@ Invariants (checked by `check_invariants`, written down where the data lives):
 
 from __future__ import annotations
 
+import itertools
 import secrets
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from jaxkv._sizes import ceil_div
+from jaxkv.pages._ints import MAX_INT32, first_non_int, positive_int
 from jaxkv.pages.allocator import PageAllocator
 from jaxkv.pages.errors import (
     CapacityError,
@@ -81,37 +84,61 @@ from jaxkv.pages.step import (
     validate_token_buckets,
 )
 
-MAX_TOKEN_ID = 2**31 - 1
+MAX_TOKEN_ID = MAX_INT32
 """Token ids travel to the device as int32."""
 
 
-def _positive_int(argument: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{argument} must be an int >= 1, got {value!r}")
-    return int(value)
+def _token_list(argument: str, token_ids: object, *, allow_empty: bool, limit: int) -> list[int]:
+    """The token ids of `token_ids` as Python ints, at most `limit + 1` of them.
 
-
-def _token_list(argument: str, token_ids: object, *, allow_empty: bool) -> list[int]:
-    if isinstance(token_ids, str | bytes) or not isinstance(token_ids, Iterable):
+    `token_ids` is a sequence, a 1-D array or an iterator (a generator): it is read once, but
+    never past `limit + 1` entries, so that an endless generator cannot hang the manager; the
+    caller refuses a result longer than `limit`. Unordered iterables (sets, mappings) are refused.
+    """
+    if isinstance(token_ids, np.ndarray):
+        if token_ids.ndim != 1:
+            raise TypeError(
+                f"{argument} must be a 1-D sequence of int token ids, got an array of shape "
+                f"{token_ids.shape}"
+            )
+    elif isinstance(token_ids, str | bytes) or not isinstance(token_ids, Sequence | Iterator):
         raise TypeError(f"{argument} must be a sequence of int token ids, got {token_ids!r:.80}")
-    tokens = list(token_ids)
+    tokens = list(itertools.islice(token_ids, limit + 1))
     if not tokens and not allow_empty:
         raise ValueError(f"{argument} must hold at least one token id, got an empty sequence")
-    for index, token in enumerate(tokens):
-        if isinstance(token, bool) or not isinstance(token, int | np.integer):
-            raise TypeError(f"{argument}[{index}] must be an int token id, got {token!r}")
-        if not 0 <= token <= MAX_TOKEN_ID:
-            raise ValueError(
-                f"{argument}[{index}]={token} is out of range; expected 0 <= id <= {MAX_TOKEN_ID}"
-            )
+    bad = first_non_int(tokens)
+    if bad is not None:
+        raise TypeError(f"{argument}[{bad}] must be an int token id, got {tokens[bad]!r}")
+    if tokens and (min(tokens) < 0 or max(tokens) > MAX_TOKEN_ID):
+        index, token = next((i, t) for i, t in enumerate(tokens) if not 0 <= t <= MAX_TOKEN_ID)
+        raise ValueError(
+            f"{argument}[{index}]={token} is out of range; expected 0 <= id <= {MAX_TOKEN_ID}"
+        )
     return [int(token) for token in tokens]
+
+
+def _count(token_ids: object, tokens: list[int]) -> str:
+    """How many token ids a call passed: exact for a sized argument, a bound for an iterator
+    `_token_list` stopped reading."""
+    if isinstance(token_ids, Sized):
+        try:
+            return str(len(token_ids))
+        except OverflowError:  # e.g. range(2**70)
+            pass
+    return f"more than {len(tokens) - 1}"
 
 
 def _salt_bytes(cache_salt: object) -> bytes:
     if cache_salt is None:
         return b""
     if isinstance(cache_salt, str):
-        cache_salt = cache_salt.encode("utf-8")
+        try:
+            cache_salt = cache_salt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"cache_salt must be None or a non-empty str/bytes, got {cache_salt!r:.80} "
+                "(not encodable as UTF-8)"
+            ) from None
     if not isinstance(cache_salt, bytes) or not cache_salt:
         raise ValueError(f"cache_salt must be None or a non-empty str/bytes, got {cache_salt!r}")
     return cache_salt
@@ -256,10 +283,10 @@ class PageManager:
         hash_key: bytes | None = None,
         token_buckets: Sequence[int] | None = None,
     ) -> None:
-        self._num_pages = _positive_int("num_pages", num_pages)
-        self._page_size = _positive_int("page_size", page_size)
-        self._max_num_seqs = _positive_int("max_num_seqs", max_num_seqs)
-        self._max_pages_per_seq = _positive_int("max_pages_per_seq", max_pages_per_seq)
+        self._num_pages = positive_int("num_pages", num_pages)
+        self._page_size = positive_int("page_size", page_size)
+        self._max_num_seqs = positive_int("max_num_seqs", max_num_seqs)
+        self._max_pages_per_seq = positive_int("max_pages_per_seq", max_pages_per_seq)
         if self._num_pages * self._page_size > MAX_TOKEN_ID:
             raise ValueError(
                 f"num_pages * page_size = {self._num_pages * self._page_size} slots do not fit the "
@@ -431,7 +458,10 @@ class PageManager:
 
         Args:
             seq_id: a new, hashable id.
-            prompt_token_ids: 1 to `max_seq_len` token ids in `[0, 2**31 - 1]`.
+            prompt_token_ids: 1 to `max_seq_len` token ids in `[0, 2**31 - 1]` (Python or NumPy
+                ints, not bools): a sequence, a 1-D array or an iterator, read once and never past
+                `max_seq_len + 1` entries (an endless generator is refused, not hung on); sets and
+                mappings, which have no order, are refused.
             cache_salt: requests with different salts never share pages (None shares with None).
 
         Returns:
@@ -445,12 +475,14 @@ class PageManager:
         _hashable_id("seq_id", seq_id)
         if seq_id in self._seqs:
             raise DuplicateSequenceError(f"seq_id={seq_id!r} is already a live sequence")
-        tokens = _token_list("prompt_token_ids", prompt_token_ids, allow_empty=False)
+        tokens = _token_list(
+            "prompt_token_ids", prompt_token_ids, allow_empty=False, limit=self.max_seq_len
+        )
         salt = _salt_bytes(cache_salt)
         if len(tokens) > self.max_seq_len:
             raise CapacityError(
-                f"prompt_token_ids has {len(tokens)} tokens; a sequence holds at most "
-                f"max_pages_per_seq * page_size = {self.max_seq_len}"
+                f"prompt_token_ids has {_count(prompt_token_ids, tokens)} tokens; a sequence holds "
+                f"at most max_pages_per_seq * page_size = {self.max_seq_len}"
             )
         if len(self._seqs) >= self._max_num_seqs:
             raise CapacityError(
@@ -498,18 +530,24 @@ class PageManager:
         """Append known tokens (e.g. the sampled one) to a sequence; they are computed by a later
         `schedule`. Allocates nothing.
 
+        `token_ids` is taken like `add_sequence`'s prompt (it may be empty), and read no further
+        than the room left in the sequence plus one.
+
         Raises:
+            TypeError, ValueError: malformed `token_ids`.
             UnknownSequenceError: `seq_id` is not live.
             StepPendingError: `seq_id` is in the pending step.
             CapacityError: the sequence would exceed `max_seq_len`.
         """
         seq = self._lookup("seq_id", seq_id)
-        tokens = _token_list("token_ids", token_ids, allow_empty=True)
+        room = self.max_seq_len - len(seq.tokens)
+        tokens = _token_list("token_ids", token_ids, allow_empty=True, limit=room)
         self._refuse_if_pending("append_tokens", seq)
-        if len(seq.tokens) + len(tokens) > self.max_seq_len:
+        if len(tokens) > room:
             raise CapacityError(
-                f"appending {len(tokens)} token(s) to seq_id={seq_id!r} ({len(seq.tokens)} tokens) "
-                f"exceeds max_pages_per_seq * page_size = {self.max_seq_len}"
+                f"appending {_count(token_ids, tokens)} token(s) to seq_id={seq_id!r} "
+                f"({len(seq.tokens)} tokens) exceeds max_pages_per_seq * page_size = "
+                f"{self.max_seq_len}"
             )
         seq.tokens.extend(tokens)
 
@@ -604,9 +642,17 @@ class PageManager:
     def pages_needed(self, batch: Sequence[tuple[Hashable, int]]) -> int:
         """Pages `schedule(batch)` would allocate (new pages plus copy-on-write copies).
 
-        Raises the same validation errors as `schedule`, but never `OutOfPagesError`.
+        Allowed while a step is pending, for sequences outside it (the pending step has already
+        allocated its pages).
+
+        Raises:
+            The same validation errors as `schedule`, but never `OutOfPagesError`.
+            StepPendingError: a sequence of `batch` is in the pending step (its pages and
+                `num_computed` change at `commit_step`, so no count would be right).
         """
         entries = self._validate_batch(batch)
+        for seq, _ in entries:
+            self._refuse_if_pending("pages_needed", seq)
         return self._plan(entries)
 
     def schedule(self, batch: Sequence[tuple[Hashable, int]]) -> StepMetadata:

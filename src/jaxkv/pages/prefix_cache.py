@@ -31,11 +31,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jaxkv.pages._ints import first_non_int, is_int, positive_int
+
 HASH_SIZE = 32
 """Bytes in a page digest."""
 
 ROOT_HASH = bytes(HASH_SIZE)
 """Parent digest of a sequence's first page."""
+
+_INT64 = np.iinfo(np.int64)
+
+
+def _digest(argument: str, value: object) -> bytes:
+    if not isinstance(value, bytes) or len(value) != HASH_SIZE:
+        raise TypeError(f"{argument} must be a {HASH_SIZE}-byte digest, got {value!r:.80}")
+    return value
+
+
+def _salt(value: object) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"salt must be bytes (b'' for none), got {value!r:.80}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -49,17 +65,27 @@ class CachedPage:
     token_ids: tuple[int, ...]
 
 
+def _page_id(page: object) -> int:
+    if not is_int(page):
+        raise TypeError(f"page must be an int page id, got {page!r}")
+    if page < 0:
+        raise ValueError(f"page={page} is negative; expected a page id >= 0")
+    return int(page)
+
+
 class PrefixCache:
     """Maps page-content digests to pages and keeps unreferenced cached pages in LRU order.
 
     Args:
         page_size: tokens per page (every cached page holds exactly this many).
         hash_key: BLAKE2b key, 1 to 64 bytes.
+
+    Raises:
+        ValueError: `page_size` is not an int >= 1, or `hash_key` is not 1 to 64 bytes.
     """
 
     def __init__(self, page_size: int, hash_key: bytes) -> None:
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-            raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+        page_size = positive_int("page_size", page_size)
         if not isinstance(hash_key, bytes) or not 1 <= len(hash_key) <= 64:
             raise ValueError(f"hash_key must be 1 to 64 bytes, got {hash_key!r:.40}")
         self._page_size = page_size
@@ -76,18 +102,47 @@ class PrefixCache:
         Args:
             parent_hash: the previous page's digest, or `ROOT_HASH` for the first page.
             salt: the request's cache salt (`b""` for none).
-            token_ids: the page's `page_size` token ids.
+            token_ids: the page's `page_size` token ids (a sequence or a 1-D integer array of
+                ints that fit int64).
+
+        Raises:
+            TypeError: a digest that is not `HASH_SIZE` bytes, a salt that is not bytes, token ids
+                that are not a sequence of ints (bools and floats are not token ids).
+            ValueError: not exactly `page_size` token ids, or one outside int64.
         """
-        if len(token_ids) != self._page_size:
-            raise ValueError(
-                f"token_ids has {len(token_ids)} ids; a cached page holds exactly {self._page_size}"
-            )
+        _digest("parent_hash", parent_hash)
+        _salt(salt)
+        tokens = self._page_tokens(token_ids)
         digest = hashlib.blake2b(key=self._hash_key, digest_size=HASH_SIZE)
         digest.update(parent_hash)
         digest.update(len(salt).to_bytes(8, "little"))
         digest.update(salt)
-        digest.update(np.asarray(token_ids, dtype="<i8").tobytes())
+        digest.update(tokens.tobytes())
         return digest.digest()
+
+    def _page_tokens(self, token_ids: object) -> np.ndarray:
+        """One page's token ids as little-endian int64, never wrapped or truncated."""
+        if isinstance(token_ids, np.ndarray):
+            if token_ids.ndim != 1 or not (
+                token_ids.size == 0 or np.issubdtype(token_ids.dtype, np.integer)
+            ):
+                raise TypeError(
+                    f"token_ids must be a 1-D sequence of ints, got an array of shape "
+                    f"{token_ids.shape} and dtype {token_ids.dtype}"
+                )
+        elif isinstance(token_ids, str | bytes) or not isinstance(token_ids, Sequence):
+            raise TypeError(f"token_ids must be a sequence of ints, got {token_ids!r:.80}")
+        else:
+            bad = first_non_int(token_ids)
+            if bad is not None:
+                raise TypeError(f"token_ids[{bad}] must be an int, got {token_ids[bad]!r}")
+        if len(token_ids) != self._page_size:
+            raise ValueError(
+                f"token_ids has {len(token_ids)} ids; a cached page holds exactly {self._page_size}"
+            )
+        if min(token_ids) < _INT64.min or max(token_ids) > _INT64.max:
+            raise ValueError(f"token_ids holds an id outside int64: {token_ids!r:.200}")
+        return np.asarray(token_ids, dtype="<i8")
 
     # -- lookup and insertion --------------------------------------------------------------------
 
@@ -116,10 +171,20 @@ class PrefixCache:
         token_ids: Sequence[int],
     ) -> bool:
         """Register a full, computed, referenced page. Returns False (and changes nothing) when the
-        digest is already cached under another page or the page is already cached."""
+        digest is already cached under another page or the page is already cached.
+
+        Raises:
+            TypeError, ValueError: a malformed argument (as in `hash_page`; `page` must be an int
+                >= 0); nothing is registered.
+        """
+        page = _page_id(page)
+        _digest("page_hash", page_hash)
+        _digest("parent_hash", parent_hash)
+        _salt(salt)
+        tokens = tuple(self._page_tokens(token_ids).tolist())
         if page_hash in self._page_by_hash or page in self._entries:
             return False
-        self._entries[page] = CachedPage(page, page_hash, parent_hash, salt, tuple(token_ids))
+        self._entries[page] = CachedPage(page, page_hash, parent_hash, salt, tokens)
         self._page_by_hash[page_hash] = page
         return True
 
@@ -157,6 +222,7 @@ class PrefixCache:
 
     def park(self, page: int) -> None:
         """A cached page lost its last holder: make it the most recently used evictable page."""
+        page = _page_id(page)
         if page not in self._entries:
             raise ValueError(f"page={page} is not cached; only cached pages can be parked")
         if page in self._lru:
@@ -165,6 +231,7 @@ class PrefixCache:
 
     def unpark(self, page: int) -> None:
         """An evictable cached page is reused by a sequence: it is no longer evictable."""
+        page = _page_id(page)
         if page not in self._lru:
             raise ValueError(f"page={page} is not an evictable cached page")
         del self._lru[page]

@@ -339,6 +339,10 @@ class PagedRows:
             raise TypeError(f"{owner}: n must be an int, got {type(n).__name__} {n!r}")
         if n < 1:
             raise ValueError(f"{owner}: n must be >= 1, got {n}")
+        n = int(n)
+        # Room for the forks first: a huge `n` is refused before the rows are laid out.
+        non_empty = sum(seq_id is not None for seq_id in self._seq_ids)
+        self._check_room(owner, (n - 1) * non_empty, num_freed=0)
         return self._gather("repeat", [row for row in range(len(self._seq_ids)) for _ in range(n)])
 
     def insert(self, other: PagedRows, slot: int) -> PagedRows:
@@ -472,14 +476,18 @@ class PagedRows:
     def _check_forks(self, owner: str, forks: list[tuple[int, Hashable]], num_freed: int) -> None:
         """Room for `len(forks)` new sequences once `num_freed` are freed, and no fork source in
         the pending step."""
-        live = len(self._manager) - num_freed
-        if forks and live + len(forks) > self._manager.max_num_seqs:
-            raise CapacityError(
-                f"{owner}: needs {len(forks)} fork(s) but {live} sequences would be live and "
-                f"max_num_seqs={self._manager.max_num_seqs}"
-            )
+        self._check_room(owner, len(forks), num_freed)
         for row, seq_id in forks:
             self._refuse_if_pending(owner, row, seq_id)
+
+    def _check_room(self, owner: str, num_forks: int, num_freed: int) -> None:
+        """Room for `num_forks` new sequences once `num_freed` are freed."""
+        live = len(self._manager) - num_freed
+        if num_forks and live + num_forks > self._manager.max_num_seqs:
+            raise CapacityError(
+                f"{owner}: needs {num_forks} fork(s) but {live} sequences would be live and "
+                f"max_num_seqs={self._manager.max_num_seqs}"
+            )
 
     def _mint(self, owner: str, count: int) -> list[Hashable]:
         """`count` fresh ids from `new_seq_id`: hashable, not live, distinct."""

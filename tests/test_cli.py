@@ -1,0 +1,170 @@
+"""The ``jaxkv`` command: exit codes, one-line errors, argument checks before any model is
+loaded, the missing `model` extra, and a chat session that survives a bad message.
+
+The bundled model is loaded once per module; ``Model.load`` is then patched to hand it out, so
+each command runs in-process in a fraction of a second (chat compiles its steps once).
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import pytest
+
+import jaxkv.engine
+from jaxkv import cli
+from jaxkv.engine import ChatSession, Model
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return Model.load()
+
+
+@pytest.fixture
+def cached_model(monkeypatch, model) -> Model:
+    monkeypatch.setattr(Model, "load", classmethod(lambda cls, path=None, dtype="float32": model))
+    return model
+
+
+@pytest.fixture
+def no_loading(monkeypatch) -> None:
+    """Fail the test if the command reads a model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was read before the arguments were checked")
+
+    monkeypatch.setattr(Model, "load", classmethod(refuse))
+    monkeypatch.setattr("jaxkv.io.gguf.read_gguf_metadata", refuse)
+    monkeypatch.setattr("jaxkv.io.gguf.load_gguf", refuse)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, list[str]]:
+    """(exit status, stdout, stderr lines) of ``jaxkv *argv``."""
+    status = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err.splitlines()
+
+
+def test_info(capsys):
+    status, out, err = run(capsys, "info", "--max-length", "1024", "--page-size", "32")
+    assert (status, err) == (0, [])
+    assert "num_layers: 30" in out
+    assert "sequence of 1024 tokens, page size 32" in out
+    assert "paged int4" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["info", "--page-size", "0"], "argument --page-size: expected an integer in [1, "),
+        (["info", "--max-length", "0"], "argument --max-length: expected an integer in [1, "),
+        (["chat", "--max-length", "0"], "argument --max-length: expected an integer in [16, "),
+        (["generate", "--max-new-tokens", "-5"], "argument --max-new-tokens: expected an integer"),
+        (["generate", "--top-p", "2"], "argument --top-p: expected a finite number > 0 and <= 1"),
+        (["chat", "--temperature", "-1"], "argument --temperature: expected a finite number >= 0"),
+        (["generate", "--top-k", "0"], "argument --top-k: expected an integer in [1, "),
+    ],
+)
+def test_usage_errors_exit_2_before_loading(capsys, no_loading, argv, message):
+    status, out, err = run(capsys, *argv)
+    assert status == 2
+    assert out == ""
+    assert len(err) == 1, err
+    assert err[0].startswith(f"jaxkv {argv[0]}: error: {message}")
+    assert f"got '{argv[-1]}'" in err[0]
+
+
+@pytest.mark.parametrize("command", ["info", "generate", "chat"])
+def test_runtime_errors_exit_1_with_one_line(capsys, tmp_path, command):
+    not_a_model = tmp_path / "notes.gguf"
+    not_a_model.write_text("hello")
+    status, out, err = run(capsys, command, "--model", str(not_a_model))
+    assert status == 1
+    assert err == [
+        f"jaxkv {command}: error: {not_a_model}: not a GGUF file (expected magic "
+        "b'GGUF', got b'hell')"
+    ]
+
+
+def test_prompt_too_long_for_the_context(capsys, cached_model):
+    status, _, err = run(capsys, "generate", "--max-new-tokens", "9000")
+    assert status == 1
+    assert len(err) == 1 and "exceeds the model's context of 8192" in err[0]
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    status, _, err = run(capsys, "info", "--debug", "--model", str(tmp_path / "absent.gguf"))
+    assert status == 1
+    assert err[0] == "Traceback (most recent call last):"
+    assert err[-1].startswith("jaxkv.io.gguf.GGUFError: ") and "no such GGUF file" in err[-1]
+
+
+@pytest.mark.parametrize(
+    ("modules", "argv", "package"),
+    [
+        (["gguf"], ["info"], "gguf"),
+        (["tokenizers"], ["generate", "--max-new-tokens", "1"], "tokenizers"),
+    ],
+)
+def test_missing_model_extra(capsys, monkeypatch, modules, argv, package):
+    for name in modules:
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import <name>` fail
+    status, _, err = run(capsys, *argv)
+    assert status == 1
+    assert err == [
+        f"jaxkv {argv[0]}: error: the Python package {package!r} is not installed (it is needed "
+        f"to {cli._MODEL_EXTRA[package]}); install the model extra: pip install 'jaxkv[model]'"
+    ]
+
+
+@pytest.fixture
+def sessions(monkeypatch) -> list[ChatSession]:
+    """Every ChatSession the command creates."""
+    created: list[ChatSession] = []
+
+    class Recorded(ChatSession):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(jaxkv.engine, "ChatSession", Recorded)
+    return created
+
+
+def _stdin(monkeypatch, data: bytes) -> None:
+    """Type ``data`` on stdin (a real text stream, strict UTF-8 like a terminal's)."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+
+def test_chat_survives_a_message_too_long_and_one_not_utf8(
+    capsys, monkeypatch, cached_model, sessions
+):
+    too_long = b"word " * 80
+    _stdin(monkeypatch, b"Hi\n" + too_long + b"\ncaf\xe9\nBye\n")
+    status, out, err = run(capsys, "chat", "--max-length", "64", "--max-new-tokens", "4")
+    assert status == 0
+    errors = [line for line in err if "error:" in line]
+    assert len(errors) == 2, err
+    assert errors[0].startswith("> jaxkv chat: error: ChatSession.send: the conversation (")
+    assert "would pass the cache's max_length=64" in errors[0]
+    assert "U+DCE9 (the undecodable input byte 0xE9)" in errors[1]
+    assert all(line.endswith("(message not sent; the conversation is kept)") for line in errors)
+    assert "Traceback" not in "".join(err)
+    (session,) = sessions
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+    assert [session.messages[0]["content"], session.messages[2]["content"]] == ["Hi", "Bye"]
+    prefills = [line for line in err if "[prefilled" in line]
+    assert len(prefills) == 2
+    # the second turn reused the cached first one: it prefilled only part of what is cached
+    new, cached = (int(word) for word in prefills[1].split() if word.isdigit())
+    assert new < cached == len(session.cached_ids)
+    assert len(out.splitlines()) == 2  # one reply line per sent message
+
+
+def test_chat_ends_at_end_of_input(capsys, monkeypatch, cached_model):
+    _stdin(monkeypatch, b"")
+    status, out, err = run(capsys, "chat", "--max-length", "64", "--max-new-tokens", "4")
+    assert (status, out) == (0, "")
+    assert not any("error" in line for line in err)
