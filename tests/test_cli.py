@@ -14,30 +14,7 @@ import pytest
 
 import jaxkv.engine
 from jaxkv import cli
-from jaxkv.engine import ChatSession, Model
-
-
-@pytest.fixture(scope="module")
-def model() -> Model:
-    return Model.load()
-
-
-@pytest.fixture
-def cached_model(monkeypatch, model) -> Model:
-    monkeypatch.setattr(Model, "load", classmethod(lambda cls, path=None, dtype="float32": model))
-    return model
-
-
-@pytest.fixture
-def no_loading(monkeypatch) -> None:
-    """Fail the test if the command reads a model."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was read before the arguments were checked")
-
-    monkeypatch.setattr(Model, "load", classmethod(refuse))
-    monkeypatch.setattr("jaxkv.io.gguf.read_gguf_metadata", refuse)
-    monkeypatch.setattr("jaxkv.io.gguf.load_gguf", refuse)
+from jaxkv.engine import ChatSession
 
 
 def run(capsys, *argv: str) -> tuple[int, str, list[str]]:

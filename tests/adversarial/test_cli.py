@@ -23,27 +23,6 @@ from jaxkv.engine import ChatSession, Model
 from jaxkv.io import Tokenizer, default_model_path, read_gguf_metadata
 
 
-@pytest.fixture(scope="module")
-def model() -> Model:
-    return Model.load()
-
-
-@pytest.fixture
-def cached_model(monkeypatch, model) -> Model:
-    monkeypatch.setattr(Model, "load", classmethod(lambda cls, path=None, dtype="float32": model))
-    return model
-
-
-@pytest.fixture
-def no_loading(monkeypatch) -> None:
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was read before the arguments were checked")
-
-    monkeypatch.setattr(Model, "load", classmethod(refuse))
-    monkeypatch.setattr("jaxkv.io.gguf.read_gguf_metadata", refuse)
-    monkeypatch.setattr("jaxkv.io.gguf.load_gguf", refuse)
-
-
 def run(capsys, *argv: str) -> tuple[int, str, list[str]]:
     status = cli.main(list(argv))
     captured = capsys.readouterr()
@@ -230,9 +209,9 @@ def test_debug_on_every_command(capsys, tmp_path, command):
     assert err[-1].endswith("absent.gguf: no such GGUF file")
 
 
-def test_missing_jinja2(capsys, monkeypatch, model):
+def test_missing_jinja2(capsys, monkeypatch, cli_model):
     fresh = Tokenizer.from_metadata(read_gguf_metadata(default_model_path()))  # nothing compiled
-    unprepared = dataclasses.replace(model, tokenizer=fresh)
+    unprepared = dataclasses.replace(cli_model, tokenizer=fresh)
     monkeypatch.setattr(Model, "load", classmethod(lambda cls, path=None, dtype=None: unprepared))
     for name in ("jinja2", "jinja2.ext", "jinja2.sandbox"):
         monkeypatch.setitem(sys.modules, name, None)
