@@ -12,9 +12,7 @@ import sys
 
 import pytest
 
-import jaxkv.engine
 from jaxkv import cli
-from jaxkv.engine import ChatSession
 
 
 def run(capsys, *argv: str) -> tuple[int, str, list[str]]:
@@ -94,20 +92,6 @@ def test_missing_model_extra(capsys, monkeypatch, modules, argv, package):
         f"jaxkv {argv[0]}: error: the Python package {package!r} is not installed (it is needed "
         f"to {cli._MODEL_EXTRA[package]}); install the model extra: pip install 'jaxkv[model]'"
     ]
-
-
-@pytest.fixture
-def sessions(monkeypatch) -> list[ChatSession]:
-    """Every ChatSession the command creates."""
-    created: list[ChatSession] = []
-
-    class Recorded(ChatSession):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            created.append(self)
-
-    monkeypatch.setattr(jaxkv.engine, "ChatSession", Recorded)
-    return created
 
 
 def _stdin(monkeypatch, data: bytes) -> None:

@@ -17,7 +17,6 @@ import sys
 import numpy as np
 import pytest
 
-import jaxkv.engine
 from jaxkv import cli
 from jaxkv.engine import ChatSession, Model
 from jaxkv.io import Tokenizer, default_model_path, read_gguf_metadata
@@ -224,19 +223,6 @@ def test_missing_jinja2(capsys, monkeypatch, cli_model):
 
 
 # -- chat: a message that cannot be sent leaves the conversation as it was ------------------------
-
-
-@pytest.fixture
-def sessions(monkeypatch) -> list[ChatSession]:
-    created: list[ChatSession] = []
-
-    class Recorded(ChatSession):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            created.append(self)
-
-    monkeypatch.setattr(jaxkv.engine, "ChatSession", Recorded)
-    return created
 
 
 CHAT = ["chat", "--max-length", "64", "--max-new-tokens", "4"]

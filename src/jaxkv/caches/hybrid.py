@@ -504,7 +504,7 @@ class HybridCache(LayerCache):
         self, runtime: HybridRuntimeMetadata, num_tokens: int
     ) -> tuple[HybridCache, HybridRuntimeMetadata, jax.Array]:
         batch = self.metadata.batch_size or 0
-        part = runtime.attention or runtime.recurrent
+        part = runtime.attention if runtime.attention is not None else runtime.recurrent
         if part is None or part.new_lengths is None:
             counts = jnp.full((batch,), num_tokens, jnp.int32)
         else:
