@@ -42,8 +42,9 @@ ALLOWED: dict[str, set[str]] = {
         "pages",
         "quantization",
     },
-    "server": {"_validation", "engine", "errors", "io", "pages"},
-    "cli": {"_validation", "engine", "errors", "io", "memory", "server"},
+    "serve": {"_validation", "engine", "errors", "io", "pages"},
+    "bench": {"engine", "io"},
+    "cli": {"_validation", "bench", "engine", "errors", "io", "memory", "serve"},
 }
 
 THIRD_PARTY_FORBIDDEN = {"pages": {"jax", "jaxlib"}}

@@ -35,8 +35,12 @@ def require_size(owner: str, name: str, value: Any) -> int:
     return require_int(owner, name, value, minimum=1, maximum=MAX_SIZE)
 
 
-def require_optional_int(owner: str, name: str, value: Any, *, minimum: int) -> int | None:
-    return None if value is None else require_int(owner, name, value, minimum=minimum)
+def require_optional_int(
+    owner: str, name: str, value: Any, *, minimum: int, maximum: int | None = None
+) -> int | None:
+    if value is None:
+        return None
+    return require_int(owner, name, value, minimum=minimum, maximum=maximum)
 
 
 def require_float_dtype(owner: str, name: str, value: Any) -> np.dtype:

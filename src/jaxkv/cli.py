@@ -180,6 +180,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--page-size", type=_integer(1), default=16)
     _add_common_arguments(info)
+
+    from jaxkv.bench import cli as bench_cli
+
+    bench_cli.add_parser(commands)  # adds its own --debug
     return parser
 
 
@@ -232,17 +236,20 @@ def _generate(args: argparse.Namespace) -> int:
     model = Model.load(args.model, dtype=args.dtype)
     prompt = args.prompt
     if not args.raw and model.tokenizer.chat_template:
-        prompt = model.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True
-        )
+        # The user's text is encoded as text: it cannot forge the template's special tokens.
+        prompt = model.tokenizer.encode_chat([{"role": "user", "content": prompt}])
 
     def stream(_row: int, text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    def progress(line: str) -> None:
+        print(f"jaxkv: {line}", file=sys.stderr, flush=True)
+
     result = generate(
         model,
         [prompt],
+        on_progress=progress,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -280,6 +287,7 @@ def _chat(args: argparse.Namespace) -> int:
     model = Model.load(args.model, dtype=args.dtype)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     session = ChatSession(model, system=args.system, max_length=args.max_length, sampling=sampling)
+    session.warmup(lambda line: print(f"jaxkv: {line}", file=sys.stderr, flush=True))
     stdin = _tolerant_stdin()
     print("jaxkv chat: type a message; an empty line or Ctrl-D ends.", file=sys.stderr)
     while True:
@@ -292,14 +300,14 @@ def _chat(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-        cache_before = getattr(session, "cache", None)
+        steps_before = session.engine.stats().num_steps
         try:
             session.send(line.rstrip("\n"), max_new_tokens=args.max_new_tokens, on_text=stream)
         except ValueError as error:
             # Refused before anything was prefilled (too long, not UTF-8): the conversation
-            # and its cache are untouched, so the session goes on. A failure after the cache
-            # changed would leave them out of step: that one ends the session.
-            if getattr(session, "cache", None) is not cache_before:
+            # and its cache are untouched, so the session goes on. A failure after the engine
+            # ran a step would leave them out of step: that one ends the session.
+            if session.engine.stats().num_steps != steps_before:
                 raise
             _report("chat", error, args.debug, " (message not sent; the conversation is kept)")
             continue
@@ -324,6 +332,12 @@ def _info(args: argparse.Namespace) -> int:
     print(f"\nKV cache memory (sequence of {length} tokens, page size {args.page_size}):")
     print(kv_memory_table(config, length, args.page_size))
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from jaxkv.bench import cli as bench_cli
+
+    return bench_cli.run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -354,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if combination is not None:
         print(f"jaxkv {args.command}: error: {combination}", file=sys.stderr)
         return _EXIT_USAGE
-    handlers = {"generate": _generate, "chat": _chat, "info": _info}
+    handlers = {"generate": _generate, "chat": _chat, "info": _info, "bench": _bench}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

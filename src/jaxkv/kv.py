@@ -147,6 +147,8 @@ class PagedKV(_StoredKV):
         query_positions: ``[num_tokens]`` int32 absolute position of each packed query, ``-1``
             for padding.
         max_query_len: (static) bound on any row's new tokens; ``0`` = ``num_tokens``.
+        prefill_rows: (static) ``0``, or how many leading rows may have more than one new token
+            (the others have at most one).
         sliding_window: the cache's window (static), or ``None``.
         codec: the storage codec of the pools (static); ``None`` means plain float arrays.
         key_scales: ``[num_pages, page_size, kv_heads, groups]`` uint16 (float16 bits) with a
@@ -161,6 +163,7 @@ class PagedKV(_StoredKV):
     query_start_loc: jax.Array
     query_positions: jax.Array
     max_query_len: int = static_field(0)
+    prefill_rows: int = static_field(0)
     sliding_window: int | None = static_field(None)
     codec: StorageCodec | None = static_field(None)
     key_scales: jax.Array | None = None

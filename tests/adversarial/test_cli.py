@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from jaxkv import cli
-from jaxkv.engine import ChatSession, Model
+from jaxkv.engine import ChatSession, Model, SamplingParams
 from jaxkv.io import Tokenizer, default_model_path, read_gguf_metadata
 
 
@@ -259,11 +259,12 @@ def test_chat_messages_that_cannot_be_sent(
     assert session.cached_ids == []
 
 
-def test_chat_failure_after_the_cache_changed_ends_the_session(capsys, monkeypatch, cached_model):
+def test_chat_failure_after_a_step_ran_ends_the_session(capsys, monkeypatch, cached_model):
     """Then the cache and the conversation may disagree: going on could corrupt later turns."""
 
     def send(self, text, **kwargs):
-        self.cache = ("no longer the cache the conversation was in", self.cache)
+        self.engine.add_request([1, 2, 3], SamplingParams(max_tokens=1))
+        self.engine.step()  # the cache moved on
         raise ValueError("the step failed halfway")
 
     monkeypatch.setattr(ChatSession, "send", send)

@@ -351,7 +351,7 @@ def test_pytree_and_serialisation_round_trips():
     ):
         for name in runtime.to_dict():
             got, want = getattr(restored, name), getattr(runtime, name)
-            if name in ("max_query_len", "num_pages", "page_size"):  # static ints
+            if name in ("max_query_len", "prefill_rows", "num_pages", "page_size"):  # static
                 assert got == want
                 continue
             assert got.dtype == want.dtype and got.shape == want.shape

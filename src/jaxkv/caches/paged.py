@@ -343,6 +343,10 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
             so steps of similar shape share a compiled function; attention lays queries out as
             ``[S, max_query_len]`` and reads each row's pages once. ``0`` means unknown (then the
             bound is ``T``).
+        prefill_rows: (static) ``0``, or ``P``: only rows ``0 .. P - 1`` may have more than one
+            new token (the engine puts the rows that prefill first); attention then lays those
+            out ``[P, max_query_len]`` and every other row at one query, instead of paying
+            ``max_query_len`` for each decoding row.
     """
 
     page_tables: jax.Array
@@ -357,10 +361,12 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
     num_pages: int = static_field()
     page_size: int = static_field()
     max_query_len: int = static_field(0)
+    prefill_rows: int = static_field(0)
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         v.require_int(owner, "max_query_len", self.max_query_len, minimum=0)
+        v.require_int(owner, "prefill_rows", self.prefill_rows, minimum=0)
         v.require_int(owner, "num_pages", self.num_pages, minimum=1)
         v.require_int(owner, "page_size", self.page_size, minimum=1)
         for name in (*RUNTIME_ARRAYS, "num_seqs"):
@@ -386,7 +392,13 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
 
     @classmethod
     def create(
-        cls, *, num_pages: int, page_size: int, max_query_len: int = 0, **arrays: Any
+        cls,
+        *,
+        num_pages: int,
+        page_size: int,
+        max_query_len: int = 0,
+        prefill_rows: int = 0,
+        **arrays: Any,
     ) -> PagedRuntimeMetadata:
         """Runtime metadata from the step arrays (NumPy or JAX, any int dtype; stored as int32),
         checked for consistency when they are concrete.
@@ -394,6 +406,8 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
         Args:
             num_pages, page_size: the pool the step was planned for.
             max_query_len: static bound on any row's new tokens (``0``: unknown).
+            prefill_rows: static count of leading rows that may take several tokens (``0``:
+                every row may).
             **arrays: every name of ``RUNTIME_ARRAYS`` plus ``num_seqs``.
 
         Raises:
@@ -418,6 +432,7 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
             num_pages=num_pages,
             page_size=page_size,
             max_query_len=max_query_len,
+            prefill_rows=prefill_rows,
         )
         seqs = host["page_tables"].shape[0]
         start = host["query_start_loc"]
@@ -434,6 +449,11 @@ class PagedRuntimeMetadata(BaseRunTimeMetadata):
             raise ValueError(
                 f"{owner}: slot_mapping must be -1 past num_tokens={num_tokens}, "
                 f"got {slots.tolist()}"
+            )
+        if prefill_rows and np.any(np.diff(start)[prefill_rows:] > 1):
+            raise ValueError(
+                f"{owner}: with prefill_rows={prefill_rows}, rows past the first "
+                f"{prefill_rows} take at most one new token; got {np.diff(start).tolist()}"
             )
         if np.any(host["context_lens"] < np.diff(start)):
             raise ValueError(
@@ -620,6 +640,7 @@ class PagedCacheView(AttentionCacheView, RowOperations):
             query_start_loc=runtime.query_start_loc,
             query_positions=runtime.token_positions(),
             max_query_len=runtime.max_query_len,
+            prefill_rows=runtime.prefill_rows,
             sliding_window=m.sliding_window,
             codec=storage,
             key_scales=key_scales,

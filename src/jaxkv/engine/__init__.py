@@ -1,16 +1,41 @@
-"""Generation on top of the caches: sampling, batched generation, chat sessions."""
+"""Generation on top of the caches: the serving engine (continuous batching over a paged or
+contiguous cache), sampling, batched generation and chat sessions."""
 
+from jaxkv.engine.engine import Engine
 from jaxkv.engine.generate import ChatSession, generate
 from jaxkv.engine.model import Model
 from jaxkv.engine.outputs import Generation, GenerationResult
+from jaxkv.engine.requests import (
+    CacheConfig,
+    CompletionOutput,
+    EngineStats,
+    QueueFullError,
+    RequestError,
+    RequestMetrics,
+    RequestOutput,
+    SchedulerConfig,
+    TokenLogprob,
+    UnknownRequestError,
+)
 from jaxkv.engine.sampling import SamplingParams, sample
 
 __all__ = [
+    "CacheConfig",
     "ChatSession",
+    "CompletionOutput",
+    "Engine",
+    "EngineStats",
     "Generation",
     "GenerationResult",
     "Model",
+    "QueueFullError",
+    "RequestError",
+    "RequestMetrics",
+    "RequestOutput",
     "SamplingParams",
+    "SchedulerConfig",
+    "TokenLogprob",
+    "UnknownRequestError",
     "generate",
     "sample",
 ]

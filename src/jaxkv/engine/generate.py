@@ -1,36 +1,38 @@
-"""Text generation with the reference Llama model through jaxkv caches.
+"""Text generation on the engine: ``generate(model, prompts, ...)`` for a batch of prompts and
+``ChatSession`` for a conversation. Both run ``jaxkv.engine.Engine``, the one generation loop
+of jaxkv.
 
-``Model.load()`` reads a GGUF checkpoint (the bundled SmolLM2 by default) and its tokenizer;
-``generate(model, prompts, ...)`` runs a batch of prompts of different lengths through a
-contiguous or paged cache: one jitted prefill, then one jitted step per new token, with the cache
-donated so every write is in place. ``ChatSession`` keeps a conversation's cache across turns and
-prefills only what each new turn adds.
+``generate`` sizes an engine to its prompts (one row per prompt, a pool or rows that hold every
+prompt with its new tokens, every prompt prefilled in the first step) and warms it up before
+timing anything. ``ChatSession`` keeps one paged engine with prefix caching across turns: each
+turn sends the whole conversation, and the pages of what was already computed are reused, so
+only the new turn (and a partial page) is prefilled.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxkv import _validation as v
-from jaxkv._sizes import next_power_of_two
-from jaxkv.caches import TransformerCache, TransformerCacheMetadata, TransformerRuntimeMetadata
-from jaxkv.engine.contiguous import ContiguousRunner
+from jaxkv._sizes import ceil_div, next_power_of_two
+from jaxkv.engine.engine import Engine
 from jaxkv.engine.model import Model
-from jaxkv.engine.outputs import GenerationResult, RowProgress
-from jaxkv.engine.paged import PagedRunner
+from jaxkv.engine.outputs import Generation, GenerationResult
+from jaxkv.engine.requests import CacheConfig, RequestError, SchedulerConfig
 from jaxkv.engine.sampling import SamplingParams
-from jaxkv.engine.step import compiled_step, sampling_arrays
 from jaxkv.quantization import CODECS
 
 CacheKind = Literal["contiguous", "paged"]
 CACHE_KINDS = ("contiguous", "paged")
 TextCallback = Callable[[int, str], None]
 """``on_text(row, new_text)``: called as each row's text grows."""
+
+_MAX_PREFILL_TOKENS = 4096
+"""Most prompt tokens ``generate`` prefills in one step (longer batches go in chunks)."""
 
 
 def _check_prompts(model: Model, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
@@ -58,6 +60,49 @@ def _check_prompts(model: Model, prompts: Sequence[str | Sequence[int]]) -> list
     return encoded
 
 
+def generate_engine(
+    model: Model,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    cache: CacheKind = "contiguous",
+    page_size: int = 16,
+    kv_quantization: str = "none",
+) -> Engine:
+    """An engine sized for these prompts: one row each, room for all of them with
+    ``max_new_tokens`` more, every prompt prefilled in the first step (up to
+    ``_MAX_PREFILL_TOKENS`` tokens). Capacities are rounded up to powers of two so that runs
+    of similar sizes share compiled steps."""
+    rows = len(prompt_ids)
+    longest = max(len(p) for p in prompt_ids)
+    max_model_len = min(
+        next_power_of_two(longest + max_new_tokens, 256), model.config.max_position_embeddings
+    )
+    if cache == "contiguous":
+        width = next_power_of_two(longest, 16)
+        budget = rows * min(width, _MAX_PREFILL_TOKENS)
+    else:
+        budget = next_power_of_two(sum(len(p) for p in prompt_ids), 16)
+        budget = max(min(budget, _MAX_PREFILL_TOKENS), next_power_of_two(rows, 16))
+    pages = sum(ceil_div(len(p) + max_new_tokens, page_size) + 1 for p in prompt_ids)
+    return Engine(
+        model,
+        CacheConfig(
+            kind=cache,
+            page_size=page_size,
+            num_pages=max(pages, ceil_div(max_model_len, page_size)),
+            kv_quantization=kv_quantization,
+        ),
+        SchedulerConfig(
+            max_num_seqs=rows,
+            max_num_batched_tokens=budget,
+            max_prefill_seqs=rows,
+            max_model_len=max_model_len,
+            prefill_buckets=(budget,),
+        ),
+    )
+
+
 def generate(
     model: Model,
     prompts: Sequence[str | Sequence[int]],
@@ -74,6 +119,7 @@ def generate(
     ignore_eos: bool = False,
     output_logits: bool = False,
     kv_quantization: str = "none",
+    on_progress: Callable[[str], None] | None = None,
 ) -> GenerationResult:
     """Generate continuations of a batch of prompts.
 
@@ -82,7 +128,8 @@ def generate(
         prompts: strings (tokenized without BOS, as the checkpoint says) or token-id lists;
             lengths may differ.
         max_new_tokens: most tokens generated per prompt.
-        temperature, top_k, top_p, seed: sampling (``temperature=0``: greedy).
+        temperature, top_k, top_p, seed: sampling (``temperature=0``: greedy). Prompt ``i``
+            draws from seed ``seed + i``.
         stop: strings that end a row's generation (excluded from its text).
         cache: ``"contiguous"`` (one row per prompt) or ``"paged"`` (a shared page pool).
         on_text: streaming callback ``on_text(row, new_text)``.
@@ -91,9 +138,11 @@ def generate(
             ``max_new_tokens`` tokens).
         output_logits: keep each step's logits in ``Generation.logits``.
         kv_quantization: KV storage codec, one of ``jaxkv.quantization.CODECS``.
+        on_progress: called with a line of status while the steps compile.
 
     Returns:
-        A ``GenerationResult`` with one ``Generation`` per prompt and timings.
+        A ``GenerationResult`` with one ``Generation`` per prompt and timings (compilation
+        excluded: every step shape is compiled before the first step).
     """
     v.require_int("generate", "max_new_tokens", max_new_tokens, minimum=1)
     v.require_choice("generate", "cache", cache, CACHE_KINDS)
@@ -104,7 +153,8 @@ def generate(
     stop = tuple(stop)  # a generator is read once, here
     if any(not isinstance(s, str) or not s for s in stop):
         raise ValueError(f"generate: stop must be a list of non-empty strings, got {stop!r}")
-    sampling = SamplingParams(temperature, top_k, top_p, seed)
+    v.require_int("generate", "seed", seed)
+    SamplingParams(temperature, top_k, top_p, seed)  # validates the sampling values
     prompt_ids = _check_prompts(model, prompts)
     longest = max(len(p) for p in prompt_ids) + max_new_tokens
     if longest > model.config.max_position_embeddings:
@@ -112,27 +162,86 @@ def generate(
             f"generate: prompt + max_new_tokens = {longest} tokens exceeds the model's context "
             f"of {model.config.max_position_embeddings}"
         )
-    eos_ids = frozenset(model.tokenizer.eos_token_ids) | frozenset(model.config.eos_token_ids)
-    if ignore_eos:
-        eos_ids = frozenset()
-    rows = [
-        RowProgress(i, ids, model.tokenizer, eos_ids, tuple(stop), on_text)
-        for i, ids in enumerate(prompt_ids)
+    engine = generate_engine(
+        model,
+        prompt_ids,
+        max_new_tokens,
+        cache=cache,
+        page_size=page_size,
+        kv_quantization=kv_quantization,
+    )
+    engine.warmup(on_progress)
+    settings = [
+        SamplingParams(
+            temperature,
+            top_k,
+            top_p,
+            (seed + index) % 2**31,
+            max_tokens=max_new_tokens,
+            stop=stop,
+            ignore_eos=ignore_eos,
+        )
+        for index in range(len(prompt_ids))
     ]
-    if output_logits:
-        for row in rows:
-            row.logits = []
-    runner = ContiguousRunner if cache == "contiguous" else PagedRunner
-    return runner(model, sampling, page_size=page_size, kv_quantization=kv_quantization).run(
-        rows, max_new_tokens
+    ids = [
+        engine.add_request(p, s, output_logits=output_logits)
+        for p, s in zip(prompt_ids, settings, strict=True)
+    ]
+    row_of = {request_id: row for row, request_id in enumerate(ids)}
+    finals: dict[str, object] = {}
+    first_tokens: set[str] = set()
+    start = time.perf_counter()
+    prefill_seconds = 0.0
+    steps_before_decode = 0
+    while engine.has_unfinished():
+        outputs = engine.step()
+        for output in outputs:
+            choice = output.outputs[0]
+            if on_text is not None and choice.new_text:
+                on_text(row_of[output.request_id], choice.new_text)
+            if choice.token_ids or choice.finished:
+                first_tokens.add(output.request_id)
+            if output.finished:
+                finals[output.request_id] = output
+        if not prefill_seconds and len(first_tokens) == len(ids):
+            prefill_seconds = time.perf_counter() - start
+            steps_before_decode = engine.stats().num_steps
+    total = time.perf_counter() - start
+    generations = []
+    for request_id in ids:
+        output = finals[request_id]
+        choice = output.outputs[0]
+        logits = None if output.logits is None else output.logits[0]
+        generations.append(
+            Generation(
+                list(output.prompt_token_ids),
+                list(choice.token_ids),
+                choice.text,
+                choice.finish_reason,
+                logits,
+            )
+        )
+    steps = engine.stats().num_steps - steps_before_decode
+    return GenerationResult(
+        generations, prefill_seconds, total - prefill_seconds, steps, engine.compile_seconds
     )
 
 
 class ChatSession:
     """A conversation with the model that keeps its KV cache across turns.
 
-    Each ``send`` renders the whole conversation with the checkpoint's chat template, keeps the
-    cached prefix it shares with what is already in the cache, and prefills only the rest.
+    Each ``send`` renders the whole conversation with the checkpoint's chat template (message
+    contents encoded as text) and runs it on a paged engine with prefix caching: the pages of
+    every earlier turn are still cached, so only the new turn is prefilled.
+
+    Args:
+        model: from ``Model.load``.
+        system: an optional system prompt.
+        max_length: the longest conversation, in tokens (at least 16).
+        sampling: how replies are drawn (default greedy); its ``max_tokens`` is replaced by
+            ``send``'s ``max_new_tokens``.
+        page_size: tokens per page of the cache.
+        kv_quantization: KV storage codec.
     """
 
     def __init__(
@@ -142,6 +251,8 @@ class ChatSession:
         system: str | None = None,
         max_length: int = 4096,
         sampling: SamplingParams | None = None,
+        page_size: int = 16,
+        kv_quantization: str = "none",
     ):
         v.require_int("ChatSession", "max_length", max_length, minimum=16)
         self.model = model
@@ -149,99 +260,76 @@ class ChatSession:
         self.messages: list[dict[str, str]] = []
         if system:
             self.messages.append({"role": "system", "content": system})
-        config = model.config
-        metadata = TransformerCacheMetadata.create(
-            1,
-            min(max_length, config.max_position_embeddings),
-            config.num_layers,
-            config.num_kv_heads,
-            config.head_dim,
-            dtype=model.dtype,
+        max_length = min(max_length, model.config.max_position_embeddings)
+        self.max_length = max_length
+        self.engine = Engine(
+            model,
+            CacheConfig(
+                page_size=page_size,
+                # The conversation, its copy-on-write page, and the last turn's pages kept
+                # cached while the next turn is admitted.
+                num_pages=2 * ceil_div(max_length, page_size) + 2,
+                kv_quantization=kv_quantization,
+            ),
+            SchedulerConfig(
+                max_num_seqs=1,
+                max_num_batched_tokens=min(512, next_power_of_two(max_length, 16)),
+                max_prefill_seqs=1,
+                max_model_len=max_length,
+            ),
         )
-        self.cache = TransformerCache.init_cache(metadata)
-        self.cached_ids: list[int] = []
-        self.key = jax.random.key(self.sampling.seed)
         self.last_prefill_tokens = 0
+        self.turns = 0
+
+    @property
+    def cached_ids(self) -> list[int]:
+        """Token ids of the conversation so far, as the model saw them."""
+        return list(self._cached)
+
+    _cached: tuple[int, ...] = ()
+
+    def warmup(self, progress: Callable[[str], None] | None = None) -> None:
+        """Compile every step shape now (the first ``send`` does it otherwise)."""
+        self.engine.warmup(progress)
 
     def send(
         self, text: str, *, max_new_tokens: int = 256, on_text: Callable[[str], None] | None = None
     ) -> str:
-        """Add a user turn, generate the assistant's reply and return it."""
+        """Add a user turn, generate the assistant's reply and return it.
+
+        Raises:
+            TypeError: ``text`` is not a str.
+            ValueError: the conversation plus ``max_new_tokens`` would not fit ``max_length``
+                (the conversation is left as it was).
+        """
         if not isinstance(text, str):
             raise TypeError(f"ChatSession.send: text must be a str, got {type(text).__name__}")
         v.require_int("ChatSession.send", "max_new_tokens", max_new_tokens, minimum=1)
-        model, config = self.model, self.model.config
         messages = [*self.messages, {"role": "user", "content": text}]
-        prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = model.tokenizer.encode(prompt)
-        capacity = self.cache[0].metadata.max_length
-        if len(ids) + max_new_tokens > capacity:
+        ids = self.model.tokenizer.encode_chat(messages)
+        if len(ids) + max_new_tokens > self.max_length:
             raise ValueError(
                 f"ChatSession.send: the conversation ({len(ids)} tokens) plus max_new_tokens="
-                f"{max_new_tokens} would pass the cache's max_length={capacity}"
+                f"{max_new_tokens} would pass the cache's max_length={self.max_length}"
             )
-        shared = 0
-        for a, b in zip(ids, self.cached_ids, strict=False):
-            if a != b:
-                break
-            shared += 1
-        shared = min(shared, len(ids) - 1)  # the last prompt token must be run for its logits
-        self.cache = self.cache.truncate(jnp.asarray([shared], jnp.int32))
-        new = ids[shared:]
-        self.last_prefill_tokens = len(new)
-        bucket = next_power_of_two(len(new), 16)
-        tokens = np.zeros((1, bucket), np.int32)
-        tokens[0, : len(new)] = new
-        knobs = sampling_arrays(self.sampling, config.vocab_size)
-        greedy = self.sampling.greedy
-        self.key, subkey = jax.random.split(self.key)
-        args = (
-            model.params,
-            self.cache,
-            jnp.asarray(tokens),
-            TransformerRuntimeMetadata.create([len(new)]),
-            jnp.asarray([len(new) - 1]),
-            subkey,
-            knobs,
+        self.engine.warmup()
+        sampling = SamplingParams(
+            **{**self.sampling.__dict__, "max_tokens": max_new_tokens, "n": 1}
         )
-        prefill, _ = compiled_step(config, greedy, *args)
-        next_token, _, self.cache = prefill(*args)
-        one = jnp.ones((1,), jnp.int32)
-        zero = jnp.zeros((1,), jnp.int32)
-        decode, _ = compiled_step(
-            config,
-            greedy,
-            model.params,
-            self.cache,
-            jnp.zeros((1, 1), jnp.int32),
-            TransformerRuntimeMetadata.create(one),
-            zero,
-            subkey,
-            knobs,
-        )
-        eos_ids = frozenset(model.tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)
-        row = RowProgress(
-            0, ids, model.tokenizer, eos_ids, (), (lambda _, t: on_text(t)) if on_text else None
-        )
-        fed = list(ids)
-        token = int(np.asarray(next_token)[0])
-        row.push(token, max_new_tokens)
-        while row.active:
-            if not greedy:
-                self.key, subkey = jax.random.split(self.key)
-            next_token, _, self.cache = decode(
-                model.params,
-                self.cache,
-                jnp.asarray([[token]], jnp.int32),
-                TransformerRuntimeMetadata.create(one),
-                zero,
-                subkey,
-                knobs,
-            )
-            fed.append(token)
-            token = int(np.asarray(next_token)[0])
-            row.push(token, max_new_tokens)
-        self.cached_ids = fed
-        reply = row.result().text
+        try:
+            request_id = self.engine.add_request(ids, sampling)
+        except RequestError as err:
+            raise ValueError(f"ChatSession.send: {err}") from err
+        final = None
+        for output in self.engine.stream(request_id):
+            choice = output.outputs[0]
+            if on_text is not None and choice.new_text:
+                on_text(choice.new_text)
+            final = output
+        choice = final.outputs[0]
+        self.last_prefill_tokens = len(ids) - final.num_cached_tokens
+        self._cached = tuple(ids) + tuple(choice.token_ids)
+        reply = choice.text
         self.messages = [*messages, {"role": "assistant", "content": reply}]
+        self.turns += 1
         return reply

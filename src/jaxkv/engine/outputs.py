@@ -64,8 +64,9 @@ class GenerationResult:
 class RowProgress:
     """Host-side progress of one row: tokens, streamed text, stop handling."""
 
-    def __init__(self, row: int, prompt_ids, tokenizer, eos_ids, stop, on_text):
+    def __init__(self, row, prompt_ids, tokenizer, eos_ids, stop, on_text, stop_token_ids=()):
         self.row = row
+        self.stop_token_ids = frozenset(stop_token_ids)
         self.prompt_ids = list(prompt_ids)
         self.token_ids: list[int] = []
         self.decoder = tokenizer.stream_decoder()
@@ -86,6 +87,10 @@ class RowProgress:
         if token in self.eos_ids:
             self._finish("eos")
             return
+        if token in self.stop_token_ids:
+            self.text += self.decoder.flush()
+            self._finish("stop")
+            return
         self.token_ids.append(token)
         self.text += self.decoder.feed(token)
         for stop in self.stop:
@@ -99,8 +104,12 @@ class RowProgress:
             return
         self._emit(len(self.text) - self.hold)
 
+    def finish(self, reason: str) -> None:
+        """End the row now (``"abort"``, or ``"length"`` when its sequence is full)."""
+        self._finish(reason)
+
     def _finish(self, reason: str) -> None:
-        if reason != "stop":
+        if reason not in ("stop", "abort"):
             self.text += self.decoder.flush()
         self.finish_reason = reason
         self._emit(len(self.text))

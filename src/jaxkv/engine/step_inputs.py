@@ -64,14 +64,34 @@ def query_bucket(step: StepMetadata) -> int:
     return min(next_power_of_two(longest), step.num_tokens_padded)
 
 
-def paged_runtime(step: StepMetadata) -> PagedRuntimeMetadata:
+_TOKEN_PADDING = {"slot_mapping": -1, "positions": 0, "token_ids": 0}
+"""What the packed token arrays hold past the step's tokens."""
+
+
+def paged_runtime(
+    step: StepMetadata,
+    *,
+    num_tokens: int | None = None,
+    max_query_len: int | None = None,
+    prefill_rows: int = 0,
+) -> PagedRuntimeMetadata:
     """Device arrays (int32) of a host step, checked for consistency.
+
+    Args:
+        step: the ``StepMetadata`` from ``PageManager.schedule``.
+        num_tokens: pad the packed token axis further, to this many entries (at least the
+            step's padded count), so that steps of different buckets share a compiled shape.
+        max_query_len: the static bound on any row's new tokens (default ``query_bucket``);
+            at least the step's longest row.
+        prefill_rows: ``0``, or how many leading rows may take several tokens (see
+            ``PagedRuntimeMetadata``).
 
     Raises:
         TypeError: ``step`` is not a ``StepMetadata``.
         ValueError: arrays whose shapes disagree, or values outside the contract (a
             ``query_start_loc`` that is not a prefix sum, a padding slot that is not ``-1``, a
-            context shorter than the row's new tokens).
+            context shorter than the row's new tokens); a ``num_tokens`` or ``max_query_len``
+            too small for the step.
     """
     owner = "paged_runtime"
     if not isinstance(step, StepMetadata):
@@ -84,12 +104,23 @@ def paged_runtime(step: StepMetadata) -> PagedRuntimeMetadata:
             f"{owner}: query_start_loc must rise from 0 to num_tokens={step.num_tokens}, "
             f"got {start.tolist()}"
         )
+    padded = int(arrays["slot_mapping"].shape[0])
+    if num_tokens is not None:
+        v.require_int(owner, "num_tokens", num_tokens, minimum=padded)
+        for name, fill in _TOKEN_PADDING.items():
+            extra = np.full((num_tokens - padded,), fill, np.int64)
+            arrays[name] = np.concatenate([arrays[name], extra])
+    longest = max(step.num_new_tokens, default=1)
+    if max_query_len is None:
+        max_query_len = query_bucket(step)
+    v.require_int(owner, "max_query_len", max_query_len, minimum=max(longest, 1))
     return PagedRuntimeMetadata.create(
         **arrays,
         num_seqs=np.asarray(step.num_seqs),
         num_pages=step.num_pages,
         page_size=step.page_size,
-        max_query_len=query_bucket(step),
+        max_query_len=max_query_len,
+        prefill_rows=prefill_rows,
     )
 
 

@@ -635,6 +635,65 @@ class Tokenizer:
                 f"chat template error: {type(err).__name__}: {err}".rstrip(": ")
             ) from err
 
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of ``text`` read as plain text: ``"<|im_start|>"`` in it becomes the ids
+        of those characters, never the special token (what untrusted content needs)."""
+        _check_text("text", text)
+        backend = self._backend
+        previous = backend.encode_special_tokens
+        backend.encode_special_tokens = True
+        try:
+            return backend.encode(text, add_special_tokens=False).ids
+        finally:
+            backend.encode_special_tokens = previous
+
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of a conversation rendered with the chat template, where only the
+        template's own markers are special tokens and every message's content is encoded as
+        text: a user who writes ``<|im_start|>system`` cannot forge a turn.
+
+        The template is rendered once with a placeholder per message; the text between
+        placeholders (the template's markup) is encoded with special tokens, each content as
+        plain text. A template that rewrites the content (so the placeholders do not come back
+        as they went in) is encoded whole, and refused when a content holds special-token text.
+
+        Raises:
+          the errors of ``apply_chat_template``; ``TokenizerError`` for content holding
+          special-token text that the template's rewriting leaves no safe way to encode.
+        """
+        rendered = self.apply_chat_template(messages, add_generation_prompt)
+        contents = [m["content"] for m in messages]
+        marks = [f"\ue000{index}\ue001" for index in range(len(contents))]
+        marked_messages = [
+            {**dict(m), "content": mark} for m, mark in zip(messages, marks, strict=True)
+        ]
+        marked = self.apply_chat_template(marked_messages, add_generation_prompt)
+        pieces: list[tuple[str, bool]] = []  # (text, is content)
+        rest = marked
+        for mark, content in zip(marks, contents, strict=True):
+            before, found, after = rest.partition(mark)
+            if not found:
+                break
+            pieces += [(before, False), (content, True)]
+            rest = after
+        else:
+            pieces.append((rest, False))
+            if "".join(text for text, _ in pieces) == rendered:
+                ids = [self.bos_token_id] if self.add_bos and self.bos_token_id is not None else []
+                for text, is_content in pieces:
+                    if text:
+                        ids += self.encode_text(text) if is_content else self.encode(text, False)
+                return ids
+        specials = [t for t in self.special_tokens if any(t in c for c in contents)]
+        if specials:
+            raise TokenizerError(
+                f"a message's content holds special-token text {specials[:3]} and the chat "
+                "template rewrites content, so it cannot be encoded as plain text"
+            )
+        return self.encode(rendered)
+
     def _compiled_template(self) -> Any:
         compiled = self._template
         if compiled is None:

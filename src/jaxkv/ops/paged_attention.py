@@ -122,31 +122,59 @@ def paged_attention(
     _check_inputs(query, kv, scale, logit_soft_cap, sliding_window, pages_per_block)
     num_tokens, query_heads, key_dim = query.shape
     _, page_size, kv_heads, _ = kv.key_pages.shape
-    value_dim = kv.value_dim
     max_pages = kv.page_tables.shape[1]
     if pages_per_block is None:
         pages_per_block = max(1, DEFAULT_BLOCK_SIZE // page_size)
     pages_per_block = two_block_size(pages_per_block, max_pages)  # see two_block_size
-    block = pages_per_block * page_size
     window = combine_windows(kv.sliding_window, sliding_window)
     if scale is None:
         scale = 1.0 / math.sqrt(key_dim)
     groups = query_heads // kv_heads
     num_seqs = kv.page_tables.shape[0]
     max_query_len = min(kv.max_query_len or num_tokens, num_tokens)
+    # A rotating codec stores keys and values rotated (see jaxkv.quantization): rotate the
+    # queries to match, and the output back.
+    codec = kv.storage
+    q_all = codec.to_attention_basis(query.astype(jnp.float32)) * scale
+    options = dict(block=pages_per_block, window=window, soft_cap=logit_soft_cap, groups=groups)
+    split = kv.prefill_rows
+    if 0 < split < num_seqs and max_query_len > 1:
+        # Rows past ``split`` decode one token: lay them out one query wide.
+        wide = _attend_rows(q_all, kv, slice(0, split), max_query_len, **options)
+        narrow = _attend_rows(q_all, kv, slice(split, num_seqs), 1, **options)
+        packed = wide + narrow
+    else:
+        packed = _attend_rows(q_all, kv, slice(0, num_seqs), max_query_len, **options)
+    return codec.from_attention_basis(packed).astype(query.dtype)
+
+
+def _attend_rows(q_all, kv, rows, max_query_len, *, block, window, soft_cap, groups):
+    """Attention of the packed queries of rows ``rows`` (a slice of the step's rows) laid out
+    ``[rows, max_query_len]``; ``[num_tokens, heads, value_dim]`` float32 with zeros at every
+    other row's tokens (in the attention basis of the codec)."""
+    num_tokens, query_heads, key_dim = q_all.shape
+    _, page_size, kv_heads, _ = kv.key_pages.shape
+    value_dim = kv.value_dim
+    max_pages = kv.page_tables.shape[1]
+    pages_per_block = block
+    block = pages_per_block * page_size
+    page_tables = kv.page_tables[rows]
+    context_lens = kv.context_lens[rows]
+    query_start_loc = kv.query_start_loc[rows.start : rows.stop + 1]
+    num_seqs = page_tables.shape[0]
 
     # Per-sequence layout: row s, slot j holds packed query query_start_loc[s] + j.
-    starts = kv.query_start_loc[:-1]
-    counts = kv.query_start_loc[1:] - starts
+    starts = query_start_loc[:-1]
+    counts = query_start_loc[1:] - starts
     slot = jnp.arange(max_query_len, dtype=jnp.int32)
     packed_index = starts[:, None] + slot[None, :]  # [S, Q]
-    present = slot[None, :] < counts[:, None]
+    present = (slot[None, :] < counts[:, None]) & (packed_index < num_tokens)
     gather_index = jnp.where(present, packed_index, 0)
     query_pos = jnp.where(present, kv.query_positions[gather_index], -1).astype(jnp.int32)
     real = query_pos >= 0  # [S, Q]
 
     # Live blocks: up to the longest context; with a window, from the earliest visible key.
-    live_pages = (jnp.max(kv.context_lens) + page_size - 1) // page_size
+    live_pages = (jnp.max(context_lens) + page_size - 1) // page_size
     end_block = (jnp.minimum(live_pages, max_pages) + pages_per_block - 1) // pages_per_block
     if window is None:
         start_block = jnp.int32(0)
@@ -154,16 +182,13 @@ def paged_attention(
         first_key = jnp.min(jnp.where(real, jnp.maximum(query_pos - window + 1, 0), 2**30))
         start_block = jnp.minimum(first_key // block, end_block)
 
-    # A rotating codec stores keys and values rotated (see jaxkv.quantization): rotate the
-    # queries to match, and the output back.
     codec = kv.storage
-    q = codec.to_attention_basis(query.astype(jnp.float32))
-    q = q[gather_index] * scale  # [S, Q, Hq, D]
+    q = q_all[gather_index]  # [S, Q, Hq, D]
     q = q.reshape(num_seqs, max_query_len, kv_heads, groups, key_dim)
     state = init_softmax_state(num_seqs, kv_heads, groups, max_query_len, value_dim)
     page_offsets = jnp.arange(pages_per_block, dtype=jnp.int32)
     slot_offsets = jnp.arange(block, dtype=jnp.int32)
-    context = kv.context_lens[:, None, None]
+    context = context_lens[:, None, None]
     query_pos_3d = query_pos[:, :, None]
 
     def gather(pool, pages):
@@ -179,7 +204,7 @@ def paged_attention(
         nominal_page = index * pages_per_block
         # The last block may be shifted left to stay in the table; pages it re-reads are masked.
         first_page = jnp.minimum(nominal_page, max_pages - pages_per_block)
-        pages = lax.dynamic_slice_in_dim(kv.page_tables, first_page, pages_per_block, axis=1)
+        pages = lax.dynamic_slice_in_dim(page_tables, first_page, pages_per_block, axis=1)
         # Unused entries (-1) lie past the context and are masked; read page 0 in their place.
         pages = jnp.maximum(pages, 0)
         keys = read(kv.key_pages, kv.key_scales, pages)
@@ -189,12 +214,10 @@ def paged_attention(
         visible = fresh & (key_pos < context) & (key_pos <= query_pos_3d) & real[:, :, None]
         if window is not None:
             visible &= query_pos_3d - key_pos < window
-        return online_softmax_update(carry, q, keys, values, visible, soft_cap=logit_soft_cap)
+        return online_softmax_update(carry, q, keys, values, visible, soft_cap=soft_cap)
 
     state = lax.fori_loop(start_block, end_block, body, state)
     out = finish_softmax(state, max_query_len)  # [S, Q, Hq, Dv]
-    out = codec.from_attention_basis(out)
     scatter_index = jnp.where(present, packed_index, num_tokens)  # absent slots are dropped
     packed = jnp.zeros((num_tokens, query_heads, value_dim), jnp.float32)
-    packed = packed.at[scatter_index].set(out, mode="drop")
-    return packed.astype(query.dtype)
+    return packed.at[scatter_index].set(out, mode="drop")

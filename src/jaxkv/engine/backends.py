@@ -1,0 +1,323 @@
+"""Where an engine's sequences live on the device: the paged backend (one page pool driven by a
+``PageManager``: prefix caching, forks with copy-on-write, preemption) and the contiguous
+backend (one ``TransformerCache`` row, or *slot*, per sequence).
+
+A backend knows nothing of requests or sampling. The engine hands it a plan, ``[(sequence,
+num_new_tokens), ...]`` in row order, and gets back the logits of each row's last new token.
+Every step shape comes from a small fixed set (``shapes()``), so a workload compiles a bounded
+number of functions, all of them before the first token when the engine warms up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv._sizes import ceil_div, next_power_of_two
+from jaxkv.caches import TransformerCache, TransformerCacheMetadata, TransformerRuntimeMetadata
+from jaxkv.caches.paged import PagedCache, PagedCacheMetadata
+from jaxkv.engine.model import Model
+from jaxkv.engine.requests import CacheConfig, SchedulerConfig
+from jaxkv.engine.step import compiled_forward
+from jaxkv.engine.step_inputs import paged_runtime
+from jaxkv.pages import PageManager
+
+Plan = Sequence[tuple[Any, int]]
+"""``[(sequence, num_new_tokens), ...]``; a sequence has ``seq_id`` and ``tokens``."""
+
+
+def mixed_buckets(scheduler: SchedulerConfig, floor: int) -> tuple[int, ...]:
+    """Token counts of steps that prefill: ``scheduler.prefill_buckets``, or the budget and a
+    quarter of it when that is still above ``floor``."""
+    budget = scheduler.max_num_batched_tokens
+    if scheduler.prefill_buckets is not None:
+        return tuple(b for b in scheduler.prefill_buckets if b > floor) or (budget,)
+    quarter = next_power_of_two(max(budget // 4, 1))
+    return tuple(sorted({budget, *((quarter,) if floor < quarter < budget else ())}))
+
+
+class PagedBackend:
+    """Sequences in one page pool; ``manager`` is the host truth about it.
+
+    Step shapes: decode steps pack ``max_num_seqs`` tokens with one query per row; steps that
+    prefill pack a token bucket of ``mixed_buckets`` with queries up to the bucket wide.
+    """
+
+    kind = "paged"
+
+    def __init__(
+        self, model: Model, cache: CacheConfig, scheduler: SchedulerConfig, max_model_len: int
+    ):
+        config = model.config
+        self.model = model
+        self.rows = scheduler.max_num_seqs
+        self.budget = scheduler.max_num_batched_tokens
+        self.max_row_tokens = self.budget
+        self.max_prefill_rows = min(scheduler.max_prefill_seqs, self.rows)
+        page_size = cache.page_size
+        max_pages_per_seq = ceil_div(max_model_len, page_size)
+        probe = PagedCacheMetadata.create(
+            config.num_layers,
+            max_pages_per_seq,
+            page_size,
+            config.num_kv_heads,
+            config.head_dim,
+            self.rows,
+            max_pages_per_seq,
+            dtype=model.dtype,
+            kv_quantization=cache.kv_quantization,
+        )
+        num_pages = cache.num_pages
+        if num_pages is None:
+            # Every row's longest sequence, plus a copy-on-write page per row, within budget.
+            worst = self.rows * (max_pages_per_seq + 1)
+            affordable = cache.memory_bytes // probe.bytes_per_page()
+            num_pages = max(min(worst, affordable), max_pages_per_seq + 1)
+        if num_pages < max_pages_per_seq:
+            raise ValueError(
+                f"CacheConfig: num_pages={num_pages} cannot hold one sequence of max_model_len="
+                f"{max_model_len} tokens ({max_pages_per_seq} pages of {page_size}); expected "
+                f"num_pages >= {max_pages_per_seq}"
+            )
+        self.metadata = probe.replace(num_pages=num_pages)
+        self.decode_tokens = self.rows
+        self.mixed = mixed_buckets(scheduler, self.rows)
+        self.manager = PageManager(
+            num_pages,
+            page_size,
+            self.rows,
+            max_pages_per_seq,
+            enable_prefix_caching=cache.enable_prefix_caching,
+            token_buckets=sorted({self.decode_tokens, *self.mixed}),
+        )
+        self.cache = PagedCache.init_cache(self.metadata)
+        self.page_size = page_size
+        self.prefix_caching = cache.enable_prefix_caching
+
+    # -- sequences -------------------------------------------------------------------------
+
+    def admit(self, seq: Any) -> int:
+        """Register a sequence; returns its prompt tokens served by the prefix cache."""
+        return self.manager.add_sequence(seq.seq_id, seq.tokens, cache_salt=seq.cache_salt)
+
+    def release(self, seq: Any) -> None:
+        if seq.seq_id in self.manager:
+            self.manager.free(seq.seq_id)
+
+    def fork(self, parent: Any, child: Any) -> None:
+        self.manager.fork(parent.seq_id, child.seq_id)
+
+    def append(self, seq: Any, token: int) -> None:
+        self.manager.append_tokens(seq.seq_id, [token])
+
+    def fits(self, plan: Plan) -> bool:
+        batch = [(seq.seq_id, count) for seq, count in plan]
+        return self.manager.pages_needed(batch) <= self.manager.num_available_pages
+
+    @property
+    def pages_used(self) -> int:
+        return self.manager.num_used_pages
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every ``(num_tokens, max_query_len)`` a step may take."""
+        return [(self.decode_tokens, 1), *((b, b) for b in self.mixed)]
+
+    def _shape(self, counts: list[int]) -> tuple[int, int]:
+        total, longest = sum(counts), max(counts)
+        if longest == 1 and total <= self.decode_tokens:
+            return self.decode_tokens, 1
+        bucket = next(b for b in self.mixed if b >= total)
+        return bucket, bucket
+
+    def _split(self, width: int) -> int:
+        """The leading rows that may prefill (the others decode one token)."""
+        return self.max_prefill_rows if width > 1 and self.max_prefill_rows < self.rows else 0
+
+    def _inputs(self, runtime: Any) -> tuple[Any, ...]:
+        return (self.model.params, self.cache, runtime.token_ids, runtime, runtime.logits_indices)
+
+    def run(self, plan: Plan, on_compile: Callable[[float], None]) -> tuple[jax.Array, list[int]]:
+        """Run one step: ``(logits [rows, vocab], logits row of each plan entry)``."""
+        manager = self.manager
+        step = manager.schedule([(seq.seq_id, count) for seq, count in plan])
+        tokens, width = self._shape([count for _, count in plan])
+        runtime = paged_runtime(
+            step, num_tokens=tokens, max_query_len=width, prefill_rows=self._split(width)
+        )
+        args = self._inputs(runtime)
+        compiled, seconds = compiled_forward(self.model.config, *args)
+        if seconds:
+            on_compile(seconds)
+        logits, self.cache = compiled(*args)
+        manager.commit_step(step)
+        return logits, list(range(len(plan)))
+
+    def warm(self, shape: tuple[int, int]) -> float:
+        """Compile one step shape (on an empty step of that shape); seconds spent."""
+        tokens, width = shape
+        manager = PageManager(
+            self.metadata.num_pages,
+            self.metadata.page_size,
+            self.rows,
+            self.metadata.max_pages_per_seq,
+            token_buckets=[tokens],
+        )
+        count = min(width, manager.max_seq_len)
+        manager.add_sequence("warm", [0] * count)
+        step = manager.schedule([("warm", count)])
+        runtime = paged_runtime(
+            step, num_tokens=tokens, max_query_len=width, prefill_rows=self._split(width)
+        )
+        # Slots of -1 write nothing: the step runs once (a first run costs more than later
+        # ones) without touching a page.
+        runtime = runtime.replace(slot_mapping=jnp.full_like(runtime.slot_mapping, -1))
+        args = self._inputs(runtime)
+        compiled, spent = compiled_forward(self.model.config, *args)
+        logits, self.cache = compiled(*args)
+        logits.block_until_ready()
+        return spent
+
+
+@jax.jit
+def _reset_rows(cache: Any, mask: jax.Array) -> Any:
+    return cache.reset_rows(mask)
+
+
+@jax.jit
+def _copy_rows(cache: Any, indices: jax.Array) -> Any:
+    return cache.reorder(indices)
+
+
+class ContiguousBackend:
+    """One ``max_model_len`` row of a ``TransformerCache`` per sequence.
+
+    Steps lay tokens out ``[max_num_seqs, width]`` (right-padded): width 1 for decode steps,
+    else a bucket of ``mixed_buckets`` of the per-row chunk. No pages: nothing is shared and
+    nothing runs out (a sequence is admitted only into a free row, and never grows past
+    ``max_model_len``).
+    """
+
+    kind = "contiguous"
+
+    def __init__(
+        self, model: Model, cache: CacheConfig, scheduler: SchedulerConfig, max_model_len: int
+    ):
+        config = model.config
+        self.model = model
+        self.rows = scheduler.max_num_seqs
+        self.budget = scheduler.max_num_batched_tokens
+        # Every row of the layout pays for the widest one: the chunk is the budget per row.
+        self.max_row_tokens = max(16, next_power_of_two(self.budget // self.rows + 1) // 2)
+        self.max_prefill_rows = self.rows
+        widths = {max(1, b // self.rows) for b in mixed_buckets(scheduler, 0)}
+        self.mixed = tuple(sorted(w for w in widths if w <= self.max_row_tokens)) or (
+            self.max_row_tokens,
+        )
+        self.metadata = TransformerCacheMetadata.create(
+            self.rows,
+            max_model_len,
+            config.num_layers,
+            config.num_kv_heads,
+            config.head_dim,
+            dtype=model.dtype,
+            kv_quantization=cache.kv_quantization,
+        )
+        self.cache = TransformerCache.init_cache(self.metadata)
+        self.page_size = 0
+        self.prefix_caching = False
+        self.free_slots = list(range(self.rows))
+        self.slot_of: dict[Hashable, int] = {}
+        self.to_reset: set[int] = set()
+
+    def admit(self, seq: Any) -> int:
+        slot = self.free_slots.pop(0)
+        self.slot_of[seq.seq_id] = slot
+        self.to_reset.add(slot)
+        return 0
+
+    def release(self, seq: Any) -> None:
+        slot = self.slot_of.pop(seq.seq_id, None)
+        if slot is not None:
+            self.free_slots.append(slot)
+            self.free_slots.sort()
+
+    def fork(self, parent: Any, child: Any) -> None:
+        slot = self.free_slots.pop(0)
+        self.slot_of[child.seq_id] = slot
+        self._flush_resets()
+        indices = np.arange(self.rows, dtype=np.int32)
+        indices[slot] = self.slot_of[parent.seq_id]
+        self.cache = _copy_rows(self.cache, jnp.asarray(indices))
+
+    def append(self, seq: Any, token: int) -> None:
+        pass
+
+    def fits(self, plan: Plan) -> bool:
+        return True
+
+    @property
+    def pages_used(self) -> int:
+        return 0
+
+    def _flush_resets(self) -> None:
+        if self.to_reset:
+            mask = np.zeros((self.rows,), bool)
+            mask[list(self.to_reset)] = True
+            self.cache = _reset_rows(self.cache, jnp.asarray(mask))
+            self.to_reset.clear()
+
+    def shapes(self) -> list[tuple[int, int]]:
+        return [(self.rows, 1), *((self.rows * b, b) for b in self.mixed)]
+
+    def _width(self, counts: list[int]) -> int:
+        longest = max(counts)
+        return 1 if longest == 1 else next(b for b in self.mixed if b >= longest)
+
+    def _inputs(self, tokens: np.ndarray, counts: np.ndarray) -> tuple[Any, ...]:
+        runtime = TransformerRuntimeMetadata.create(counts)
+        last = jnp.asarray(np.maximum(counts - 1, 0))
+        return (self.model.params, self.cache, jnp.asarray(tokens), runtime, last)
+
+    def run(self, plan: Plan, on_compile: Callable[[float], None]) -> tuple[jax.Array, list[int]]:
+        self._flush_resets()
+        width = self._width([count for _, count in plan])
+        tokens = np.zeros((self.rows, width), np.int32)
+        counts = np.zeros((self.rows,), np.int32)
+        rows = []
+        for seq, count in plan:
+            slot = self.slot_of[seq.seq_id]
+            start = seq.num_computed
+            tokens[slot, :count] = seq.tokens[start : start + count]
+            counts[slot] = count
+            rows.append(slot)
+        args = self._inputs(tokens, counts)
+        compiled, seconds = compiled_forward(self.model.config, *args)
+        if seconds:
+            on_compile(seconds)
+        logits, self.cache = compiled(*args)
+        return logits, rows
+
+    def warm(self, shape: tuple[int, int]) -> float:
+        width = shape[1]
+        counts = np.zeros((self.rows,), np.int32)
+        args = self._inputs(np.zeros((self.rows, width), np.int32), counts)
+        compiled, spent = compiled_forward(self.model.config, *args)
+        logits, self.cache = compiled(*args)  # no row takes a token: nothing is written
+        logits.block_until_ready()
+        return spent
+
+    def check(self) -> None:
+        self.cache.check_overflow()
+
+
+def make_backend(
+    model: Model, cache: CacheConfig, scheduler: SchedulerConfig, max_model_len: int
+) -> PagedBackend | ContiguousBackend:
+    backend = PagedBackend if cache.kind == "paged" else ContiguousBackend
+    return backend(model, cache, scheduler, max_model_len)

@@ -1,0 +1,678 @@
+"""The serving engine: continuous batching of many requests over one KV cache.
+
+``Engine(model, CacheConfig(...), SchedulerConfig(...))`` takes requests at any time
+(``add_request``) and runs them a step at a time (``step``). Each step packs, under a token
+budget, one token of every running sequence (decodes first) and then prefill chunks of waiting
+ones, so a long prompt is prefilled across steps and never stalls the running decodes. A
+finished or aborted request frees its cache at once, and waiting requests take its place in the
+same step.
+
+On the paged backend (the default):
+
+* prefix caching across requests: a page enters the prefix cache as soon as its tokens are
+  computed, and a request whose prompt starts with cached pages skips them (per-request
+  ``cache_salt`` keeps tenants apart);
+* ``n > 1`` choices share the prompt's pages: the prompt is prefilled once, up to its last token,
+  and then forked with copy-on-write;
+* out of pages, the most recently admitted running sequence is preempted: its pages are freed
+  and it is recomputed later from its tokens, so it still ends with the output it would have had
+  alone.
+
+Step shapes come from a fixed, small set (see ``jaxkv.engine.backends``); ``warmup()`` compiles
+them all, so nothing compiles once tokens flow. Sampling runs in its own jitted function
+(``jaxkv.engine.sampler``) with per-row settings.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv.engine.backends import make_backend
+from jaxkv.engine.model import Model
+from jaxkv.engine.outputs import RowProgress
+from jaxkv.engine.requests import (
+    CacheConfig,
+    CompletionOutput,
+    EngineStats,
+    QueueFullError,
+    RequestError,
+    RequestMetrics,
+    RequestOutput,
+    SchedulerConfig,
+    TokenLogprob,
+    UnknownRequestError,
+)
+from jaxkv.engine.sampler import sample_rows
+from jaxkv.engine.sampling import SamplingParams
+
+Prompt = str | Sequence[int] | Sequence[Mapping[str, Any]]
+"""Text, token ids, or chat messages ``[{"role": ..., "content": ...}, ...]``."""
+
+Progress = Callable[[str], None]
+
+_DEFAULT_MAX_MODEL_LEN = 8192
+
+
+class _Choice:
+    """One sequence in the cache: one choice of a request."""
+
+    def __init__(self, request: _Request, index: int, tokens: list[int], text: RowProgress):
+        self.request = request
+        self.index = index
+        self.seq_id = f"{request.request_id}#{index}"
+        self.tokens = tokens  # prompt + generated, all known tokens
+        self.num_computed = 0
+        self.text = text
+        self.generated: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None if request.sampling.logprobs is None else []
+        self.logits: list[np.ndarray] | None = [] if request.output_logits else None
+        self.emitted_text = ""
+        self.reported_text = 0
+        self.reported_tokens = 0
+
+    @property
+    def cache_salt(self) -> str | None:
+        return self.request.cache_salt
+
+    @property
+    def finished(self) -> bool:
+        return self.text.finish_reason is not None
+
+    @property
+    def target(self) -> int:
+        """Tokens to compute before the next draw: all known ones, or, for a request that will
+        fork, all but the prompt's last (each choice then computes that one itself)."""
+        if self.request.will_fork:
+            return len(self.tokens) - 1
+        return len(self.tokens)
+
+
+class _Request:
+    def __init__(self, request_id, prompt_ids, sampling, cache_salt, seed, output_logits):
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.sampling = sampling
+        self.cache_salt = cache_salt
+        self.seed = seed
+        self.output_logits = output_logits
+        self.choices: list[_Choice] = []
+        self.will_fork = sampling.n > 1
+        self.num_cached_tokens: int | None = None
+        self.metrics = RequestMetrics(arrival_time=time.perf_counter())
+        self.aborted = False
+
+    @property
+    def finished(self) -> bool:
+        return len(self.choices) == self.request_seqs and all(c.finished for c in self.choices)
+
+    @property
+    def request_seqs(self) -> int:
+        return self.sampling.n
+
+
+class Engine:
+    """Continuous batching over one KV cache (see the module docstring).
+
+    Not thread-safe: call it from one thread (the server runs it in its own).
+
+    Args:
+        model: from ``Model.load`` (or ``Model.tiny``).
+        cache_config: the cache (paged by default).
+        scheduler_config: the step budget and limits.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        cache_config: CacheConfig | None = None,
+        scheduler_config: SchedulerConfig | None = None,
+    ):
+        if not isinstance(model, Model):
+            raise TypeError(f"Engine: model must be a jaxkv Model, got {type(model).__name__}")
+        cache_config = CacheConfig() if cache_config is None else cache_config
+        scheduler_config = SchedulerConfig() if scheduler_config is None else scheduler_config
+        for name, value, kind in (
+            ("cache_config", cache_config, CacheConfig),
+            ("scheduler_config", scheduler_config, SchedulerConfig),
+        ):
+            if not isinstance(value, kind):
+                raise TypeError(
+                    f"Engine: {name} must be a {kind.__name__}, got {type(value).__name__}"
+                )
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.cache_config = cache_config
+        self.scheduler_config = scheduler_config
+        context = model.config.max_position_embeddings
+        max_model_len = scheduler_config.max_model_len
+        if max_model_len is None:
+            max_model_len = min(context, _DEFAULT_MAX_MODEL_LEN)
+        if max_model_len > context:
+            raise ValueError(
+                f"Engine: max_model_len={max_model_len} exceeds the model's context of {context}"
+            )
+        self.max_model_len = max_model_len
+        self.backend = make_backend(model, cache_config, scheduler_config, max_model_len)
+        self.eos_ids = frozenset(model.tokenizer.eos_token_ids) | frozenset(
+            model.config.eos_token_ids
+        )
+        self._requests: dict[str, _Request] = {}
+        self._waiting: collections.deque[_Choice] = collections.deque()
+        self._running: list[_Choice] = []
+        self._changed: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self._compiled: set[tuple[int, int]] = set()
+        self._counters = collections.Counter()
+        self._peak_pages = 0
+        self.compile_seconds = 0.0
+
+    # -- requests --------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        cache_salt: str | None = None,
+        output_logits: bool = False,
+    ) -> str:
+        """Queue a request; returns its id.
+
+        Args:
+            prompt: text (tokenized without BOS, as the checkpoint says), token ids, or chat
+                messages (rendered with the checkpoint's chat template; their content is
+                encoded as text, so it can never forge a special token).
+            sampling: how to pick tokens and when to stop (default: greedy, 64 tokens).
+            request_id: an id of your own (default: a fresh one).
+            cache_salt: requests with different salts never share cached pages.
+            output_logits: keep the logits of every drawn token (``RequestOutput.logits``).
+
+        Raises:
+            RequestError: an empty or malformed prompt, one longer than ``max_model_len`` with
+                its ``max_tokens``, a token id outside the vocabulary, ``n`` above
+                ``max_num_seqs``, a duplicate id, a salt that is not a string.
+            QueueFullError: ``max_waiting`` requests are already waiting.
+        """
+        sampling = SamplingParams() if sampling is None else sampling
+        if not isinstance(sampling, SamplingParams):
+            raise RequestError(
+                f"add_request: sampling must be a SamplingParams, got {type(sampling).__name__}"
+            )
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        if not isinstance(request_id, str) or not request_id:
+            raise RequestError(
+                f"add_request: request_id must be a non-empty str, got {request_id!r}"
+            )
+        if request_id in self._requests:
+            raise RequestError(f"add_request: request_id={request_id!r} is already in use")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise RequestError(f"add_request: cache_salt must be a str or None, got {cache_salt!r}")
+        if not isinstance(output_logits, bool):
+            raise RequestError(f"add_request: output_logits must be a bool, got {output_logits!r}")
+        prompt_ids = self._encode(prompt)
+        total = len(prompt_ids) + sampling.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"add_request: the prompt ({len(prompt_ids)} tokens) plus max_tokens="
+                f"{sampling.max_tokens} is {total} tokens, more than max_model_len="
+                f"{self.max_model_len}"
+            )
+        if sampling.n > self.scheduler_config.max_num_seqs:
+            raise RequestError(
+                f"add_request: n={sampling.n} exceeds max_num_seqs="
+                f"{self.scheduler_config.max_num_seqs}"
+            )
+        waiting_requests = len({c.request.request_id for c in self._waiting})
+        if waiting_requests >= self.scheduler_config.max_waiting:
+            raise QueueFullError(
+                f"add_request: {waiting_requests} requests are waiting "
+                f"(max_waiting={self.scheduler_config.max_waiting}); try again later"
+            )
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(31)
+        request = _Request(request_id, prompt_ids, sampling, cache_salt, seed, output_logits)
+        request.choices.append(self._new_choice(request, 0, list(prompt_ids)))
+        self._requests[request_id] = request
+        self._waiting.append(request.choices[0])
+        self._counters["prompt_tokens"] += len(prompt_ids)
+        return request_id
+
+    def _new_choice(self, request: _Request, index: int, tokens: list[int]) -> _Choice:
+        sampling = request.sampling
+        eos = frozenset() if sampling.ignore_eos else self.eos_ids
+        text = RowProgress(
+            index,
+            request.prompt_ids,
+            self.tokenizer,
+            eos,
+            sampling.stop,
+            None,
+            stop_token_ids=sampling.stop_token_ids,
+        )
+        choice = _Choice(request, index, tokens, text)
+
+        def on_text(_row: int, piece: str) -> None:
+            choice.emitted_text += piece
+
+        text.on_text = on_text
+        return choice
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        owner = "add_request"
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError(f"{owner}: prompt is an empty string")
+            try:
+                ids = self.tokenizer.encode(prompt)
+            except (TypeError, ValueError) as err:
+                raise RequestError(f"{owner}: prompt: {err}") from err
+        elif isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping):
+            try:
+                ids = self.tokenizer.encode_chat(list(prompt))
+            except (TypeError, ValueError) as err:
+                raise RequestError(f"{owner}: messages: {err}") from err
+        elif isinstance(prompt, Sequence | np.ndarray) and not isinstance(prompt, bytes):
+            ids = list(prompt)
+            vocab = self.model.config.vocab_size
+            for index, token in enumerate(ids):
+                if isinstance(token, bool) or not isinstance(token, int | np.integer):
+                    raise RequestError(
+                        f"{owner}: prompt[{index}] must be an int token id, got {token!r:.40}"
+                    )
+                if not 0 <= token < vocab:
+                    raise RequestError(
+                        f"{owner}: prompt[{index}]={token} is outside the vocabulary [0, {vocab})"
+                    )
+            ids = [int(t) for t in ids]
+        else:
+            raise RequestError(
+                f"{owner}: prompt must be a str, a list of token ids or a list of chat "
+                f"messages, got {type(prompt).__name__} {prompt!r:.60}"
+            )
+        if not ids:
+            raise RequestError(f"{owner}: the prompt has no tokens")
+        return ids
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its cache; its final output (``finish_reason="abort"``)
+        comes with the next ``step()``.
+
+        Raises:
+            UnknownRequestError: no unfinished request has that id.
+        """
+        request = self._requests.get(request_id)
+        if request is None:
+            raise UnknownRequestError(f"abort: no unfinished request has id {request_id!r}")
+        request.aborted = True
+        for choice in request.choices:
+            self._drop(choice)
+            if not choice.finished:
+                choice.text.finish("abort")
+        # Choices never forked are reported as aborted too.
+        for index in range(len(request.choices), request.request_seqs):
+            choice = self._new_choice(request, index, list(request.prompt_ids))
+            choice.text.finish("abort")
+            request.choices.append(choice)
+        self._finish_request(request)
+
+    def _drop(self, choice: _Choice) -> None:
+        """Take a sequence out of the queues and the cache."""
+        if choice in self._running:
+            self._running.remove(choice)
+        if choice in self._waiting:
+            self._waiting.remove(choice)
+        self.backend.release(choice)
+
+    def _finish_request(self, request: _Request) -> None:
+        request.metrics.finished_time = time.perf_counter()
+        self._requests.pop(request.request_id, None)
+        self._changed[request.request_id] = request
+        self._counters["finished"] += 1
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._requests)
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def _preempt(self, choice: _Choice) -> None:
+        self._running.remove(choice)
+        self.backend.release(choice)
+        choice.num_computed = 0
+        self._waiting.appendleft(choice)
+        self._counters["preemptions"] += 1
+
+    def _schedule(self) -> list[tuple[_Choice, int]]:
+        backend = self.backend
+        budget = backend.budget
+        plan: list[tuple[_Choice, int]] = []
+        prefills = 0
+        preempted = False
+        index = 0
+        while index < len(self._running) and budget > 0:
+            choice = self._running[index]
+            count = min(choice.target - choice.num_computed, budget, backend.max_row_tokens)
+            if count <= 0 or (count > 1 and prefills >= backend.max_prefill_rows):
+                index += 1
+                continue
+            while not backend.fits([*plan, (choice, count)]):
+                preempted = True
+                victim = self._running[-1]
+                self._preempt(victim)
+                if victim is choice:
+                    break
+            else:
+                plan.append((choice, count))
+                budget -= count
+                prefills += count > 1
+                index += 1
+        rows = self.scheduler_config.max_num_seqs
+        while self._waiting and budget > 0 and not preempted:
+            choice = self._waiting[0]
+            request = choice.request
+            seats = request.request_seqs if request.will_fork else 1
+            if len(self._running) + seats > rows or prefills >= backend.max_prefill_rows:
+                break
+            if self._prefix_in_flight(choice):
+                break  # admitted next step, it hits the pages being computed now
+            cached = backend.admit(choice)
+            choice.num_computed = cached
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = cached
+            if request.will_fork and choice.num_computed >= choice.target:
+                self._waiting.popleft()
+                self._running.append(choice)
+                self._fork(request)
+                continue
+            count = min(choice.target - choice.num_computed, budget, backend.max_row_tokens)
+            if not backend.fits([*plan, (choice, count)]):
+                backend.release(choice)
+                choice.num_computed = 0
+                break
+            self._waiting.popleft()
+            self._running.append(choice)
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = time.perf_counter()
+            plan.append((choice, count))
+            budget -= count
+            prefills += count > 1
+        # Rows that prefill come first: attention lays them out at full width.
+        plan.sort(key=lambda entry: entry[1] == 1)
+        return plan
+
+    def _prefix_in_flight(self, choice: _Choice) -> bool:
+        """Whether a running sequence is still computing the first page of ``choice``'s
+        prompt (same tokens, same salt): admitted a step later, it gets that page from the
+        prefix cache instead of computing it again."""
+        backend = self.backend
+        size = getattr(backend, "page_size", 0)
+        if not size or not backend.prefix_caching or len(choice.tokens) <= size:
+            return False
+        head = choice.tokens[:size]
+        return any(
+            other.num_computed < size
+            and other.cache_salt == choice.cache_salt
+            and other.tokens[:size] == head
+            for other in self._running
+        )
+
+    def _fork(self, request: _Request) -> None:
+        """The prompt is computed up to its last token: start the other choices from it."""
+        parent = request.choices[0]
+        request.will_fork = False
+        position = self._running.index(parent) + 1
+        for index in range(1, request.request_seqs):
+            child = self._new_choice(request, index, list(parent.tokens))
+            child.num_computed = parent.num_computed
+            self.backend.fork(parent, child)
+            request.choices.append(child)
+            self._running.insert(position, child)
+            position += 1
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; the outputs of every request that changed (new tokens, finished,
+        aborted)."""
+        plan = self._schedule()
+        if plan:
+            self._run(plan)
+        pages = self.backend.pages_used
+        self._peak_pages = max(self._peak_pages, pages)
+        changed = list(self._changed.values())
+        self._changed.clear()
+        return [self._output(request) for request in changed]
+
+    def _on_compile(self, seconds: float) -> None:
+        self.compile_seconds += seconds
+        self._counters["compiled"] += 1
+
+    def _run(self, plan: list[tuple[_Choice, int]]) -> None:
+        logits, rows = self.backend.run(plan, self._on_compile)
+        self._counters["steps"] += 1
+        draws: list[tuple[_Choice, int]] = []
+        forks: list[_Request] = []
+        for (choice, count), row in zip(plan, rows, strict=True):
+            choice.num_computed += count
+            self._counters["computed_tokens"] += count
+            if choice.num_computed == len(choice.tokens):
+                draws.append((choice, row))
+            elif choice.request.will_fork and choice.num_computed == choice.target:
+                forks.append(choice.request)
+        for request in forks:
+            self._fork(request)
+        if draws:
+            self._draw(logits, draws)
+
+    def _knobs(self, draws: list[tuple[_Choice, int]], rows: int) -> dict[str, jax.Array]:
+        vocab = self.model.config.vocab_size
+        arrays = {
+            "temperature": np.zeros(rows, np.float32),
+            "top_k": np.full(rows, vocab, np.int32),
+            "top_p": np.ones(rows, np.float32),
+            "min_p": np.zeros(rows, np.float32),
+            "repetition": np.ones(rows, np.float32),
+            "presence": np.zeros(rows, np.float32),
+            "frequency": np.zeros(rows, np.float32),
+            "seed": np.zeros(rows, np.int32),
+            "choice": np.zeros(rows, np.int32),
+            "counter": np.zeros(rows, np.int32),
+        }
+        for choice, row in draws:
+            s = choice.request.sampling
+            arrays["temperature"][row] = s.temperature
+            arrays["top_k"][row] = vocab if s.top_k is None else min(s.top_k, vocab)
+            arrays["top_p"][row] = s.top_p
+            arrays["min_p"][row] = s.min_p
+            arrays["repetition"][row] = s.repetition_penalty
+            arrays["presence"][row] = s.presence_penalty
+            arrays["frequency"][row] = s.frequency_penalty
+            arrays["seed"][row] = choice.request.seed
+            arrays["choice"][row] = choice.index
+            arrays["counter"][row] = len(choice.generated)
+        return {name: jnp.asarray(array) for name, array in arrays.items()}
+
+    def _history(self, draws: list[tuple[_Choice, int]], rows: int) -> tuple[jax.Array, ...]:
+        vocab = self.model.config.vocab_size
+        seen = np.zeros((rows, vocab), bool)
+        counts = np.zeros((rows, vocab), np.int32)
+        for choice, row in draws:
+            if choice.request.sampling.uses_penalties:
+                seen[row, choice.tokens] = True
+                if choice.generated:
+                    counts[row] = np.bincount(choice.generated, minlength=vocab)
+        return jnp.asarray(seen), jnp.asarray(counts)
+
+    def _draw(self, logits: jax.Array, draws: list[tuple[_Choice, int]]) -> None:
+        rows = logits.shape[0]
+        settings = [choice.request.sampling for choice, _ in draws]
+        penalties = any(s.uses_penalties for s in settings)
+        wanted = [s.logprobs for s in settings if s.logprobs is not None]
+        num_logprobs = None if not wanted else max(wanted)
+        tokens, logprobs = sample_rows(
+            logits,
+            self._knobs(draws, rows),
+            self._history(draws, rows) if penalties else None,
+            penalties=penalties,
+            num_logprobs=num_logprobs,
+            any_sampled=any(not s.greedy for s in settings),
+        )
+        tokens = np.asarray(tokens)
+        if logprobs is not None:
+            logprobs = [np.asarray(a) for a in logprobs]
+        now = time.perf_counter()
+        for choice, row in draws:
+            token = int(tokens[row])
+            request = choice.request
+            if choice.logits is not None:
+                choice.logits.append(np.asarray(logits[row], np.float32))
+            if choice.logprobs is not None and logprobs is not None:
+                chosen, top_ids, top_values = logprobs
+                n = request.sampling.logprobs
+                pairs = zip(top_ids[row, :n], top_values[row, :n], strict=True)
+                top = tuple((int(i), float(p)) for i, p in pairs)
+                choice.logprobs.append(TokenLogprob(token, float(chosen[row]), top))
+            choice.generated.append(token)
+            self._counters["generated_tokens"] += 1
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            if choice.index == 0:
+                request.metrics.token_times.append(now)
+            choice.text.push(token, request.sampling.max_tokens)
+            self._changed[request.request_id] = request
+            if choice.finished:
+                self._drop(choice)
+            else:
+                choice.tokens.append(token)
+                self.backend.append(choice, token)
+            if request.finished:
+                self._finish_request(request)
+
+    def _output(self, request: _Request) -> RequestOutput:
+        outputs = []
+        for choice in request.choices:
+            text = choice.emitted_text
+            tokens = choice.text.token_ids
+            outputs.append(
+                CompletionOutput(
+                    index=choice.index,
+                    text=text,
+                    token_ids=list(tokens),
+                    new_text=text[choice.reported_text :],
+                    new_token_ids=list(tokens[choice.reported_tokens :]),
+                    finish_reason=choice.text.finish_reason,
+                    logprobs=None if choice.logprobs is None else list(choice.logprobs),
+                )
+            )
+            choice.reported_text = len(text)
+            choice.reported_tokens = len(tokens)
+        finished = request.finished
+        logits = None
+        if finished and request.output_logits:
+            logits = [
+                np.stack(c.logits) if c.logits else np.zeros((0, self.model.config.vocab_size))
+                for c in request.choices
+            ]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=list(request.prompt_ids),
+            outputs=outputs,
+            finished=finished,
+            num_cached_tokens=request.num_cached_tokens or 0,
+            metrics=request.metrics,
+            logits=logits,
+        )
+
+    # -- conveniences ----------------------------------------------------------------------
+
+    def stream(self, request_id: str) -> Iterator[RequestOutput]:
+        """Run steps until ``request_id`` finishes, yielding each of its outputs (other
+        requests advance too; their outputs are dropped here)."""
+        if request_id not in self._requests:
+            raise UnknownRequestError(f"stream: no unfinished request has id {request_id!r}")
+        while True:
+            for output in self.step():
+                if output.request_id == request_id:
+                    yield output
+                    if output.finished:
+                        return
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run ``prompts`` to completion (beside whatever else is queued); their final outputs
+        in order."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+            raise RequestError(f"generate: prompts must be a non-empty list, got {prompts!r:.60}")
+        if sampling is None or isinstance(sampling, SamplingParams):
+            sampling = [sampling] * len(prompts)
+        if len(sampling) != len(prompts):
+            raise RequestError(
+                f"generate: {len(sampling)} sampling settings for {len(prompts)} prompts"
+            )
+        ids = [self.add_request(p, s) for p, s in zip(prompts, sampling, strict=True)]
+        wanted = set(ids)
+        results: dict[str, RequestOutput] = {}
+        while wanted - results.keys():
+            for output in self.step():
+                if output.request_id in wanted and output.finished:
+                    results[output.request_id] = output
+        return [results[i] for i in ids]
+
+    def warmup(self, progress: Progress | None = None) -> float:
+        """Compile every step shape (and the sampler's common forms) now; seconds spent."""
+        shapes = self.backend.shapes()
+        start = time.perf_counter()
+        for number, shape in enumerate(shapes, 1):
+            if progress is not None:
+                progress(f"compiling step shape {number}/{len(shapes)} ({shape[0]} tokens)")
+            seconds = self.backend.warm(shape)
+            if seconds:
+                self._on_compile(seconds)
+        rows = self.backend.rows
+        logits = jnp.zeros((rows, self.model.config.vocab_size), jnp.float32)
+        knobs = self._knobs([], rows)
+        for any_sampled in (False, True):
+            sample_rows(
+                logits, knobs, None, penalties=False, num_logprobs=None, any_sampled=any_sampled
+            )[0].block_until_ready()
+        return time.perf_counter() - start
+
+    def stats(self) -> EngineStats:
+        backend = self.backend
+        manager = getattr(backend, "manager", None)
+        page_stats = manager.stats() if manager is not None else None
+        return EngineStats(
+            num_running=len(self._running),
+            num_waiting=len({c.request.request_id for c in self._waiting}),
+            num_pages=manager.num_pages if manager is not None else 0,
+            num_pages_used=manager.num_used_pages if manager is not None else 0,
+            num_pages_free=manager.num_available_pages if manager is not None else 0,
+            prefix_query_tokens=page_stats.prefix_query_tokens if page_stats else 0,
+            prefix_hit_tokens=page_stats.prefix_hit_tokens if page_stats else 0,
+            num_preemptions=self._counters["preemptions"],
+            num_steps=self._counters["steps"],
+            num_finished=self._counters["finished"],
+            num_prompt_tokens=self._counters["prompt_tokens"],
+            num_generated_tokens=self._counters["generated_tokens"],
+            num_compiled_shapes=self._counters["compiled"],
+            peak_pages_used=self._peak_pages,
+        )
+
+
+__all__ = ["Engine"]
