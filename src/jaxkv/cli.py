@@ -230,10 +230,24 @@ def _report(command: str, error: BaseException, debug: bool, suffix: str = "") -
 # -- the commands -------------------------------------------------------------------------------
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from jaxkv.engine import Model, generate
+def _status(line: str) -> None:
+    """A line of progress (loading, compiling) on stderr when it is a terminal; logs and pipes
+    get only results and errors."""
+    if sys.stderr.isatty():
+        print(f"jaxkv: {line}", file=sys.stderr, flush=True)
 
-    model = Model.load(args.model, dtype=args.dtype)
+
+def _load(args: argparse.Namespace) -> Any:
+    from jaxkv.engine import Model
+
+    _status(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'}")
+    return Model.load(args.model, dtype=args.dtype)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from jaxkv.engine import generate
+
+    model = _load(args)
     prompt = args.prompt
     if not args.raw and model.tokenizer.chat_template:
         # The user's text is encoded as text: it cannot forge the template's special tokens.
@@ -243,13 +257,10 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    def progress(line: str) -> None:
-        print(f"jaxkv: {line}", file=sys.stderr, flush=True)
-
     result = generate(
         model,
         [prompt],
-        on_progress=progress,
+        on_progress=_status,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -282,12 +293,12 @@ def _tolerant_stdin() -> Any:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from jaxkv.engine import ChatSession, Model, SamplingParams
+    from jaxkv.engine import ChatSession, SamplingParams
 
-    model = Model.load(args.model, dtype=args.dtype)
+    model = _load(args)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     session = ChatSession(model, system=args.system, max_length=args.max_length, sampling=sampling)
-    session.warmup(lambda line: print(f"jaxkv: {line}", file=sys.stderr, flush=True))
+    session.warmup(_status)
     stdin = _tolerant_stdin()
     print("jaxkv chat: type a message; an empty line or Ctrl-D ends.", file=sys.stderr)
     while True:

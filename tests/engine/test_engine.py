@@ -10,6 +10,7 @@ import pytest
 from jaxkv.engine import (
     CacheConfig,
     Engine,
+    HybridModel,
     Model,
     QueueFullError,
     RequestError,
@@ -256,3 +257,25 @@ def test_engine_validates_its_configuration(model):
         make_engine(model, num_pages=3)
     with pytest.raises(TypeError, match="must be a jaxkv Model"):
         Engine("model")
+
+
+def test_hybrid_stacks_run_on_the_contiguous_backend_and_refuse_the_paged_one():
+    kinds = ("attention", "mamba2", "sliding_attention", "mamba", "linear_attention")
+    hybrid = HybridModel.tiny(kinds)
+    with pytest.raises(ValueError, match="cannot run on the paged cache"):
+        Engine(hybrid)
+
+    def engine():
+        return make_engine(hybrid, "contiguous", max_num_seqs=3, max_model_len=256)
+
+    prompts = prompts_of(30, 5, 3, 110)
+    sampling = SamplingParams(max_tokens=10, ignore_eos=True)
+    outputs = engine().generate(prompts, sampling)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        single = engine().generate([prompt], sampling)[0]
+        assert output.outputs[0].token_ids == single.outputs[0].token_ids
+    # Forked choices copy the recurrent state with the row: greedy twins agree.
+    twins = engine().generate([prompts[1]], SamplingParams(max_tokens=6, n=2, ignore_eos=True))
+    reference = engine().generate([prompts[1]], SamplingParams(max_tokens=6, ignore_eos=True))
+    expected = reference[0].outputs[0].token_ids
+    assert [c.token_ids for c in twins[0].outputs] == [expected, expected]

@@ -3,7 +3,7 @@ contiguous cache), sampling, batched generation and chat sessions."""
 
 from jaxkv.engine.engine import Engine
 from jaxkv.engine.generate import ChatSession, generate
-from jaxkv.engine.model import Model
+from jaxkv.engine.model import HybridModel, Model
 from jaxkv.engine.outputs import Generation, GenerationResult
 from jaxkv.engine.requests import (
     CacheConfig,
@@ -27,6 +27,7 @@ __all__ = [
     "EngineStats",
     "Generation",
     "GenerationResult",
+    "HybridModel",
     "Model",
     "QueueFullError",
     "RequestError",

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv._sizes import ceil_div, next_power_of_two
-from jaxkv.caches import TransformerCache, TransformerCacheMetadata, TransformerRuntimeMetadata
 from jaxkv.caches.paged import PagedCache, PagedCacheMetadata
 from jaxkv.engine.model import Model
 from jaxkv.engine.requests import CacheConfig, SchedulerConfig
@@ -208,27 +207,16 @@ class ContiguousBackend:
     def __init__(
         self, model: Model, cache: CacheConfig, scheduler: SchedulerConfig, max_model_len: int
     ):
-        config = model.config
         self.model = model
         self.rows = scheduler.max_num_seqs
         self.budget = scheduler.max_num_batched_tokens
         # Every row of the layout pays for the widest one: the chunk is the budget per row.
         self.max_row_tokens = max(16, next_power_of_two(self.budget // self.rows + 1) // 2)
         self.max_prefill_rows = self.rows
-        widths = {max(1, b // self.rows) for b in mixed_buckets(scheduler, 0)}
-        self.mixed = tuple(sorted(w for w in widths if w <= self.max_row_tokens)) or (
-            self.max_row_tokens,
-        )
-        self.metadata = TransformerCacheMetadata.create(
-            self.rows,
-            max_model_len,
-            config.num_layers,
-            config.num_kv_heads,
-            config.head_dim,
-            dtype=model.dtype,
-            kv_quantization=cache.kv_quantization,
-        )
-        self.cache = TransformerCache.init_cache(self.metadata)
+        widths = {b // self.rows for b in mixed_buckets(scheduler, 0)}
+        widths = {w for w in widths if 1 < w < self.max_row_tokens} | {self.max_row_tokens}
+        self.mixed = tuple(sorted(widths))
+        self.cache = model.contiguous_cache(self.rows, max_model_len, cache.kv_quantization)
         self.page_size = 0
         self.prefix_caching = False
         self.free_slots = list(range(self.rows))
@@ -280,7 +268,7 @@ class ContiguousBackend:
         return 1 if longest == 1 else next(b for b in self.mixed if b >= longest)
 
     def _inputs(self, tokens: np.ndarray, counts: np.ndarray) -> tuple[Any, ...]:
-        runtime = TransformerRuntimeMetadata.create(counts)
+        runtime = self.model.rows_runtime(counts)
         last = jnp.asarray(np.maximum(counts - 1, 0))
         return (self.model.params, self.cache, jnp.asarray(tokens), runtime, last)
 
@@ -297,7 +285,7 @@ class ContiguousBackend:
             counts[slot] = count
             rows.append(slot)
         args = self._inputs(tokens, counts)
-        compiled, seconds = compiled_forward(self.model.config, *args)
+        compiled, seconds = self._compiled(args)
         if seconds:
             on_compile(seconds)
         logits, self.cache = compiled(*args)
@@ -307,10 +295,13 @@ class ContiguousBackend:
         width = shape[1]
         counts = np.zeros((self.rows,), np.int32)
         args = self._inputs(np.zeros((self.rows, width), np.int32), counts)
-        compiled, spent = compiled_forward(self.model.config, *args)
+        compiled, spent = self._compiled(args)
         logits, self.cache = compiled(*args)  # no row takes a token: nothing is written
         logits.block_until_ready()
         return spent
+
+    def _compiled(self, args: tuple[Any, ...]) -> tuple[Any, float]:
+        return compiled_forward(self.model.config, *args, step=self.model.step_function)
 
     def check(self) -> None:
         self.cache.check_overflow()

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv.engine.backends import make_backend
-from jaxkv.engine.model import Model
+from jaxkv.engine.model import HybridModel, Model
 from jaxkv.engine.outputs import RowProgress
 from jaxkv.engine.requests import (
     CacheConfig,
@@ -136,8 +136,10 @@ class Engine:
         cache_config: CacheConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
     ):
-        if not isinstance(model, Model):
-            raise TypeError(f"Engine: model must be a jaxkv Model, got {type(model).__name__}")
+        if not isinstance(model, Model | HybridModel):
+            raise TypeError(
+                f"Engine: model must be a jaxkv Model or HybridModel, got {type(model).__name__}"
+            )
         cache_config = CacheConfig() if cache_config is None else cache_config
         scheduler_config = SchedulerConfig() if scheduler_config is None else scheduler_config
         for name, value, kind in (
@@ -152,7 +154,13 @@ class Engine:
         self.tokenizer = model.tokenizer
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
-        context = model.config.max_position_embeddings
+        if cache_config.kind == "paged" and not model.supports_paged:
+            raise ValueError(
+                f"Engine: {type(model).__name__} cannot run on the paged cache: its recurrent "
+                "states live one per row and a prefix-cache hit would skip tokens they never "
+                "saw; use CacheConfig(kind='contiguous')"
+            )
+        context = model.context_length
         max_model_len = scheduler_config.max_model_len
         if max_model_len is None:
             max_model_len = min(context, _DEFAULT_MAX_MODEL_LEN)
@@ -162,9 +170,7 @@ class Engine:
             )
         self.max_model_len = max_model_len
         self.backend = make_backend(model, cache_config, scheduler_config, max_model_len)
-        self.eos_ids = frozenset(model.tokenizer.eos_token_ids) | frozenset(
-            model.config.eos_token_ids
-        )
+        self.eos_ids = model.eos_token_ids
         self._requests: dict[str, _Request] = {}
         self._waiting: collections.deque[_Choice] = collections.deque()
         self._running: list[_Choice] = []
@@ -283,7 +289,7 @@ class Engine:
                 raise RequestError(f"{owner}: messages: {err}") from err
         elif isinstance(prompt, Sequence | np.ndarray) and not isinstance(prompt, bytes):
             ids = list(prompt)
-            vocab = self.model.config.vocab_size
+            vocab = self.model.vocab_size
             for index, token in enumerate(ids):
                 if isinstance(token, bool) or not isinstance(token, int | np.integer):
                     raise RequestError(
@@ -478,7 +484,7 @@ class Engine:
             self._draw(logits, draws)
 
     def _knobs(self, draws: list[tuple[_Choice, int]], rows: int) -> dict[str, jax.Array]:
-        vocab = self.model.config.vocab_size
+        vocab = self.model.vocab_size
         arrays = {
             "temperature": np.zeros(rows, np.float32),
             "top_k": np.full(rows, vocab, np.int32),
@@ -506,7 +512,7 @@ class Engine:
         return {name: jnp.asarray(array) for name, array in arrays.items()}
 
     def _history(self, draws: list[tuple[_Choice, int]], rows: int) -> tuple[jax.Array, ...]:
-        vocab = self.model.config.vocab_size
+        vocab = self.model.vocab_size
         seen = np.zeros((rows, vocab), bool)
         counts = np.zeros((rows, vocab), np.int32)
         for choice, row in draws:
@@ -583,7 +589,7 @@ class Engine:
         logits = None
         if finished and request.output_logits:
             logits = [
-                np.stack(c.logits) if c.logits else np.zeros((0, self.model.config.vocab_size))
+                np.stack(c.logits) if c.logits else np.zeros((0, self.model.vocab_size))
                 for c in request.choices
             ]
         return RequestOutput(
@@ -645,7 +651,7 @@ class Engine:
             if seconds:
                 self._on_compile(seconds)
         rows = self.backend.rows
-        logits = jnp.zeros((rows, self.model.config.vocab_size), jnp.float32)
+        logits = jnp.zeros((rows, self.model.vocab_size), jnp.float32)
         knobs = self._knobs([], rows)
         for any_sampled in (False, True):
             sample_rows(

@@ -1,4 +1,11 @@
-"""A loaded checkpoint: its config, its parameters on the device and its tokenizer."""
+"""What an engine runs: a loaded Llama checkpoint (``Model``: config, device parameters,
+tokenizer) or a hybrid stack of attention and recurrent layers (``HybridModel``).
+
+Both tell the engine the same few things: their vocabulary, context and EOS ids, the jitted
+step that runs them, and the row cache and runtime metadata of that step
+(``contiguous_cache``, ``rows_runtime``). Only ``Model`` runs on a paged pool
+(``supports_paged``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,11 @@ from typing import Any
 import numpy as np
 
 from jaxkv import _validation as v
+from jaxkv.caches import TransformerCache, TransformerCacheMetadata, TransformerRuntimeMetadata
+from jaxkv.caches.hybrid import HybridCache, HybridRuntimeMetadata
+from jaxkv.engine.step import forward_step, hybrid_step
 from jaxkv.models.config import LlamaConfig
+from jaxkv.models.hybrid import HybridConfig, init_hybrid
 from jaxkv.models.llama import Params, params_to_device
 
 
@@ -22,6 +33,40 @@ class Model:
     tokenizer: Any
     path: str
     dtype: np.dtype
+
+    step_function = staticmethod(forward_step)
+    supports_paged = True
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.eos_token_ids) | frozenset(self.config.eos_token_ids)
+
+    def contiguous_cache(self, rows: int, max_length: int, kv_quantization: str = "none"):
+        """A ``TransformerCache`` of ``rows`` rows of ``max_length`` tokens."""
+        c = self.config
+        metadata = TransformerCacheMetadata.create(
+            rows,
+            max_length,
+            c.num_layers,
+            c.num_kv_heads,
+            c.head_dim,
+            dtype=self.dtype,
+            kv_quantization=kv_quantization,
+        )
+        return TransformerCache.init_cache(metadata)
+
+    @staticmethod
+    def rows_runtime(counts: Any) -> TransformerRuntimeMetadata:
+        """The runtime of a step where row ``r`` takes ``counts[r]`` new tokens."""
+        return TransformerRuntimeMetadata.create(counts)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, dtype: Any = "float32") -> Model:
@@ -107,3 +152,94 @@ class Model:
         }
         dtype = np.dtype(np.float32)
         return cls(config, params_to_device(params, dtype), tokenizer, "tiny-random", dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridModel:
+    """A hybrid stack (``jaxkv.models.hybrid``: attention, sliding-window, Mamba, Mamba2 and
+    linear-attention layers) with a tokenizer, for the engine's contiguous backend.
+
+    Its recurrent states live one per cache row; pages cannot hold them, and a prefix-cache
+    hit would skip tokens those states never saw, so the paged backend refuses this model.
+    """
+
+    config: HybridConfig
+    params: Any
+    tokenizer: Any
+    context_length: int = 4096
+    path: str = "tiny-hybrid"
+    dtype: np.dtype = np.dtype(np.float32)
+
+    step_function = staticmethod(hybrid_step)
+    supports_paged = False
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.eos_token_ids)
+
+    def contiguous_cache(self, rows: int, max_length: int, kv_quantization: str = "none"):
+        """A ``HybridCache`` of ``rows`` rows (attention layers hold ``max_length`` tokens)."""
+        if kv_quantization != "none":
+            raise ValueError(
+                f"HybridModel: kv_quantization={kv_quantization!r} is not available for hybrid "
+                "stacks; expected 'none'"
+            )
+        return HybridCache.init_cache(self.config.cache_metadata(rows, max_length))
+
+    @staticmethod
+    def rows_runtime(counts: Any) -> HybridRuntimeMetadata:
+        return HybridRuntimeMetadata.create(counts)
+
+    @classmethod
+    def tiny(
+        cls,
+        layer_kinds: tuple[str, ...] = ("attention", "mamba2", "attention", "linear_attention"),
+        *,
+        hidden_size: int = 32,
+        seed: int = 0,
+        tokenizer: Any = None,
+    ) -> HybridModel:
+        """A small hybrid stack with random weights and the bundled model's tokenizer."""
+        import jax
+
+        from jaxkv.io.gguf import default_model_path
+        from jaxkv.io.tokenizer import Tokenizer
+        from jaxkv.models import linear_attention, mamba, mamba2
+
+        if tokenizer is None:
+            tokenizer = Tokenizer.from_gguf(default_model_path())
+        h = hidden_size
+        kinds = set(layer_kinds)
+        config = HybridConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=h,
+            layer_kinds=tuple(layer_kinds),
+            mlp_size=2 * h,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=h // 4,
+            sliding_window=64 if "sliding_attention" in kinds else None,
+            mamba=mamba.MambaConfig(h, 2 * h, state_size=8, conv_kernel=4)
+            if "mamba" in kinds
+            else None,
+            mamba2=mamba2.Mamba2Config(h, 4, h // 2, state_size=8, n_groups=1, block_size=16)
+            if "mamba2" in kinds
+            else None,
+            linear_attention=linear_attention.LinearAttentionConfig(
+                h,
+                4,
+                h // 4,
+                h // 4,
+                "elu_plus_one",
+                linear_attention.lightning_decay(4),
+                block_size=16,
+            )
+            if "linear_attention" in kinds
+            else None,
+        )
+        params = init_hybrid(jax.random.PRNGKey(seed), config)
+        return cls(config, params, tokenizer)

@@ -9,8 +9,9 @@ No full sort of the vocabulary on the common path: ``lax.top_k`` takes the ``CAN
 likely tokens, and the filters run on those with the probabilities of the full distribution. The
 result is exact whenever the filters keep fewer tokens than that (top-k <= ``CANDIDATES``, or a
 top-p / min-p cut inside the candidates); a row with no filter samples the full distribution
-directly; only a row whose filters reach past the candidates takes the sorted path, through a
-``lax.cond`` that costs nothing when no row needs it.
+directly; only a row whose filters reach past the candidates takes the slower exact path (a
+threshold search over the whole vocabulary, still no sort), through a ``lax.cond`` that costs
+nothing when no row needs it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,34 @@ def _keep(probs: jax.Array, ranks: jax.Array, top_k, top_p, min_p) -> jax.Array:
     ) | (ranks == 0)
 
 
+def _kept(log_probs: jax.Array, top_k, top_p, min_p) -> jax.Array:
+    """``[rows, vocab]`` bool: the tokens the filters keep, found without sorting.
+
+    Every filter keeps the tokens at or above a probability threshold: top-k the ``k``-th
+    largest, top-p the smallest ``p_i`` whose mass of strictly likelier tokens is below
+    ``top_p``, min-p ``min_p * max``. Both searched thresholds are found at once by bisection
+    on the bits of a non-negative float32 (ordered like the floats), 32 halvings of a pass
+    over the vocabulary. Tokens tied at the cut are kept together.
+    """
+    probs = jnp.exp(log_probs)
+    peak = jnp.max(probs, axis=-1)
+
+    def halve(_, bounds):
+        low, high = bounds
+        middle = low + (high - low) // 2
+        cut = lax.bitcast_convert_type(middle, jnp.float32)[:, None]
+        above = probs > cut
+        mass = jnp.sum(jnp.where(above, probs, 0.0), axis=-1)
+        fits = (mass < top_p) & (jnp.sum(above, axis=-1) < top_k)
+        return jnp.where(fits, low, middle + 1), jnp.where(fits, middle, high)
+
+    low = jnp.zeros(peak.shape, jnp.int32)
+    high = lax.bitcast_convert_type(peak, jnp.int32)
+    _, high = lax.fori_loop(0, 32, halve, (low, high))
+    cut = jnp.maximum(lax.bitcast_convert_type(high, jnp.float32), min_p * peak)[:, None]
+    return (probs >= cut) | (probs >= peak[:, None])
+
+
 def _draw(keys: jax.Array, logits: jax.Array) -> jax.Array:
     return jax.vmap(jax.random.categorical)(keys, logits)
 
@@ -99,19 +128,15 @@ def filtered_sample(
         indices, _draw(keys, jnp.where(keep, values, -jnp.inf))[:, None], 1
     )
     fast = jnp.where(unfiltered, _draw(keys, scaled), choice[:, 0])
-    needs_sort = jnp.any(~covered & ~unfiltered & (temperature > 0))
+    needs_search = jnp.any(~covered & ~unfiltered & (temperature > 0))
 
-    def sorted_path() -> jax.Array:
-        order = jnp.argsort(-scaled, axis=-1)
-        ranked = jnp.take_along_axis(scaled, order, axis=-1)
-        full_keep = _keep(
-            jnp.exp(ranked - log_norm), jnp.arange(vocab)[None, :], top_k, top_p, min_p
+    def threshold_path() -> jax.Array:
+        exact = _draw(
+            keys, jnp.where(_kept(scaled - log_norm, top_k, top_p, min_p), scaled, -jnp.inf)
         )
-        drawn = _draw(keys, jnp.where(full_keep, ranked, -jnp.inf))
-        exact = jnp.take_along_axis(order, drawn[:, None], axis=-1)[:, 0]
         return jnp.where(covered | unfiltered, fast, exact)
 
-    sampled = lax.cond(needs_sort, sorted_path, lambda: fast).astype(jnp.int32)
+    sampled = lax.cond(needs_search, threshold_path, lambda: fast).astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, greedy)
 
 

@@ -11,8 +11,9 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from jaxkv.models.config import LlamaConfig
+from jaxkv.models.hybrid import hybrid_forward_cached
 from jaxkv.models.llama import forward
 
 
@@ -23,23 +24,33 @@ def forward_step(params, cache, token_ids, runtime, logits_indices, *, config):
     return forward(params, config, token_ids, cache, runtime, logits_indices=logits_indices)
 
 
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+def hybrid_step(params, cache, token_ids, runtime, logits_indices, *, config):
+    """``forward_step`` for a hybrid stack: ``token_ids [rows, T]``, ``logits_indices [rows]``
+    the column of each row's last new token."""
+    logits, cache = hybrid_forward_cached(params, config, token_ids, cache, runtime)
+    last = jnp.take_along_axis(logits, logits_indices[:, None, None], axis=1)[:, 0]
+    return last.astype(jnp.float32), cache
+
+
 _COMPILED: dict[Any, Any] = {}
 _LIMIT = 64
 
 
-def _signature(config: Any, args: tuple[Any, ...]) -> Any:
+def _signature(step: Any, config: Any, args: tuple[Any, ...]) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten(args[1:])  # params are the same for a model
-    return (config, id(args[0]), treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
+    shapes = tuple((leaf.shape, leaf.dtype) for leaf in leaves)
+    return (step, config, id(args[0]), treedef, shapes)
 
 
-def compiled_forward(config: LlamaConfig, *args: Any) -> tuple[Any, float]:
-    """``forward_step`` compiled ahead of time for these argument shapes, and the seconds spent
-    compiling (0.0 when an earlier call already compiled it)."""
-    signature = _signature(config, args)
+def compiled_forward(config: Any, *args: Any, step: Any = forward_step) -> tuple[Any, float]:
+    """``step`` (``forward_step`` or ``hybrid_step``) compiled ahead of time for these argument
+    shapes, and the seconds spent compiling (0.0 when an earlier call already compiled it)."""
+    signature = _signature(step, config, args)
     if signature in _COMPILED:
         return _COMPILED[signature], 0.0
     start = time.perf_counter()
-    compiled = forward_step.lower(*args, config=config).compile()
+    compiled = step.lower(*args, config=config).compile()
     if len(_COMPILED) >= _LIMIT:
         _COMPILED.pop(next(iter(_COMPILED)))
     _COMPILED[signature] = compiled
