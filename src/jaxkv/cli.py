@@ -1,4 +1,5 @@
-"""The ``jaxkv`` command: ``generate`` text, ``chat`` interactively, or print model ``info``.
+"""The ``jaxkv`` command: ``generate`` text, ``chat`` interactively, print model ``info``,
+``serve`` an OpenAI-compatible HTTP API, or ``bench`` a serving workload.
 
 Every failure prints one line, ``jaxkv <command>: error: <message>``, on stderr, and no
 traceback (``--debug`` prints the traceback instead):
@@ -182,8 +183,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_common_arguments(info)
 
     from jaxkv.bench import cli as bench_cli
+    from jaxkv.serve import cli as serve_cli
 
-    bench_cli.add_parser(commands)  # adds its own --debug
+    serve_cli.add_parser(commands)  # each adds its own --debug
+    bench_cli.add_parser(commands)
     return parser
 
 
@@ -345,6 +348,12 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from jaxkv.serve import cli as serve_cli
+
+    return serve_cli.run(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from jaxkv.bench import cli as bench_cli
 
@@ -379,7 +388,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if combination is not None:
         print(f"jaxkv {args.command}: error: {combination}", file=sys.stderr)
         return _EXIT_USAGE
-    handlers = {"generate": _generate, "chat": _chat, "info": _info, "bench": _bench}
+    handlers = {
+        "generate": _generate,
+        "chat": _chat,
+        "info": _info,
+        "serve": _serve,
+        "bench": _bench,
+    }
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -245,7 +245,8 @@ class Engine:
                 f"add_request: {waiting_requests} requests are waiting "
                 f"(max_waiting={self.scheduler_config.max_waiting}); try again later"
             )
-        seed = sampling.seed if sampling.seed is not None else secrets.randbits(31)
+        # Seeds enter the device as int32: any int maps onto one of 2**31 streams.
+        seed = sampling.seed % 2**31 if sampling.seed is not None else secrets.randbits(31)
         request = _Request(request_id, prompt_ids, sampling, cache_salt, seed, output_logits)
         request.choices.append(self._new_choice(request, 0, list(prompt_ids)))
         self._requests[request_id] = request

@@ -1,0 +1,162 @@
+"""``jaxkv serve``: the OpenAI-compatible HTTP server on uvicorn.
+
+``add_parser(subparsers)`` adds the subcommand to the ``jaxkv`` parser; ``run(args)`` serves
+until interrupted. The engine settings are checked and the port is bound before the model is
+loaded and compiled, so a bad option or a busy port fails at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+API_KEY_ENV = "JAXKV_API_KEY"
+"""Environment variable read for the API key when ``--api-key`` is not given."""
+
+_MAX_PORT = 65535
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _int_at_least(minimum: int, maximum: int = 2**31 - 1) -> Callable[[str], int]:
+    """An argparse ``type=`` for an int in ``[minimum, maximum]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer in [{minimum}, {maximum}], got {text!r:.40}"
+            )
+        return value
+
+    return parse
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``serve`` subcommand to ``subparsers`` (from ``add_subparsers``); returns it."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (completions, chat, /metrics)",
+        description="Serve a model over the OpenAI HTTP API, with continuous batching.",
+    )
+    parser.add_argument(
+        "--model", default=None, help="a Llama GGUF file (default: bundled SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the name clients pass as `model` (default: the model file's name)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    parser.add_argument("--port", type=_int_at_least(0, _MAX_PORT), default=8000)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV}, if set)",
+    )
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--max-num-seqs", type=_int_at_least(1, 1024), default=8)
+    engine.add_argument("--max-num-batched-tokens", type=_int_at_least(16, 65536), default=256)
+    engine.add_argument("--page-size", type=_int_at_least(1, 4096), default=16)
+    engine.add_argument(
+        "--num-pages", type=_int_at_least(1), default=None, help="default: sized to the memory"
+    )
+    engine.add_argument(
+        "--kv-quantization",
+        default="none",
+        help="KV storage codec of jaxkv.quantization (default: none, full precision)",
+    )
+    engine.add_argument(
+        "--max-model-len", type=_int_at_least(2), default=None, help="default: the model's context"
+    )
+    engine.add_argument(
+        "--max-waiting",
+        type=_int_at_least(1),
+        default=1024,
+        help="requests that may wait for admission; more get 429",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="on an error, print the full traceback"
+    )
+    return parser
+
+
+def _configs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The engine's CacheConfig and SchedulerConfig (ValueError for a bad combination or an
+    unknown codec)."""
+    from jaxkv.engine import CacheConfig, SchedulerConfig
+
+    cache = CacheConfig(
+        kind="paged",
+        page_size=args.page_size,
+        num_pages=args.num_pages,
+        kv_quantization=args.kv_quantization,
+    )
+    scheduler = SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        max_waiting=args.max_waiting,
+    )
+    return cache, scheduler
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (OSError naming both if it cannot bind)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as error:
+        raise OSError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
+def _model_name(path: str) -> str:
+    name = os.path.basename(path)
+    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+
+
+def _say(message: str) -> None:
+    print(f"jaxkv serve: {message}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted (Ctrl-C or SIGTERM); the exit status.
+
+    Raises:
+        ValueError: a bad combination of engine settings; OSError: the address cannot be bound
+        or the model cannot be read.
+    """
+    import uvicorn
+
+    from jaxkv.engine import Engine, Model
+    from jaxkv.serve.app import create_app
+    from jaxkv.serve.async_engine import EngineRunner
+
+    cache_config, scheduler_config = _configs(args)
+    listener = _listen(args.host, args.port)
+    try:
+        if args.host not in _LOOPBACK_HOSTS and not args.api_key:
+            _say(f"warning: listening on {args.host} without --api-key; anyone can reach it")
+        model = Model.load(args.model, dtype=args.dtype)
+        engine = Engine(model, cache_config, scheduler_config)
+        seconds = engine.warmup(progress=_say)
+        _say(f"compiled in {seconds:.1f} s; max_model_len={engine.max_model_len}")
+        name = args.served_model_name or _model_name(model.path)
+        app = create_app(EngineRunner(engine), model_name=name, api_key=args.api_key)
+        port = listener.getsockname()[1]
+        _say(f"serving {name!r} on http://{args.host}:{port}/v1 (metrics at /metrics)")
+        config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10)
+        uvicorn.Server(config).run(sockets=[listener])
+    finally:
+        listener.close()
+    return 0
+
+
+__all__ = ["API_KEY_ENV", "add_parser", "run"]
