@@ -16,7 +16,7 @@ Compilation is excluded (``Engine.warmup``, then a few untimed requests: ``warm_
 (the machinery, not the model).
 
 Run: ``.venv/bin/python benchmarks/serve.py [--hf-python PATH] [--url URL] [--runs N]
-[--quick] [--json FILE] [--plot FILE.png]``
+[--targets 1,2,3] [--quick] [--json FILE] [--plot FILE.png]``
 """
 
 from __future__ import annotations
@@ -166,7 +166,10 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=1, help="jaxkv runs of (1) (median)")
     parser.add_argument("--prefix-repeats", type=int, default=5)
     parser.add_argument("--single-repeats", type=int, default=3)
-    parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument(
+        "--targets", default="1,2,3", help="which targets to run, e.g. 2,3 (default: all)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, metavar="FILE")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="plot of (1)")
@@ -200,10 +203,15 @@ def main() -> int:
         WorkloadSpec(spec.num_requests, spec.prompt_len, spec.output_len, seed=args.seed),
         token_ids,
     )
+    targets = {t.strip() for t in args.targets.split(",")}
     report: dict[str, Any] = {"quick": args.quick, "model": model.path}
-    report["mixed"] = mixed_workload(engine, mixed, args, gguf)
-    report["prefix"] = prefix_hit(engine, token_ids, sizes, args)
-    if args.url is not None:
+    if "1" in targets:
+        report["mixed"] = mixed_workload(engine, mixed, args, gguf)
+    if "2" in targets:
+        report["prefix"] = prefix_hit(engine, token_ids, sizes, args)
+    if "3" not in targets:
+        pass
+    elif args.url is not None:
         report["single"] = single_request(engine, token_ids, sizes, args)
     else:
         print("\n(3) skipped (no --url)")

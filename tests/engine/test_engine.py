@@ -279,3 +279,27 @@ def test_hybrid_stacks_run_on_the_contiguous_backend_and_refuse_the_paged_one():
     reference = engine().generate([prompts[1]], SamplingParams(max_tokens=6, ignore_eos=True))
     expected = reference[0].outputs[0].token_ids
     assert [c.token_ids for c in twins[0].outputs] == [expected, expected]
+
+
+def test_a_failed_step_aborts_its_requests_and_the_engine_goes_on(model, monkeypatch):
+    engine = make_engine(model)
+    doomed = engine.add_request(prompts_of(40, 1)[0], SamplingParams(max_tokens=5))
+    backend = engine.backend
+    real = backend._inputs
+
+    def broken(runtime):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(backend, "_inputs", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step()
+    monkeypatch.setattr(backend, "_inputs", real)
+    outputs = {o.request_id: o for o in engine.step()}
+    assert outputs[doomed].outputs[0].finish_reason == "abort"
+    assert engine.stats().num_pages_used == 0
+    backend.manager.check_invariants()
+    prompt = prompts_of(41, 1)[0]
+    sampling = SamplingParams(max_tokens=4, ignore_eos=True)
+    assert engine.generate([prompt], sampling)[0].outputs[0].token_ids == alone(
+        model, prompt, sampling
+    )

@@ -894,3 +894,22 @@ def test_check_invariants_detects_a_stale_page_digest() -> None:
     manager._seqs["a"].tokens[5] = 99  # a computed token changed behind the manager's back
     with pytest.raises(AssertionError, match="page 1: its digest does not match its tokens"):
         manager.check_invariants()
+
+
+def test_abandon_step_frees_the_sequences_of_a_step_the_device_could_not_run():
+    manager = PageManager(num_pages=8, page_size=4, max_num_seqs=3, max_pages_per_seq=4)
+    manager.add_sequence("done", list(range(6)))
+    manager.commit_step(manager.schedule([("done", 6)]))
+    manager.add_sequence("other", [1, 2, 3])
+    manager.add_sequence("failed", list(range(10, 16)))
+    step = manager.schedule([("failed", 6)])
+    with pytest.raises(StepPendingError, match="not the pending step"):
+        manager.abandon_step(None)
+    assert manager.abandon_step(step) == ["failed"]
+    assert manager.pending_step is None and "failed" not in manager
+    manager.check_invariants()
+    # The cached pages of the committed sequence are intact and still hit.
+    manager.free("done")
+    assert manager.add_sequence("again", list(range(6)) + [9]) == 4
+    manager.commit_step(manager.schedule([("other", 3), ("again", 3)]))
+    manager.check_invariants()

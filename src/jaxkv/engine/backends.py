@@ -42,8 +42,9 @@ def mixed_buckets(scheduler: SchedulerConfig, floor: int) -> tuple[int, ...]:
 class PagedBackend:
     """Sequences in one page pool; ``manager`` is the host truth about it.
 
-    Step shapes: decode steps pack ``max_num_seqs`` tokens with one query per row; steps that
-    prefill pack a token bucket of ``mixed_buckets`` with queries up to the bucket wide.
+    Step shapes: decode steps pack ``max_num_seqs`` tokens (or a quarter of that, when few
+    sequences run) with one query per row; steps that prefill pack a token bucket of
+    ``mixed_buckets`` with queries up to the bucket wide.
     """
 
     kind = "paged"
@@ -83,7 +84,9 @@ class PagedBackend:
                 f"num_pages >= {max_pages_per_seq}"
             )
         self.metadata = probe.replace(num_pages=num_pages)
-        self.decode_tokens = self.rows
+        # Decode steps pad to all rows, or to a quarter of them when few are running (the
+        # matmuls of a step cost what its padded token count costs).
+        self.decode_buckets = tuple(sorted({self.rows, max(1, self.rows // 4)}))
         self.mixed = mixed_buckets(scheduler, self.rows)
         self.manager = PageManager(
             num_pages,
@@ -91,7 +94,7 @@ class PagedBackend:
             self.rows,
             max_pages_per_seq,
             enable_prefix_caching=cache.enable_prefix_caching,
-            token_buckets=sorted({self.decode_tokens, *self.mixed}),
+            token_buckets=sorted({*self.decode_buckets, *self.mixed}),
         )
         self.cache = PagedCache.init_cache(self.metadata)
         self.page_size = page_size
@@ -125,12 +128,12 @@ class PagedBackend:
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every ``(num_tokens, max_query_len)`` a step may take."""
-        return [(self.decode_tokens, 1), *((b, b) for b in self.mixed)]
+        return [*((b, 1) for b in self.decode_buckets), *((b, b) for b in self.mixed)]
 
     def _shape(self, counts: list[int]) -> tuple[int, int]:
         total, longest = sum(counts), max(counts)
-        if longest == 1 and total <= self.decode_tokens:
-            return self.decode_tokens, 1
+        if longest == 1 and total <= self.rows:
+            return next(b for b in self.decode_buckets if b >= total), 1
         bucket = next(b for b in self.mixed if b >= total)
         return bucket, bucket
 
@@ -145,15 +148,19 @@ class PagedBackend:
         """Run one step: ``(logits [rows, vocab], logits row of each plan entry)``."""
         manager = self.manager
         step = manager.schedule([(seq.seq_id, count) for seq, count in plan])
-        tokens, width = self._shape([count for _, count in plan])
-        runtime = paged_runtime(
-            step, num_tokens=tokens, max_query_len=width, prefill_rows=self._split(width)
-        )
-        args = self._inputs(runtime)
-        compiled, seconds = compiled_forward(self.model.config, *args)
-        if seconds:
-            on_compile(seconds)
-        logits, self.cache = compiled(*args)
+        try:
+            tokens, width = self._shape([count for _, count in plan])
+            runtime = paged_runtime(
+                step, num_tokens=tokens, max_query_len=width, prefill_rows=self._split(width)
+            )
+            args = self._inputs(runtime)
+            compiled, seconds = compiled_forward(self.model.config, *args)
+            if seconds:
+                on_compile(seconds)
+            logits, self.cache = compiled(*args)
+        except BaseException:
+            manager.abandon_step(step)  # the step's sequences are freed; the engine drops them
+            raise
         manager.commit_step(step)
         return logits, list(range(len(plan)))
 

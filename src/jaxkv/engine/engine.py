@@ -468,7 +468,15 @@ class Engine:
         self._counters["compiled"] += 1
 
     def _run(self, plan: list[tuple[_Choice, int]]) -> None:
-        logits, rows = self.backend.run(plan, self._on_compile)
+        try:
+            logits, rows = self.backend.run(plan, self._on_compile)
+        except BaseException:
+            # The step's sequences may be half written: their requests end as aborted (their
+            # outputs come with the next step) and the error goes to the caller.
+            for request in {id(c.request): c.request for c, _ in plan}.values():
+                if request.request_id in self._requests:
+                    self.abort(request.request_id)
+            raise
         self._counters["steps"] += 1
         draws: list[tuple[_Choice, int]] = []
         forks: list[_Request] = []

@@ -749,6 +749,26 @@ class PageManager:
                 self._register_full_pages(seq)
         self._pending = None
 
+    def abandon_step(self, step: StepMetadata) -> list[Hashable]:
+        """The device could not run `step`: free every sequence in it and clear the pending step.
+
+        Their pages may hold half-written or half-copied contents, so none of them can go on;
+        pages nobody else holds return to the pool (a cached page is never written by a step,
+        so the prefix cache stays right). Returns the ids freed.
+
+        Raises:
+            StepPendingError: `step` is not the pending step.
+        """
+        if self._pending is None or step is not self._pending.step:
+            raise StepPendingError("abandon_step(step): step is not the pending step")
+        freed = []
+        for seq, _ in self._pending.entries:
+            if self._seqs.get(seq.seq_id) is seq:
+                self.free(seq.seq_id)
+                freed.append(seq.seq_id)
+        self._pending = None
+        return freed
+
     # -- state inspection ------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
