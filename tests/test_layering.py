@@ -19,6 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": {"abstracts", "errors"},
     "_sizes": set(),
     "_validation": set(),
+    "_arguments": set(),
     "errors": set(),
     "abstracts": set(),
     "quantization": set(),
@@ -42,9 +43,9 @@ ALLOWED: dict[str, set[str]] = {
         "pages",
         "quantization",
     },
-    "serve": {"_validation", "engine", "errors", "io", "pages"},
-    "bench": {"engine", "io"},
-    "cli": {"_validation", "bench", "engine", "errors", "io", "memory", "serve"},
+    "serve": {"_arguments", "_validation", "engine", "errors", "io", "pages"},
+    "bench": {"_arguments", "engine", "io"},
+    "cli": {"_arguments", "_validation", "bench", "engine", "errors", "io", "memory", "serve"},
 }
 
 THIRD_PARTY_FORBIDDEN = {"pages": {"jax", "jaxlib"}}

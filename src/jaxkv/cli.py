@@ -16,15 +16,15 @@ one-line error and leaves the conversation as it was; the session goes on.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NoReturn
+
+from jaxkv._arguments import integer, real
 
 DEFAULT_PROMPT = "Write a haiku about caches."
 _MAX_SEED = 2**32 - 1  # JAX's PRNG keys are built from 32-bit seeds
-_MAX_SIZE = 2**31 - 1  # lengths and page sizes are int32 on the device
 _CHAT_MIN_LENGTH = 16  # ChatSession's smallest cache
 _EXIT_USAGE = 2
 _EXIT_RUNTIME = 1
@@ -48,46 +48,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # -- argument types: each checks its range, so a bad value is a usage error -------------------
-
-
-def _integer(minimum: int, maximum: int = _MAX_SIZE) -> Callable[[str], int]:
-    """An argparse ``type=`` parsing an int in ``[minimum, maximum]``."""
-    expected = f"an integer in [{minimum}, {maximum}]"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:  # not a number, or thousands of digits
-            value = None
-        if value is None or not minimum <= value <= maximum:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r:.40}")
-        return value
-
-    return parse
-
-
-def _real(
-    minimum: float, maximum: float | None = None, *, include_minimum: bool = True
-) -> Callable[[str], float]:
-    """An argparse ``type=`` parsing a finite float >= ``minimum`` (or >) and <= ``maximum``."""
-    low = f">= {minimum:g}" if include_minimum else f"> {minimum:g}"
-    expected = f"a finite number {low}" + ("" if maximum is None else f" and <= {maximum:g}")
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r:.40}") from None
-        if (
-            not math.isfinite(value)
-            or value < minimum
-            or (value == minimum and not include_minimum)
-            or (maximum is not None and value > maximum)
-        ):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r:.40}")
-        return value
-
-    return parse
 
 
 def _utf8(text: str) -> str:
@@ -125,13 +85,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    parser.add_argument("--max-new-tokens", type=_integer(1), default=max_new_tokens)
-    parser.add_argument("--temperature", type=_real(0.0), default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=_integer(1), default=None)
+    parser.add_argument("--max-new-tokens", type=integer(1), default=max_new_tokens)
+    parser.add_argument("--temperature", type=real(0.0), default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=integer(1), default=None)
     parser.add_argument(
-        "--top-p", type=_real(0.0, 1.0, include_minimum=False), default=1.0, help="in (0, 1]"
+        "--top-p", type=real(0.0, 1.0, include_minimum=False), default=1.0, help="in (0, 1]"
     )
-    parser.add_argument("--seed", type=_integer(0, _MAX_SEED), default=0)
+    parser.add_argument("--seed", type=integer(0, _MAX_SEED), default=0)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -163,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, type=_utf8, help="system message")
     chat.add_argument(
         "--max-length",
-        type=_integer(_CHAT_MIN_LENGTH),
+        type=integer(_CHAT_MIN_LENGTH),
         default=4096,
         help="cache capacity in tokens",
     )
@@ -175,11 +135,11 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--model", default=None)
     info.add_argument(
         "--max-length",
-        type=_integer(1),
+        type=integer(1),
         default=None,
         help="sequence length to size for",
     )
-    info.add_argument("--page-size", type=_integer(1), default=16)
+    info.add_argument("--page-size", type=integer(1), default=16)
     _add_common_arguments(info)
 
     from jaxkv.bench import cli as bench_cli

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jaxkv._arguments import MAX_SIZE, integer
 from jaxkv.bench.report import format_table, plot, report_dict, summarize, write_json
 from jaxkv.bench.runner import (
     ProgressBar,
@@ -29,25 +30,7 @@ from jaxkv.bench.runner import (
 from jaxkv.bench.workload import Workload, WorkloadSpec, make_workload, tokenizer_token_ids
 
 _MAX_SEED = 2**32 - 1
-_MAX_SIZE = 2**31 - 1
 _CODECS = ("none", "int8", "int4", "fp8")
-
-
-def _integer(minimum: int, maximum: int = _MAX_SIZE) -> Callable[[str], int]:
-    """An argparse ``type=`` for an int in ``[minimum, maximum]``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or not minimum <= value <= maximum:
-            raise argparse.ArgumentTypeError(
-                f"expected an integer in [{minimum}, {maximum}], got {text!r:.40}"
-            )
-        return value
-
-    return parse
 
 
 def _length_range(minimum: int) -> Callable[[str], tuple[int, int]]:
@@ -61,7 +44,7 @@ def _length_range(minimum: int) -> Callable[[str], tuple[int, int]]:
             high = int(high_text) if colon else low
         except ValueError:
             low = high = None
-        if low is None or high is None or not minimum <= low <= high <= _MAX_SIZE:
+        if low is None or high is None or not minimum <= low <= high <= MAX_SIZE:
             raise argparse.ArgumentTypeError(
                 f"expected MIN:MAX with {minimum} <= MIN <= MAX, got {text!r:.40}"
             )
@@ -89,7 +72,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Run a reproducible serving workload and print throughput and latency.",
     )
     workload = bench.add_argument_group("workload")
-    workload.add_argument("--num-requests", type=_integer(1), default=64)
+    workload.add_argument("--num-requests", type=integer(1), default=64)
     workload.add_argument(
         "--prompt-len",
         type=_length_range(0),
@@ -106,7 +89,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     workload.add_argument(
         "--shared-prefix",
-        type=_integer(0),
+        type=integer(0),
         default=0,
         metavar="TOKENS",
         help="one random prefix of this many tokens starts every prompt (default 0)",
@@ -117,7 +100,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=math.inf,
         help="mean requests/s of Poisson arrivals (default inf: all at once)",
     )
-    workload.add_argument("--seed", type=_integer(0, _MAX_SEED), default=0)
+    workload.add_argument("--seed", type=integer(0, _MAX_SEED), default=0)
 
     model = bench.add_argument_group("model and engine")
     model.add_argument(
@@ -127,10 +110,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "the vocabulary prompts are drawn from and should be the server's model",
     )
     model.add_argument("--tiny", action="store_true", help="a tiny random model (for smoke tests)")
-    model.add_argument("--max-num-seqs", type=_integer(1), default=None)
-    model.add_argument("--max-num-batched-tokens", type=_integer(16), default=None)
-    model.add_argument("--page-size", type=_integer(1), default=None)
-    model.add_argument("--num-pages", type=_integer(1), default=None)
+    model.add_argument("--max-num-seqs", type=integer(1), default=None)
+    model.add_argument("--max-num-batched-tokens", type=integer(16), default=None)
+    model.add_argument("--page-size", type=integer(1), default=None)
+    model.add_argument("--num-pages", type=integer(1), default=None)
     model.add_argument("--kv-quantization", choices=_CODECS, default="none")
     model.add_argument("--no-prefix-caching", action="store_true")
 

@@ -11,31 +11,15 @@ import argparse
 import os
 import socket
 import sys
-from collections.abc import Callable
 from typing import Any
+
+from jaxkv._arguments import integer
 
 API_KEY_ENV = "JAXKV_API_KEY"
 """Environment variable read for the API key when ``--api-key`` is not given."""
 
 _MAX_PORT = 65535
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def _int_at_least(minimum: int, maximum: int = 2**31 - 1) -> Callable[[str], int]:
-    """An argparse ``type=`` for an int in ``[minimum, maximum]``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or not minimum <= value <= maximum:
-            raise argparse.ArgumentTypeError(
-                f"expected an integer in [{minimum}, {maximum}], got {text!r:.40}"
-            )
-        return value
-
-    return parse
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -55,18 +39,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="the name clients pass as `model` (default: the model file's name)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
-    parser.add_argument("--port", type=_int_at_least(0, _MAX_PORT), default=8000)
+    parser.add_argument("--port", type=integer(0, _MAX_PORT), default=8000)
     parser.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
         help=f"require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV}, if set)",
     )
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--max-num-seqs", type=_int_at_least(1, 1024), default=8)
-    engine.add_argument("--max-num-batched-tokens", type=_int_at_least(16, 65536), default=256)
-    engine.add_argument("--page-size", type=_int_at_least(1, 4096), default=16)
+    engine.add_argument("--max-num-seqs", type=integer(1, 1024), default=8)
+    engine.add_argument("--max-num-batched-tokens", type=integer(16, 65536), default=256)
+    engine.add_argument("--page-size", type=integer(1, 4096), default=16)
     engine.add_argument(
-        "--num-pages", type=_int_at_least(1), default=None, help="default: sized to the memory"
+        "--num-pages", type=integer(1), default=None, help="default: sized to the memory"
     )
     engine.add_argument(
         "--kv-quantization",
@@ -74,11 +58,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="KV storage codec of jaxkv.quantization (default: none, full precision)",
     )
     engine.add_argument(
-        "--max-model-len", type=_int_at_least(2), default=None, help="default: the model's context"
+        "--max-model-len", type=integer(2), default=None, help="default: the model's context"
     )
     engine.add_argument(
         "--max-waiting",
-        type=_int_at_least(1),
+        type=integer(1),
         default=1024,
         help="requests that may wait for admission; more get 429",
     )
