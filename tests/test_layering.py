@@ -17,6 +17,7 @@ PACKAGE = pathlib.Path(jaxkv.__file__).parent
 # What each part of the package may import from the rest of it (its own modules aside).
 ALLOWED: dict[str, set[str]] = {
     "__init__": {"abstracts", "errors"},
+    "__main__": {"cli"},
     "_sizes": set(),
     "_validation": set(),
     "_arguments": set(),
@@ -45,7 +46,17 @@ ALLOWED: dict[str, set[str]] = {
     },
     "serve": {"_arguments", "_validation", "engine", "errors", "io", "pages"},
     "bench": {"_arguments", "engine", "io"},
-    "cli": {"_arguments", "_validation", "bench", "engine", "errors", "io", "memory", "serve"},
+    "cli": {
+        "__init__",
+        "_arguments",
+        "_validation",
+        "bench",
+        "engine",
+        "errors",
+        "io",
+        "memory",
+        "serve",
+    },
 }
 
 THIRD_PARTY_FORBIDDEN = {"pages": {"jax", "jaxlib"}}

@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="jaxkv", description="Run a Llama-family GGUF model through jaxkv caches."
     )
+    from jaxkv import __version__
+
+    parser.add_argument("--version", action="version", version=f"jaxkv {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="continue a prompt, streaming the text")
