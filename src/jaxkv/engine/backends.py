@@ -310,9 +310,6 @@ class ContiguousBackend:
     def _compiled(self, args: tuple[Any, ...]) -> tuple[Any, float]:
         return compiled_forward(self.model.config, *args, step=self.model.step_function)
 
-    def check(self) -> None:
-        self.cache.check_overflow()
-
 
 def make_backend(
     model: Model, cache: CacheConfig, scheduler: SchedulerConfig, max_model_len: int

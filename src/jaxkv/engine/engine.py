@@ -108,7 +108,6 @@ class _Request:
         self.will_fork = sampling.n > 1
         self.num_cached_tokens: int | None = None
         self.metrics = RequestMetrics(arrival_time=time.perf_counter())
-        self.aborted = False
 
     @property
     def finished(self) -> bool:
@@ -239,7 +238,7 @@ class Engine:
                 f"add_request: n={sampling.n} exceeds max_num_seqs="
                 f"{self.scheduler_config.max_num_seqs}"
             )
-        waiting_requests = len({c.request.request_id for c in self._waiting})
+        waiting_requests = self._num_waiting_requests()
         if waiting_requests >= self.scheduler_config.max_waiting:
             raise QueueFullError(
                 f"add_request: {waiting_requests} requests are waiting "
@@ -320,7 +319,6 @@ class Engine:
         request = self._requests.get(request_id)
         if request is None:
             raise UnknownRequestError(f"abort: no unfinished request has id {request_id!r}")
-        request.aborted = True
         for choice in request.choices:
             self._drop(choice)
             if not choice.finished:
@@ -345,6 +343,11 @@ class Engine:
         self._requests.pop(request.request_id, None)
         self._changed[request.request_id] = request
         self._counters["finished"] += 1
+
+    def _num_waiting_requests(self) -> int:
+        """Requests with a sequence waiting for admission (a preempted choice counts its
+        request once)."""
+        return len({choice.request.request_id for choice in self._waiting})
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -674,7 +677,7 @@ class Engine:
         page_stats = manager.stats() if manager is not None else None
         return EngineStats(
             num_running=len(self._running),
-            num_waiting=len({c.request.request_id for c in self._waiting}),
+            num_waiting=self._num_waiting_requests(),
             num_pages=manager.num_pages if manager is not None else 0,
             num_pages_used=manager.num_used_pages if manager is not None else 0,
             num_pages_free=manager.num_available_pages if manager is not None else 0,

@@ -280,13 +280,12 @@ class ChatSession:
         )
         self.last_prefill_tokens = 0
         self.turns = 0
+        self._cached: tuple[int, ...] = ()
 
     @property
     def cached_ids(self) -> list[int]:
         """Token ids of the conversation so far, as the model saw them."""
         return list(self._cached)
-
-    _cached: tuple[int, ...] = ()
 
     def warmup(self, progress: Callable[[str], None] | None = None) -> None:
         """Compile every step shape now (the first ``send`` does it otherwise)."""

@@ -16,7 +16,6 @@ nothing when no row needs it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -140,15 +139,6 @@ def filtered_sample(
     return jnp.where(temperature > 0, sampled, greedy)
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenLogprobs:
-    """Log-probabilities of one step's tokens (host NumPy arrays, ``rows`` first)."""
-
-    chosen: jax.Array  # [rows] float32
-    top_ids: jax.Array  # [rows, n] int32
-    top_logprobs: jax.Array  # [rows, n] float32
-
-
 @functools.partial(jax.jit, static_argnames=("penalties", "num_logprobs", "any_sampled"))
 def sample_rows(
     logits,
@@ -189,7 +179,6 @@ def sample_rows(
 
 __all__ = [
     "CANDIDATES",
-    "TokenLogprobs",
     "apply_penalties",
     "filtered_sample",
     "row_keys",
