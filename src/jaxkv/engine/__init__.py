@@ -1,8 +1,9 @@
 """Generation on top of the caches: the serving engine (continuous batching over a paged or
 contiguous cache), sampling, batched generation and chat sessions."""
 
+from jaxkv.engine.chat import ChatSession
 from jaxkv.engine.engine import Engine
-from jaxkv.engine.generate import ChatSession, generate
+from jaxkv.engine.generate import generate
 from jaxkv.engine.model import HybridModel, Model
 from jaxkv.engine.outputs import Generation, GenerationResult
 from jaxkv.engine.requests import (
