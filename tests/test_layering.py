@@ -21,6 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "_sizes": set(),
     "_validation": set(),
     "_arguments": set(),
+    "compilation": set(),
     "errors": set(),
     "abstracts": set(),
     "quantization": set(),
@@ -33,6 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "memory": {"_sizes", "caches", "models", "quantization"},
     "engine": {
         "_sizes",
+        "compilation",
         "_validation",
         "abstracts",
         "caches",
@@ -49,6 +51,7 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {
         "__init__",
         "_arguments",
+        "compilation",
         "_validation",
         "bench",
         "engine",

@@ -131,7 +131,8 @@ def test_cli_info_and_generate(capsys):
     captured = capsys.readouterr()
     assert code == 0
     assert captured.out.startswith(" Paris")
-    assert "prompt tokens 5, generated tokens 3" in captured.err
+    assert "prompt eval time =" in captured.err and "/     5 tokens" in captured.err
+    assert "/     3 tokens" in captured.err.splitlines()[-1]  # total time
 
 
 def test_cli_reports_bad_input(capsys, tmp_path):

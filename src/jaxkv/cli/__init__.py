@@ -64,7 +64,7 @@ _HANDLERS = {
     "serve": _serve,
     "bench": _bench,
 }
-_USAGE_CHECKS = {"chat": _chat.usage_error}
+_USAGE_CHECKS = {"chat": _chat.usage_error, "generate": _generate.usage_error}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,8 +50,11 @@ class _HelpFormatter(argparse.HelpFormatter):
         default = action.default
         if (
             "default" in text
-            or default in (None, False, [], argparse.SUPPRESS)
-            or action.option_strings == []
+            or default is None
+            or default is False
+            or default == []
+            or default == argparse.SUPPRESS
+            or not action.option_strings
         ):
             return text
         return f"{text} (default: {default})" if text else f"default: {default}"

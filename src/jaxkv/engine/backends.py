@@ -218,7 +218,7 @@ class ContiguousBackend:
         self.rows = scheduler.max_num_seqs
         self.budget = scheduler.max_num_batched_tokens
         # Every row of the layout pays for the widest one: the chunk is the budget per row.
-        self.max_row_tokens = max(16, next_power_of_two(self.budget // self.rows + 1) // 2)
+        self.max_row_tokens = max(16, self.budget // self.rows // 16 * 16)
         self.max_prefill_rows = self.rows
         widths = {b // self.rows for b in mixed_buckets(scheduler, 0)}
         widths = {w for w in widths if 1 < w < self.max_row_tokens} | {self.max_row_tokens}

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkv.compilation import enable_compilation_cache
 from jaxkv.engine.backends import make_backend
 from jaxkv.engine.model import HybridModel, Model
 from jaxkv.engine.outputs import RowProgress
@@ -149,6 +150,7 @@ class Engine:
                 raise TypeError(
                     f"Engine: {name} must be a {kind.__name__}, got {type(value).__name__}"
                 )
+        enable_compilation_cache()  # a second run of the same shapes compiles nothing
         self.model = model
         self.tokenizer = model.tokenizer
         self.cache_config = cache_config

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 
 from jaxkv import _validation as v
-from jaxkv._sizes import ceil_div, next_power_of_two
+from jaxkv._sizes import ceil_div, next_power_of_two, round_up_bucket
 from jaxkv.engine.engine import Engine
 from jaxkv.engine.model import Model
 from jaxkv.engine.outputs import Generation, GenerationResult
@@ -66,23 +66,27 @@ def generate_engine(
     cache: CacheKind = "contiguous",
     page_size: int = 16,
     kv_quantization: str = "none",
+    max_batch: int | None = None,
 ) -> Engine:
-    """An engine sized for these prompts: one row each, room for all of them with
-    ``max_new_tokens`` more, every prompt prefilled in the first step (up to
-    ``_MAX_PREFILL_TOKENS`` tokens). Capacities are rounded up to powers of two so that runs
+    """An engine sized for these prompts: one row each (at most ``max_batch``; the others wait
+    for a free row), room for every running prompt with ``max_new_tokens`` more, every running
+    prompt prefilled in the first step (up to ``_MAX_PREFILL_TOKENS`` tokens). Capacities are
+    rounded up to shape buckets (four per doubling: at most a quarter of padding) so that runs
     of similar sizes share compiled steps."""
-    rows = len(prompt_ids)
+    rows = len(prompt_ids) if max_batch is None else min(len(prompt_ids), max_batch)
+    # Size for the largest prompts that can run together.
+    running = sorted(prompt_ids, key=len, reverse=True)[:rows]
     longest = max(len(p) for p in prompt_ids)
     max_model_len = min(
-        next_power_of_two(longest + max_new_tokens, 256), model.config.max_position_embeddings
+        round_up_bucket(longest + max_new_tokens, 256), model.config.max_position_embeddings
     )
     if cache == "contiguous":
-        width = next_power_of_two(longest, 16)
+        width = round_up_bucket(longest, 16)
         budget = rows * min(width, _MAX_PREFILL_TOKENS)
     else:
-        budget = next_power_of_two(sum(len(p) for p in prompt_ids), 16)
+        budget = next_power_of_two(sum(len(p) for p in running), 16)
         budget = max(min(budget, _MAX_PREFILL_TOKENS), next_power_of_two(rows, 16))
-    pages = sum(ceil_div(len(p) + max_new_tokens, page_size) + 1 for p in prompt_ids)
+    pages = sum(ceil_div(len(p) + max_new_tokens, page_size) + 1 for p in running)
     return Engine(
         model,
         CacheConfig(
@@ -96,6 +100,7 @@ def generate_engine(
             max_num_batched_tokens=budget,
             max_prefill_seqs=rows,
             max_model_len=max_model_len,
+            max_waiting=max(len(prompt_ids), 1),
             prefill_buckets=(budget,),
         ),
     )
@@ -118,6 +123,7 @@ def generate(
     output_logits: bool = False,
     kv_quantization: str = "none",
     on_progress: Callable[[str], None] | None = None,
+    max_batch: int | None = None,
 ) -> GenerationResult:
     """Generate continuations of a batch of prompts.
 
@@ -137,6 +143,8 @@ def generate(
         output_logits: keep each step's logits in ``Generation.logits``.
         kv_quantization: KV storage codec, one of ``jaxkv.quantization.CODECS``.
         on_progress: called with a line of status while the steps compile.
+        max_batch: most prompts generated at once (None: all of them); the others wait for a
+            free row, as in a server.
 
     Returns:
         A ``GenerationResult`` with one ``Generation`` per prompt and timings (compilation
@@ -146,6 +154,8 @@ def generate(
     v.require_choice("generate", "cache", cache, CACHE_KINDS)
     v.require_choice("generate", "kv_quantization", kv_quantization, CODECS)
     v.require_int("generate", "page_size", page_size, minimum=1)
+    if max_batch is not None:
+        v.require_int("generate", "max_batch", max_batch, minimum=1)
     if isinstance(stop, str) or not isinstance(stop, Iterable):
         raise ValueError(f"generate: stop must be a list of non-empty strings, got {stop!r}")
     stop = tuple(stop)  # a generator is read once, here
@@ -167,6 +177,7 @@ def generate(
         cache=cache,
         page_size=page_size,
         kv_quantization=kv_quantization,
+        max_batch=max_batch,
     )
     engine.warmup(on_progress)
     settings = [
@@ -186,6 +197,7 @@ def generate(
         for p, s in zip(prompt_ids, settings, strict=True)
     ]
     row_of = {request_id: row for row, request_id in enumerate(ids)}
+    first_batch = engine.scheduler_config.max_num_seqs
     finals: dict[str, object] = {}
     first_tokens: set[str] = set()
     start = time.perf_counter()
@@ -201,7 +213,7 @@ def generate(
                 first_tokens.add(output.request_id)
             if output.finished:
                 finals[output.request_id] = output
-        if not prefill_seconds and len(first_tokens) == len(ids):
+        if not prefill_seconds and len(first_tokens) >= first_batch:
             prefill_seconds = time.perf_counter() - start
             steps_before_decode = engine.stats().num_steps
     total = time.perf_counter() - start
@@ -210,6 +222,7 @@ def generate(
         output = finals[request_id]
         choice = output.outputs[0]
         logits = None if output.logits is None else output.logits[0]
+        metrics = output.metrics
         generations.append(
             Generation(
                 list(output.prompt_token_ids),
@@ -217,9 +230,20 @@ def generate(
                 choice.text,
                 choice.finish_reason,
                 logits,
+                _since(start, metrics.first_token_time),
+                _since(start, metrics.finished_time),
             )
         )
     steps = engine.stats().num_steps - steps_before_decode
     return GenerationResult(
-        generations, prefill_seconds, total - prefill_seconds, steps, engine.compile_seconds
+        generations,
+        prefill_seconds,
+        total - prefill_seconds,
+        steps,
+        engine.compile_seconds,
+        sum(len(p) for p in prompt_ids[:first_batch]),
     )
+
+
+def _since(start: float, moment: float | None) -> float | None:
+    return None if moment is None else moment - start

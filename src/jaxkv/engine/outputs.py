@@ -19,6 +19,9 @@ class Generation:
         finish_reason: ``"eos"``, ``"stop"`` (a stop string) or ``"length"``.
         logits: with ``output_logits=True``, float32 ``[steps, vocab]``: the logits each
             sampled token was drawn from (the EOS step included).
+        time_to_first_token: seconds from the start of generation to this prompt's first token
+            (waiting for a free row included), when known.
+        seconds: seconds from the start of generation until this prompt finished, when known.
     """
 
     prompt_ids: list[int]
@@ -26,18 +29,45 @@ class Generation:
     text: str
     finish_reason: str
     logits: np.ndarray | None = None
+    time_to_first_token: float | None = None
+    seconds: float | None = None
 
 
 @dataclasses.dataclass
 class GenerationResult:
-    """All rows' generations plus timing: ``prefill_seconds`` (first token included),
-    ``decode_seconds`` and the decode rate over the tokens after the first."""
+    """All rows' generations plus timing.
+
+    Attributes:
+        generations: one per prompt, in the prompts' order.
+        prefill_seconds: from the start until every prompt of the first batch had its first
+            token (all prompts, unless ``generate``'s ``max_batch`` queued some).
+        decode_seconds: the rest of the run.
+        decode_steps: engine steps in ``decode_seconds``.
+        compile_seconds: compilation before the run (not in the other times).
+        prefill_tokens: prompt tokens of the first batch (those ``prefill_seconds`` covers).
+    """
 
     generations: list[Generation]
     prefill_seconds: float
     decode_seconds: float
     decode_steps: int
     compile_seconds: float = 0.0
+    prefill_tokens: int | None = None
+
+    @property
+    def total_seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def time_to_first_token(self) -> float:
+        """Seconds until the first prompt's first token."""
+        known = [g.time_to_first_token for g in self.generations if g.time_to_first_token]
+        return min(known, default=self.prefill_seconds)
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        tokens = self.prompt_tokens if self.prefill_tokens is None else self.prefill_tokens
+        return tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     @property
     def prompt_tokens(self) -> int:
