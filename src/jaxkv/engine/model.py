@@ -18,6 +18,7 @@ import numpy as np
 from jaxkv import _validation as v
 from jaxkv.caches import TransformerCache, TransformerCacheMetadata, TransformerRuntimeMetadata
 from jaxkv.caches.hybrid import HybridCache, HybridRuntimeMetadata
+from jaxkv.compilation import enable_compilation_cache
 from jaxkv.engine.step import forward_step, hybrid_step
 from jaxkv.models.config import LlamaConfig
 from jaxkv.models.hybrid import HybridConfig, init_hybrid
@@ -81,6 +82,7 @@ class Model:
 
         resolved = default_model_path() if path is None else path
         dtype = v.require_float_dtype("Model.load", "dtype", dtype)
+        enable_compilation_cache()
         config, params = load_gguf(resolved, dtype=np.float32)
         tokenizer = Tokenizer.from_gguf(resolved)
         return cls(config, params_to_device(params, dtype), tokenizer, str(resolved), dtype)
