@@ -6,8 +6,8 @@ For each storage (bfloat16 and float32 floats, then the int8, int4 and fp8 codec
 * the most tokens a fixed 1 GiB KV budget holds;
 * decode tokens/s at batch 1 and batch 8: a jitted, donated one-token step of the model through
   a contiguous cache of 640 slots, timed over real decode steps after a 357-token prefill;
-* perplexity of tests/data/perplexity_text.txt (one teacher-forced forward) and its change
-  against the float32 cache;
+* perplexity of tests/data/perplexity_text.txt (``jaxkv.engine.perplexity``; its default window
+  holds the whole text, so one teacher-forced forward) and its change against the float32 cache;
 * greedy top-1 agreement over 256 decode steps: the 256 steps after the prefill are run one token
   at a time, fed the text's tokens, and each step's argmax is compared with the float32 cache's;
 * ``tf max|dlogit|``: largest difference between those step-by-step logits and the teacher-forced
@@ -37,7 +37,7 @@ import numpy as np
 from _common import format_table, median_seconds
 
 from jaxkv.caches import TransformerCache, TransformerCacheMetadata, TransformerRuntimeMetadata
-from jaxkv.engine import Model
+from jaxkv.engine import Model, perplexity
 from jaxkv.models.llama import forward
 
 DATA = pathlib.Path(__file__).parents[1] / "tests" / "data"
@@ -54,14 +54,11 @@ STORAGES = {
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def _score(params, cache, tokens, *, config):
-    """Teacher-forced forward of ``tokens: [1, T]``: per-token NLL ``[T - 1]`` and the logits of
-    the last ``DECODE_STEPS`` positions before the end ``[DECODE_STEPS, vocab]``."""
+def _forced_logits(params, cache, tokens, *, config):
+    """Teacher-forced forward of ``tokens: [1, T]``: the logits of the last ``DECODE_STEPS``
+    positions before the end ``[DECODE_STEPS, vocab]``."""
     logits, _ = forward(params, config, tokens, cache)
-    logits = logits[0]
-    targets = tokens[0, 1:, None]
-    nll = jax.nn.logsumexp(logits[:-1], -1) - jnp.take_along_axis(logits[:-1], targets, -1)[:, 0]
-    return nll, logits[-DECODE_STEPS - 1 : -1]
+    return logits[0, -DECODE_STEPS - 1 : -1]
 
 
 @functools.partial(jax.jit, static_argnames="config", donate_argnames="cache")
@@ -141,12 +138,18 @@ def main() -> None:
     results = {}
     for name, storage in STORAGES.items():
         cache = TransformerCache.init_cache(_metadata(model, 1, storage))
-        nll, forced = _score(model.params, cache, tokens, config=config)
+        forced = _forced_logits(model.params, cache, tokens, config=config)
+        scored = perplexity(
+            model,
+            ids,
+            kv_quantization=storage.get("kv_quantization", "none"),
+            kv_dtype=storage.get("dtype"),
+        )
         stepped, seconds = _decode(model, storage, ids, 1, DECODE_STEPS)
         _, seconds8 = _decode(model, storage, ids, 8, args.batch8_steps)
         results[name] = {
             "bytes": _metadata(model, 1, storage).bytes_per_token(),
-            "perplexity": float(np.exp(np.mean(np.asarray(nll)))),
+            "perplexity": scored.perplexity,
             "argmax": stepped.argmax(-1),
             "forced_gap": float(np.abs(stepped - np.asarray(forced)).max()),
             "forced_agree": float(np.mean(stepped.argmax(-1) == np.asarray(forced).argmax(-1))),

@@ -1,5 +1,6 @@
 """The ``jaxkv`` command: ``generate`` text, ``chat`` interactively, print model ``info``,
-``serve`` an OpenAI-compatible HTTP API, or ``bench`` a serving workload. Each subcommand is a
+measure ``perplexity``, ``serve`` an OpenAI-compatible HTTP API, or ``bench`` a serving
+workload. Each subcommand is a
 module with ``add_parser(subparsers)`` and ``run(args)``; ``_common`` holds what they share.
 
 Every failure prints one line, ``jaxkv <command>: error: <message>``, on stderr, and no
@@ -20,6 +21,7 @@ from jaxkv.cli import _common
 from jaxkv.cli import chat as _chat
 from jaxkv.cli import generate as _generate
 from jaxkv.cli import info as _info
+from jaxkv.cli import perplexity as _perplexity
 
 DEFAULT_PROMPT = _generate.DEFAULT_PROMPT
 _MODEL_EXTRA = _common.MODEL_EXTRA
@@ -36,6 +38,7 @@ def _parser() -> _common.Parser:
     _generate.add_parser(commands)
     _chat.add_parser(commands)
     _info.add_parser(commands)
+    _perplexity.add_parser(commands)
 
     from jaxkv.bench import cli as bench_cli
     from jaxkv.serve import cli as serve_cli
@@ -61,10 +64,15 @@ _HANDLERS = {
     "generate": _generate.run,
     "chat": _chat.run,
     "info": _info.run,
+    "perplexity": _perplexity.run,
     "serve": _serve,
     "bench": _bench,
 }
-_USAGE_CHECKS = {"chat": _chat.usage_error, "generate": _generate.usage_error}
+_USAGE_CHECKS = {
+    "chat": _chat.usage_error,
+    "generate": _generate.usage_error,
+    "perplexity": _perplexity.usage_error,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,11 +1,12 @@
 """Generation on top of the caches: the serving engine (continuous batching over a paged or
-contiguous cache), sampling, batched generation and chat sessions."""
+contiguous cache), sampling, batched generation, chat sessions and perplexity."""
 
 from jaxkv.engine.chat import ChatSession
 from jaxkv.engine.engine import Engine
 from jaxkv.engine.generate import generate
 from jaxkv.engine.model import HybridModel, Model
 from jaxkv.engine.outputs import Generation, GenerationResult
+from jaxkv.engine.perplexity import PerplexityResult, perplexity
 from jaxkv.engine.requests import (
     CacheConfig,
     CompletionOutput,
@@ -30,6 +31,7 @@ __all__ = [
     "GenerationResult",
     "HybridModel",
     "Model",
+    "PerplexityResult",
     "QueueFullError",
     "RequestError",
     "RequestMetrics",
@@ -39,5 +41,6 @@ __all__ = [
     "TokenLogprob",
     "UnknownRequestError",
     "generate",
+    "perplexity",
     "sample",
 ]
