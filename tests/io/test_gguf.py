@@ -9,6 +9,7 @@ import pathlib
 import time
 
 import gguf
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -279,6 +280,27 @@ def _write_tiny(
     return hf
 
 
+def test_device_loading_gives_the_same_arrays(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    types = {
+        "blk.0.attn_q.weight": gguf.GGMLQuantizationType.Q8_0,
+        "blk.0.ffn_up.weight": gguf.GGMLQuantizationType.F16,
+        "blk.1.attn_k.weight": gguf.GGMLQuantizationType.Q4_0,
+    }
+    _write_tiny(path, tied=False, types=types)
+    config, host = load_gguf(path)
+    same_config, device = load_gguf(path, device=True)
+    assert config == same_config
+    flat_host, tree = jax.tree.flatten(host)
+    flat_device, same_tree = jax.tree.flatten(device)
+    assert tree == same_tree
+    for a, b in zip(flat_host, flat_device, strict=True):
+        assert isinstance(b, jax.Array) and b.dtype == np.float32
+        np.testing.assert_array_equal(a, np.asarray(b))
+    with pytest.raises(ValueError, match="dtype must be float32 with device=True, got float16"):
+        load_gguf(path, dtype=np.float16, device=True)
+
+
 def test_tiny_roundtrip_unpermutes_and_transposes(tmp_path):
     path = tmp_path / "tiny.gguf"
     hf = _write_tiny(path, tied=False)
@@ -436,9 +458,10 @@ def test_wrong_tensor_shape(tmp_path):
         load_gguf(path)
 
 
+@pytest.mark.parametrize("device", [False, True])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("qtype", [None, gguf.GGMLQuantizationType.F16])
-def test_non_finite_weights_are_refused(tmp_path, bad, qtype):
+def test_non_finite_weights_are_refused(tmp_path, bad, qtype, device):
     weight = np.ones((24, 32), np.float32)
     weight[3, 5] = weight[20, 0] = bad
     path = tmp_path / "nan.gguf"
@@ -450,7 +473,7 @@ def test_non_finite_weights_are_refused(tmp_path, bad, qtype):
         match=rf"tensor 'blk.1.ffn_gate.weight' \({name}, shape \(24, 32\)\) decodes to 2 "
         r"non-finite value\(s\) \(NaN or inf\) out of 768; expected finite weights",
     ) as info:
-        load_gguf(path)
+        load_gguf(path, device=device)
     assert str(path) in str(info.value)
 
 
@@ -462,8 +485,9 @@ def test_non_finite_quantization_scale_is_refused(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[info.offset : info.offset + 2] = np.float16(np.inf).tobytes()  # block 0's scale
     path.write_bytes(bytes(raw))
-    with pytest.raises(GGUFError, match=r"'token_embd.weight' \(Q8_0, .* 32 non-finite"):
-        load_gguf(path)
+    for device in (False, True):
+        with pytest.raises(GGUFError, match=r"'token_embd.weight' \(Q8_0, .* 32 non-finite"):
+            load_gguf(path, device=device)
 
 
 def test_float16_overflow_is_refused(tmp_path):

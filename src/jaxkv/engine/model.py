@@ -83,7 +83,7 @@ class Model:
         resolved = default_model_path() if path is None else path
         dtype = v.require_float_dtype("Model.load", "dtype", dtype)
         enable_compilation_cache()
-        config, params = load_gguf(resolved, dtype=np.float32)
+        config, params = load_gguf(resolved, dtype=np.float32, device=True)
         tokenizer = Tokenizer.from_gguf(resolved)
         return cls(config, params_to_device(params, dtype), tokenizer, str(resolved), dtype)
 

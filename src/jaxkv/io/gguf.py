@@ -681,7 +681,7 @@ def _check_finite(
 
 
 def load_gguf(
-    path: str | os.PathLike[str] | None = None, dtype: Any = np.float32
+    path: str | os.PathLike[str] | None = None, dtype: Any = np.float32, *, device: bool = False
 ) -> tuple[LlamaConfig, Params]:
     """Load a Llama-architecture GGUF checkpoint as dense NumPy arrays.
 
@@ -694,6 +694,11 @@ def load_gguf(
       path: a GGUF file; None loads `default_model_path()`.
       dtype: float32 (default), float16 or bfloat16 (``"bfloat16"`` or
         ``ml_dtypes.bfloat16``).
+      device: return JAX arrays on the default device instead, decoded there from the
+        stored bytes (`jaxkv.io.dequantize`, bit-identical to `gguf.quants`; types it
+        lacks go through `gguf.quants` on the host) and transposed there: several
+        times faster than the NumPy path. The arrays are float32 (``dtype`` must be
+        float32; the caller casts).
 
     Returns:
       ``(config, params)`` where ``params`` is::
@@ -721,8 +726,14 @@ def load_gguf(
       ValueError: unsupported ``dtype``.
     """
     import gguf
+    import jax
+    import jax.numpy as jnp
+
+    from jaxkv.io import dequantize as on_device
 
     out_dtype = _resolve_dtype(dtype)
+    if device and out_dtype != np.float32:
+        raise ValueError(f"dtype must be float32 with device=True, got {out_dtype.name}")
     resolved = default_model_path() if path is None else _check_path(path)
     with _MappedFile(resolved) as buffer:
         meta = _parse(buffer, resolved)
@@ -758,10 +769,16 @@ def load_gguf(
                     "the gguf package cannot dequantize it"
                 )
 
-        def dequantized(name: str) -> np.ndarray:
+        checks: list[tuple[str, Any]] = []  # device tensors' all-finite flags, read at the end
+
+        def dequantized(name: str) -> Any:
             """float32 [rows, cols] (NumPy order) copy of one tensor, checked to be finite."""
             info = meta.tensors[name]
             raw = np.frombuffer(buffer[info.offset : info.offset + info.nbytes], dtype=np.uint8)
+            if device and on_device.supported(info.ggml_type):
+                values = on_device.dequantize(raw, info.ggml_type, info.shape)
+                checks.append((name, jnp.isfinite(values).all()))
+                return values
             row_bytes = info.nbytes // max(1, math.prod(info.shape[:-1]))
             raw = raw.reshape(*info.shape[:-1], row_bytes)
             with np.errstate(all="ignore"):  # corrupt scales overflow; reported just below
@@ -770,10 +787,12 @@ def load_gguf(
             if values.shape != info.shape:
                 values = values.reshape(info.shape)
             _check_finite(resolved, name, info, values)
-            return values
+            return jnp.asarray(values) if device else values
 
-        def cast(name: str, values: np.ndarray) -> np.ndarray:
+        def cast(name: str, values: Any) -> Any:
             """C-contiguous, writeable ``out_dtype`` array; float16 overflow to inf is refused."""
+            if device:
+                return values
             with np.errstate(all="ignore"):
                 out = np.ascontiguousarray(values, dtype=out_dtype)
             if not out.flags.writeable:  # a view of the file's bytes (an F32 tensor)
@@ -813,4 +832,14 @@ def load_gguf(
                     "w_down": matrix(prefix + "ffn_down.weight"),
                 }
             )
+        for (name, _), finite in zip(checks, jax.device_get([c for _, c in checks]), strict=True):
+            if not finite:
+                info = meta.tensors[name]
+                raw = np.frombuffer(buffer[info.offset : info.offset + info.nbytes], dtype=np.uint8)
+                _check_finite(
+                    resolved,
+                    name,
+                    info,
+                    np.asarray(on_device.dequantize(raw, info.ggml_type, info.shape)),
+                )
     return config, params

@@ -27,7 +27,8 @@ Params = dict[str, Any]
 
 
 def params_to_device(params: Params, dtype: Any = jnp.float32) -> Params:
-    """NumPy params from ``jaxkv.io.gguf.load_gguf`` -> JAX arrays of ``dtype``.
+    """Params from ``jaxkv.io.gguf.load_gguf`` (NumPy, or JAX with ``device=True``) -> JAX
+    arrays of ``dtype``.
 
     Norm weights stay float32. Matrices keep the loader's ``x @ W`` orientation, ``[in_features,
     out_features]``: for the few-row products of decoding XLA's CPU matmul runs that layout
@@ -43,9 +44,9 @@ def params_to_device(params: Params, dtype: Any = jnp.float32) -> Params:
     def put(array: np.ndarray | None, target: Any = dtype) -> jax.Array | None:
         return None if array is None else jnp.asarray(array, dtype=target)
 
-    def fused(*matrices: np.ndarray) -> jax.Array:
-        """``[in, out_i]`` matrices -> one ``[in, sum(out_i)]`` matrix."""
-        return put(np.concatenate(matrices, axis=1))
+    def fused(*matrices: Any) -> jax.Array:
+        """``[in, out_i]`` matrices -> one ``[in, sum(out_i)]`` matrix (joined on the device)."""
+        return jnp.concatenate([put(m) for m in matrices], axis=1)
 
     layers = []
     for layer in params["layers"]:
@@ -60,11 +61,10 @@ def params_to_device(params: Params, dtype: Any = jnp.float32) -> Params:
             }
         )
     tied = params["lm_head"] is None
-    head = params["embed"].T if tied else params["lm_head"]
     return {
         "embed": None if tied else put(params["embed"]),
         "final_norm": put(params["final_norm"], jnp.float32),
-        "lm_head": put(np.ascontiguousarray(head)),
+        "lm_head": put(params["embed"]).T if tied else put(params["lm_head"]),
         "layers": layers,
     }
 
