@@ -3,6 +3,7 @@ constraints file ``make`` installs from, a license, type information and both en
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import subprocess
@@ -44,3 +45,50 @@ def test_python_dash_m_and_version():
         [sys.executable, "-m", "jaxkv", "--version"], capture_output=True, text=True, check=False
     )
     assert (done.returncode, done.stdout.strip()) == (0, f"jaxkv {jaxkv.__version__}")
+
+
+def test_a_built_wheel_installs_and_runs_in_a_fresh_virtualenv(tmp_path):
+    """``pip install .`` into a new virtualenv (the dependencies reached through a ``.pth`` of
+    this environment's site-packages, so nothing is downloaded), then the installed ``jaxkv``
+    command generates with the bundled model."""
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "-w", str(wheels), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = wheels.glob("jaxkv-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (site,) = venv.glob("lib/python*/site-packages")
+    here = [p for p in sys.path if p.endswith("site-packages")]
+    (site / "dependencies.pth").write_text("\n".join(here) + "\n")
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    # pip --target installs no console scripts; the wheel's entry point is what we check.
+    entry = next(site.glob("jaxkv-*.dist-info")) / "entry_points.txt"
+    assert "jaxkv = jaxkv.cli:main" in entry.read_text()
+    assert (site / "jaxkv" / "py.typed").exists()
+    python = venv / "bin" / "python"
+    done = subprocess.run(
+        [str(python), "-m", "jaxkv", "generate", "Hi", "--raw", "--max-new-tokens", "2"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip()
+    located = subprocess.run(
+        [str(python), "-c", "import jaxkv; print(jaxkv.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    ).stdout
+    assert located.startswith(str(site)), located  # the installed copy, not the checkout
