@@ -7,8 +7,10 @@ nor NumPy (for example one that runs only a peer library).
 
 from __future__ import annotations
 
+import json
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -66,3 +68,29 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])
+
+
+def run_json_worker(
+    command: Sequence[str], spec: object, timeout: float, prefix: str, label: str
+) -> dict:
+    """Run a benchmark worker process: ``spec`` goes to its stdin as JSON, and the answer is the
+    JSON object on the last stdout line that starts with ``prefix``.
+
+    A timeout, a crash or a missing answer becomes ``{"error": "..."}`` (the last stderr line
+    says why). Progress (``label`` and the seconds taken) goes to stderr.
+    """
+    print(f"  {label} ...", end="", flush=True, file=sys.stderr)
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(
+            list(command), input=json.dumps(spec), capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        print(" timed out", file=sys.stderr)
+        return {"error": f"worker timed out after {timeout:.0f} s"}
+    print(f" {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(prefix):
+            return json.loads(line.removeprefix(prefix))
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    return {"error": f"worker exited {done.returncode}: {lines[-1] if lines else 'no output'}"}
