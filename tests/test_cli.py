@@ -1,13 +1,12 @@
 """The ``jaxkv`` command: exit codes, one-line errors, argument checks before any model is
-loaded, the missing `model` extra, and a chat session that survives a bad message.
+loaded, and the missing `model` extra (``jaxkv chat`` has its own tests: tests/test_chat.py).
 
 The bundled model is loaded once per module; ``Model.load`` is then patched to hand it out, so
-each command runs in-process in a fraction of a second (chat compiles its steps once).
+each command runs in-process in a fraction of a second.
 """
 
 from __future__ import annotations
 
-import io
 import sys
 
 import pytest
@@ -92,40 +91,3 @@ def test_missing_model_extra(capsys, monkeypatch, modules, argv, package):
         f"jaxkv {argv[0]}: error: the Python package {package!r} is not installed (it is needed "
         f"to {cli._MODEL_EXTRA[package]}); install the model extra: pip install 'jaxkv[model]'"
     ]
-
-
-def _stdin(monkeypatch, data: bytes) -> None:
-    """Type ``data`` on stdin (a real text stream, strict UTF-8 like a terminal's)."""
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
-
-
-def test_chat_survives_a_message_too_long_and_one_not_utf8(
-    capsys, monkeypatch, cached_model, sessions
-):
-    too_long = b"word " * 80
-    _stdin(monkeypatch, b"Hi\n" + too_long + b"\ncaf\xe9\nBye\n")
-    status, out, err = run(capsys, "chat", "--max-length", "64", "--max-new-tokens", "4")
-    assert status == 0
-    errors = [line for line in err if "error:" in line]
-    assert len(errors) == 2, err
-    assert errors[0].startswith("> jaxkv chat: error: ChatSession.send: the conversation (")
-    assert "would pass the cache's max_length=64" in errors[0]
-    assert "U+DCE9 (the undecodable input byte 0xE9)" in errors[1]
-    assert all(line.endswith("(message not sent; the conversation is kept)") for line in errors)
-    assert "Traceback" not in "".join(err)
-    (session,) = sessions
-    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
-    assert [session.messages[0]["content"], session.messages[2]["content"]] == ["Hi", "Bye"]
-    prefills = [line for line in err if "[prefilled" in line]
-    assert len(prefills) == 2
-    # the second turn reused the cached first one: it prefilled only part of what is cached
-    new, cached = (int(word) for word in prefills[1].split() if word.isdigit())
-    assert new < cached == len(session.cached_ids)
-    assert len(out.splitlines()) == 2  # one reply line per sent message
-
-
-def test_chat_ends_at_end_of_input(capsys, monkeypatch, cached_model):
-    _stdin(monkeypatch, b"")
-    status, out, err = run(capsys, "chat", "--max-length", "64", "--max-new-tokens", "4")
-    assert (status, out) == (0, "")
-    assert not any("error" in line for line in err)

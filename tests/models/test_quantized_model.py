@@ -31,8 +31,11 @@ from jaxkv.models.llama import forward
 
 DATA = pathlib.Path(__file__).parents[1] / "data"
 STEPS = 256
-# (largest perplexity increase vs the unquantised cache, smallest top-1 agreement)
-TARGETS = {"int8": (0.01, 0.98), "fp8": (0.02, 0.93), "int4": (0.10, 0.80)}
+# (largest perplexity increase vs the unquantised cache, smallest top-1 agreement). int4's 15
+# levels make its perplexity chaotic in float rounding: a code that flips changes the next
+# layer's keys, and so on. Two compilations of the same forward that differ only in how XLA
+# fuses the attention (logits within 6e-5 unquantised) gave +8.9% and +10.7%.
+TARGETS = {"int8": (0.01, 0.98), "fp8": (0.02, 0.93), "int4": (0.12, 0.80)}
 
 
 @pytest.fixture(scope="module")

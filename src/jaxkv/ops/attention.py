@@ -17,6 +17,7 @@ ever made.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -159,6 +160,12 @@ def _expand_heads(block: jax.Array, heads: int) -> jax.Array:
     return jnp.repeat(block, heads // block.shape[2], axis=2)
 
 
+QUERY_TILE = 256
+"""Queries attended together in a long prefill: each tile of them reads only the key blocks at or
+before its last position (and, with a window, after its first position's window start), so a
+causal prefill skips the blocks above the diagonal, about half the work."""
+
+
 def _scan_segment(
     q, query_positions, segment, codec, state, *, heads, window, soft_cap, block_size
 ):
@@ -171,6 +178,91 @@ def _scan_segment(
     block = two_block_size(block_size, slots)
     live = jnp.minimum(jnp.max(segment.live), slots)
     num_blocks = (live + block - 1) // block
+    scan = functools.partial(
+        _scan_blocks,
+        segment=segment,
+        codec=codec,
+        heads=heads,
+        window=window,
+        soft_cap=soft_cap,
+        block=block,
+    )
+    new_tokens = q.shape[1]
+    if new_tokens <= QUERY_TILE or segment.positions is not None:
+        # Short query runs, and rings (whose slots are not in position order), read every
+        # live block.
+        return scan(q, query_positions, state, 0, num_blocks)
+    return _scan_tiles(q, query_positions, state, scan, num_blocks, block, window)
+
+
+def _scan_tiles(q, query_positions, state, scan, num_blocks, block, window):
+    """``scan`` over tiles of ``QUERY_TILE`` queries, each over the blocks its positions can see
+    (slot ``i`` holds position ``i`` here)."""
+    batch, new_tokens = query_positions.shape
+    tile = QUERY_TILE
+    tiles = -(-new_tokens // tile)
+    pad = tiles * tile - new_tokens
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+        query_positions = jnp.pad(query_positions, ((0, 0), (0, pad)), constant_values=-1)
+        state = _pad_state(state, pad)
+
+    def split(x, axis):  # the token axis -> [tiles, ..., tile, ...]
+        shape = (*x.shape[:axis], tiles, tile, *x.shape[axis + 1 :])
+        return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+    def join(x, axis):
+        x = jnp.moveaxis(x, 0, axis)
+        return x.reshape(*x.shape[:axis], tiles * tile, *x.shape[axis + 2 :])
+
+    def one(args):
+        q_tile, positions, tile_state = args
+        real = positions >= 0
+        last = jnp.max(jnp.where(real, positions, -1))
+        hi = jnp.minimum((last + block) // block, num_blocks)  # blocks holding slots <= last
+        lo = 0
+        if window is not None:
+            first = jnp.min(jnp.where(real, positions, jnp.iinfo(jnp.int32).max))
+            lo = jnp.clip((first - window + 1) // block, 0, hi)
+        return scan(q_tile, positions, tile_state, lo, hi)
+
+    token_axis = 2  # of the state arrays: [batch, heads, new_tokens, groups(, value_dim)]
+    tiled_state = tuple(split(part, token_axis) for part in state)
+    out = lax.map(one, (split(q, 1), split(query_positions, 1), tiled_state))
+    out = tuple(join(part, token_axis) for part in out)
+    if pad:
+        out = tuple(part[:, :, :new_tokens] for part in out)
+    return out
+
+
+def _pad_state(state, pad):
+    """The carry with ``pad`` more (empty) queries on its token axis."""
+    running_max, denominator, accumulator = state
+    widths = [(0, 0)] * running_max.ndim
+    widths[2] = (0, pad)
+    return (
+        jnp.pad(running_max, widths, constant_values=-jnp.inf),
+        jnp.pad(denominator, widths),
+        jnp.pad(accumulator, [*widths, (0, 0)]),
+    )
+
+
+def _scan_blocks(
+    q,
+    query_positions,
+    state,
+    first_block,
+    end_block,
+    *,
+    segment,
+    codec,
+    heads,
+    window,
+    soft_cap,
+    block,
+):
+    """Fold blocks ``[first_block, end_block)`` of one segment into the carry."""
+    slots = segment.keys.shape[1]
     offsets = jnp.arange(block, dtype=jnp.int32)
     query_pos = query_positions[:, :, None]  # [batch, new_tokens, 1]
 
@@ -200,4 +292,4 @@ def _scan_segment(
             visible &= query_pos - key_pos < window
         return online_softmax_update(carry, q, keys, values, visible, soft_cap=soft_cap)
 
-    return lax.fori_loop(0, num_blocks, body, state)
+    return lax.fori_loop(first_block, end_block, body, state)
