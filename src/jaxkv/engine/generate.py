@@ -31,6 +31,8 @@ TextCallback = Callable[[int, str], None]
 
 _MAX_PREFILL_TOKENS = 4096
 """Most prompt tokens ``generate`` prefills in one step (longer batches go in chunks)."""
+_LONG_PREFILL = 1024
+"""Prompt tokens from which ``generate`` says it is prefilling (about a second of work)."""
 
 
 def _check_prompts(model: Model, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
@@ -142,7 +144,8 @@ def generate(
             ``max_new_tokens`` tokens).
         output_logits: keep each step's logits in ``Generation.logits``.
         kv_quantization: KV storage codec, one of ``jaxkv.quantization.CODECS``.
-        on_progress: called with a line of status while the steps compile.
+        on_progress: called with a line of status while the steps compile, and before a long
+            prefill.
         max_batch: most prompts generated at once (None: all of them); the others wait for a
             free row, as in a server.
 
@@ -180,6 +183,9 @@ def generate(
         max_batch=max_batch,
     )
     engine.warmup(on_progress)
+    prompt_tokens = sum(len(p) for p in prompt_ids)
+    if on_progress is not None and prompt_tokens >= _LONG_PREFILL:
+        on_progress(f"prefilling {prompt_tokens:,} prompt tokens")
     settings = [
         SamplingParams(
             temperature,
