@@ -11,14 +11,17 @@ One run of this script measures, on this machine and with the same float32 weigh
 - jaxkv with a contiguous ``TransformerCache`` (float32, int8 and int4 KV) and with a paged cache
   (float32 KV, 16-token pages, each sequence's pages contiguous in the pool): the same loop, a
   jitted step of ``jaxkv.models.llama.forward`` with the cache donated and the argmax inside;
-  the paged prefill is one call of all ``BATCH * PROMPT`` packed tokens, and every decode step's
+  the prompt is prefilled in calls of ``--prefill-chunk`` tokens per row (default 256, as a
+  serving engine chunks it, so peak memory does not grow with the prompt; 0 for one call;
+  paged calls pack ``BATCH * chunk`` tokens), and every decode step's
   ``PagedRuntimeMetadata`` is built before the timed loop (positions are known in advance; only
   the fed-back token ids change). The cache holds the prompt plus the steps, rounded up to a
   multiple of 256 tokens. Every shape is compiled ahead of time (``lower(...).compile()``),
   outside the timed region;
-- prefill seconds (one run, the first token's argmax included) and the decode step time: the
-  median over ``--steps`` steps of ``--repeats`` runs (each run rewinds the cache to the prompt
-  and decodes again from the first token); decode tokens/s = batch / median step. Greedy argmax
+- prefill seconds (one run, every chunk, the first token's argmax included) and the decode step
+  time: the median over ``--steps`` steps of ``--repeats`` runs (each run rewinds the cache to
+  the prompt and decodes again from the first token); decode tokens/s = batch / median step.
+  Greedy argmax
   feeds back the next token on every side; a NaN or infinite logit is an error;
 - peak resident memory of each implementation: each runs in its own process (this script
   started again with ``--worker NAME``, answering with one JSON line), so ``ru_maxrss`` is its
@@ -46,7 +49,8 @@ HF workers need torch and transformers, which jaxkv does not: they run under ``-
 (default: this interpreter when it can import both); ``--only jaxkv`` skips them.
 
 Run: ``.venv/bin/python benchmarks/long_context.py [--hf-python PATH] [--cases 8x2048,1x8192]
-[--steps 32] [--repeats 3] [--png plot.png] [--sweep-batch 1] [--only jaxkv] [--quick]``
+[--steps 32] [--repeats 3] [--prefill-chunk 256] [--png plot.png] [--sweep-batch 1] [--only jaxkv]
+[--quick]``
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ DEFAULT_CASES = "8x2048,1x8192"
 QUICK_CASES = "2x512,1x1024"
 DEFAULT_STEPS, QUICK_STEPS = 32, 8
 DEFAULT_REPEATS, QUICK_REPEATS = 3, 2
+DEFAULT_PREFILL_CHUNK = 256
 SWEEP_CONTEXTS = (512, 1024, 2048, 4096, 8192)
 QUICK_SWEEP_CONTEXTS = (256, 512, 1024)
 CAPACITY_MULTIPLE = 256
@@ -160,7 +165,8 @@ def _run_cases(runner_for, spec: dict[str, Any]) -> dict[str, Any]:
         try:
             prompt = case["prompt"]
             runner = runner_for(len(prompt), case["capacity"])
-            prefill_s, first = runner.prefill(prompt, 0)
+            chunk = spec.get("prefill_chunk") if isinstance(runner, _JaxkvRunner) else None
+            prefill_s, first = _prefill(runner, prompt, chunk)
             runs = _decode_runs(runner, first, len(prompt[0]), spec["steps"], spec["repeats"])
             results[case["name"]] = {
                 "prefill_s": prefill_s,
@@ -172,6 +178,20 @@ def _run_cases(runner_for, spec: dict[str, Any]) -> dict[str, Any]:
             traceback.print_exc(file=sys.stderr)
             results[case["name"]] = {"error": _error_text(error)}
     return results
+
+
+def _prefill(runner, prompt: list[list[int]], chunk: int | None):
+    """``(seconds, first tokens)`` of prefilling ``prompt`` in calls of at most ``chunk`` tokens
+    per row (None: one call), each chunk's step reading the cache the earlier ones wrote."""
+    length = len(prompt[0])
+    chunk = length if not chunk else chunk
+    seconds, done, first = 0.0, 0, None
+    while done < length:
+        count = min(chunk, length - done)
+        part_s, first = runner.prefill([row[done : done + count] for row in prompt], done)
+        seconds += part_s
+        done += count
+    return seconds, first
 
 
 def _run_sweep(runner_for, spec: dict[str, Any]) -> dict[str, Any]:
@@ -750,10 +770,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sweep-batch", type=int, default=1, help="batch size of the --png sweep (default 1)"
     )
     parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=DEFAULT_PREFILL_CHUNK,
+        help="jaxkv prefills in calls of this many tokens per row, so its peak memory does not "
+        f"grow with the prompt (0: one call; default {DEFAULT_PREFILL_CHUNK}); HF prefills in "
+        "one call, as its generate() does",
+    )
+    parser.add_argument(
         "--worker-timeout", type=float, default=1800.0, help="seconds before a worker is abandoned"
     )
     parser.add_argument("--worker", choices=tuple(IMPLEMENTATIONS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.prefill_chunk < 0:
+        parser.error(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
     for option in ("steps", "repeats"):
         value = getattr(args, option)
         if value is not None and value < 1:
@@ -810,6 +840,7 @@ def main(argv: list[str] | None = None) -> None:
         "steps": steps,
         "repeats": repeats,
         "torch_threads": TORCH_THREADS,
+        "prefill_chunk": args.prefill_chunk,
     }
     started = time.perf_counter()
     load_at_start = os.getloadavg()[0]

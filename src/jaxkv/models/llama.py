@@ -26,7 +26,7 @@ from jaxkv.ops import attention
 Params = dict[str, Any]
 
 
-def params_to_device(params: Params, dtype: Any = jnp.float32) -> Params:
+def params_to_device(params: Params, dtype: Any = jnp.float32, *, consume: bool = False) -> Params:
     """Params from ``jaxkv.io.gguf.load_gguf`` (NumPy, or JAX with ``device=True``) -> JAX
     arrays of ``dtype``.
 
@@ -39,6 +39,10 @@ def params_to_device(params: Params, dtype: Any = jnp.float32) -> Params:
     memory-bound decoding. The LM head is ``[hidden, vocab]`` (``lm_head``); with tied embeddings
     the token embedding is looked up from that same matrix, so the weights are stored once. The
     layer list stays a list of dicts.
+
+    With ``consume=True`` the entries of ``params["layers"]`` are set to None as each layer is
+    converted, so a loader's unfused arrays are freed one layer at a time instead of all being
+    held until the end (peak memory of loading: the weights plus one layer, not twice them).
     """
 
     def put(array: np.ndarray | None, target: Any = dtype) -> jax.Array | None:
@@ -49,7 +53,9 @@ def params_to_device(params: Params, dtype: Any = jnp.float32) -> Params:
         return jnp.concatenate([put(m) for m in matrices], axis=1)
 
     layers = []
-    for layer in params["layers"]:
+    for index, layer in enumerate(params["layers"]):
+        if consume:
+            params["layers"][index] = None  # its arrays are freed once fused
         layers.append(
             {
                 "attn_norm": put(layer["attn_norm"], jnp.float32),
