@@ -155,3 +155,12 @@ def test_quantized_kv_generation_stays_close_to_full_precision(model, capsys):
     arguments = ["generate", "Hi", "--raw", "--max-new-tokens", "2", "--kv-quantization", "fp8"]
     code = cli.main(arguments)
     assert code == 0 and "fp8 KV" in capsys.readouterr().err
+
+
+def test_lazy_compilation_gives_the_same_tokens(model):
+    prompts = ["The capital of France is", "Water boils at"]
+    warmed = generate(model, prompts, max_new_tokens=4, cache="paged", page_size=8)
+    # pages of 4 tokens: step shapes no earlier test compiled, compiled inside the loop
+    lazy = generate(model, prompts, max_new_tokens=4, cache="paged", page_size=4, warmup=False)
+    assert [g.token_ids for g in lazy.generations] == [g.token_ids for g in warmed.generations]
+    assert lazy.compile_seconds > 0 and lazy.prefill_seconds > 0 and lazy.decode_seconds > 0

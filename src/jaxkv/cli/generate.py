@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         on_text=stream if streaming else None,
         kv_quantization=args.kv_quantization,
         max_batch=args.parallel,
+        warmup=False,  # the first token before the decode step is compiled
     )
     if streaming:
         sys.stdout.write("\n")
