@@ -39,13 +39,18 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 from typing import Any
 
-from _common import current_rss_mib, format_table, median_seconds, peak_rss_mib
+from _common import (
+    current_rss_mib,
+    format_table,
+    median_seconds,
+    peak_rss_mib,
+    run_json_worker,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REFERENCE_JSON = ROOT / "tests" / "data" / "reference.json"
@@ -358,21 +363,7 @@ def resolve_hf_python(requested: str | None) -> tuple[str | None, str]:
 def launch_worker(python: str, name: str, spec: dict[str, Any], timeout: float) -> dict:
     """Run one worker process; a crash or a missing result becomes ``{"error": ...}``."""
     command = [python, str(pathlib.Path(__file__).resolve()), "--worker", name]
-    print(f"  {name}: {python} ...", end="", flush=True, file=sys.stderr)
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(
-            command, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        print(" timed out", file=sys.stderr)
-        return {"error": f"worker timed out after {timeout:.0f} s"}
-    print(f" {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line.removeprefix(RESULT_PREFIX))
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    return {"error": f"worker exited {done.returncode}: {lines[-1] if lines else 'no output'}"}
+    return run_json_worker(command, spec, timeout, RESULT_PREFIX, f"{name}: {python}")
 
 
 def summarise(batch_result: dict[str, Any], batch: int) -> dict[str, Any]:
