@@ -19,6 +19,7 @@ import shlex
 import signal
 import sys
 
+import pexpect
 import pytest
 
 from jaxkv import cli
@@ -55,10 +56,17 @@ def _stop_after(pieces: int, how: str = "raise"):
 # -- ChatSession: stopping a reply -----------------------------------------------------------
 
 
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler (a test runner may have put one of its own in place), which
+    is the one ``ChatSession.send`` holds back."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("how", ["raise", "signal"])
-def test_a_stopped_reply_is_kept_and_the_session_goes_on(tiny, how):
-    if how == "signal" and signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT has a handler of its own here")
+def test_a_stopped_reply_is_kept_and_the_session_goes_on(tiny, how, default_sigint):
     session = _session(tiny, system="Be brief.")
     session.send("Hello", max_new_tokens=8)
     reply = session.send("Tell me more", max_new_tokens=60, on_text=_stop_after(3, how))
@@ -97,9 +105,7 @@ def test_a_reply_stopped_before_any_token_leaves_the_conversation(tiny, monkeypa
     assert session.turns == 2
 
 
-def test_a_ctrl_c_before_the_message_is_sent_sends_nothing(tiny, monkeypatch):
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT has a handler of its own here")
+def test_a_ctrl_c_before_the_message_is_sent_sends_nothing(tiny, monkeypatch, default_sigint):
     session = _session(tiny)
     session.send("Hello", max_new_tokens=4)
     messages, steps = list(session.messages), session.engine.stats().num_steps
@@ -440,7 +446,6 @@ def _spawn(pexpect, argv: str, tmp_path: pathlib.Path):
 def test_chat_in_a_terminal(tmp_path):
     """Ctrl-C stops a reply and the session goes on; the line is edited with readline; the
     slash commands work over the terminal; the prompt stays off stdout; Ctrl-D exits 0."""
-    pexpect = pytest.importorskip("pexpect")
     saved = tmp_path / "conversation.json"
     child = _spawn(pexpect, "--max-length 512 --max-new-tokens 300 --temperature 0", tmp_path)
     try:
@@ -488,7 +493,6 @@ def test_chat_in_a_terminal(tmp_path):
 def test_chat_in_a_terminal_ctrl_c_at_the_prompt(tmp_path):
     """At the prompt Ctrl-C clears the line; a second one at an empty prompt exits 0. A
     conversation written elsewhere loads and goes on (here on the contiguous cache)."""
-    pexpect = pytest.importorskip("pexpect")
     saved = tmp_path / "conversation.json"
     saved.write_text(
         json.dumps(
