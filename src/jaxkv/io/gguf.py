@@ -72,6 +72,10 @@ _MAGIC = b"GGUF"
 _SUPPORTED_VERSIONS = (2, 3)
 _DEFAULT_ALIGNMENT = 32
 _SUPPORTED_ARCHITECTURES = ("llama",)
+# Architectures another module of jaxkv.io reads (named in the error for them here).
+_OTHER_READERS = {
+    "gemma3": "jaxkv.io.gguf_gemma3 (gemma3_config_from_metadata, load_gemma3_gguf)",
+}
 
 # GGUF metadata value types (the numeric codes are fixed by the file format).
 _SCALAR_FORMATS: dict[int, str] = {
@@ -468,6 +472,32 @@ def _optional_int(meta: GGUFMetadata, key: str) -> int | None:
     return int(_field(meta, key, _INTEGER))
 
 
+def _attention_geometry(meta: GGUFMetadata, arch: str) -> tuple[int, int, int, int]:
+    """``(hidden, num_heads, num_kv_heads, head_dim)`` of an ``arch`` checkpoint, refusing what
+    the attention of jaxkv's models cannot run (key and value heads of other sizes, RoPE on part
+    of a head)."""
+    integer = _INTEGER
+    hidden = int(_field(meta, f"{arch}.embedding_length", integer))
+    num_heads = int(_field(meta, f"{arch}.attention.head_count", integer))
+    if num_heads <= 0:
+        raise GGUFError(f"{meta.path}: {arch}.attention.head_count must be positive")
+    num_kv_heads = int(_field(meta, f"{arch}.attention.head_count_kv", integer, num_heads))
+    head_dim = int(_field(meta, f"{arch}.attention.key_length", integer, hidden // num_heads))
+    value_dim = int(_field(meta, f"{arch}.attention.value_length", integer, head_dim))
+    if value_dim != head_dim:
+        raise GGUFError(
+            f"{meta.path}: key head size {head_dim} differs from value head size {value_dim}; "
+            "only equal sizes are supported"
+        )
+    rope_dims = int(_field(meta, f"{arch}.rope.dimension_count", integer, head_dim))
+    if rope_dims != head_dim:
+        raise GGUFError(
+            f"{meta.path}: partial rotary embeddings ({arch}.rope.dimension_count={rope_dims}, "
+            f"head_dim={head_dim}) are not supported"
+        )
+    return hidden, num_heads, num_kv_heads, head_dim
+
+
 def config_from_metadata(meta: GGUFMetadata) -> LlamaConfig:
     """Build a `LlamaConfig` from a GGUF file's metadata (and its tensor table).
 
@@ -488,29 +518,14 @@ def config_from_metadata(meta: GGUFMetadata) -> LlamaConfig:
         raise TypeError(f"meta must be a GGUFMetadata, got {type(meta).__name__} {meta!r:.80}")
     arch = meta.architecture
     if arch not in _SUPPORTED_ARCHITECTURES:
+        other = _OTHER_READERS.get(arch)
+        hint = f"; {arch!r} checkpoints are read by {other}" if other else ""
         raise GGUFError(
             f"{meta.path}: unsupported architecture {arch!r} (general.architecture); "
-            f"expected one of {_SUPPORTED_ARCHITECTURES}"
+            f"expected one of {_SUPPORTED_ARCHITECTURES}{hint}"
         )
     integer, real = _INTEGER, _REAL
-    hidden = int(_field(meta, f"{arch}.embedding_length", integer))
-    num_heads = int(_field(meta, f"{arch}.attention.head_count", integer))
-    num_kv_heads = int(_field(meta, f"{arch}.attention.head_count_kv", integer, num_heads))
-    if num_heads <= 0:
-        raise GGUFError(f"{meta.path}: {arch}.attention.head_count must be positive")
-    head_dim = int(_field(meta, f"{arch}.attention.key_length", integer, hidden // num_heads))
-    value_dim = int(_field(meta, f"{arch}.attention.value_length", integer, head_dim))
-    if value_dim != head_dim:
-        raise GGUFError(
-            f"{meta.path}: key head size {head_dim} differs from value head size {value_dim}; "
-            "only equal sizes are supported"
-        )
-    rope_dims = int(_field(meta, f"{arch}.rope.dimension_count", integer, head_dim))
-    if rope_dims != head_dim:
-        raise GGUFError(
-            f"{meta.path}: partial rotary embeddings ({arch}.rope.dimension_count={rope_dims}, "
-            f"head_dim={head_dim}) are not supported"
-        )
+    hidden, num_heads, num_kv_heads, head_dim = _attention_geometry(meta, arch)
     scaling_type = _field(meta, f"{arch}.rope.scaling.type", str, "none")
     scaling_factor = float(_field(meta, f"{arch}.rope.scaling.factor", real, 1.0))
     if scaling_type == "none" or (scaling_type == "linear" and scaling_factor == 1.0):
@@ -725,12 +740,6 @@ def load_gguf(
         values beyond float16's range).
       ValueError: unsupported ``dtype``.
     """
-    import gguf
-    import jax
-    import jax.numpy as jnp
-
-    from jaxkv.io import dequantize as on_device
-
     out_dtype = _resolve_dtype(dtype)
     if device and out_dtype != np.float32:
         raise ValueError(f"dtype must be float32 with device=True, got {out_dtype.name}")
@@ -773,21 +782,7 @@ def load_gguf(
 
         def dequantized(name: str) -> Any:
             """float32 [rows, cols] (NumPy order) copy of one tensor, checked to be finite."""
-            info = meta.tensors[name]
-            raw = np.frombuffer(buffer[info.offset : info.offset + info.nbytes], dtype=np.uint8)
-            if device and on_device.supported(info.ggml_type):
-                values = on_device.dequantize(raw, info.ggml_type, info.shape)
-                checks.append((name, jnp.isfinite(values).all()))
-                return values
-            row_bytes = info.nbytes // max(1, math.prod(info.shape[:-1]))
-            raw = raw.reshape(*info.shape[:-1], row_bytes)
-            with np.errstate(all="ignore"):  # corrupt scales overflow; reported just below
-                values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(info.ggml_type))
-                values = np.asarray(values, dtype=np.float32)
-            if values.shape != info.shape:
-                values = values.reshape(info.shape)
-            _check_finite(resolved, name, info, values)
-            return jnp.asarray(values) if device else values
+            return _dequantize_tensor(buffer, meta, name, device=device, checks=checks)
 
         def cast(name: str, values: Any) -> Any:
             """C-contiguous, writeable ``out_dtype`` array; float16 overflow to inf is refused."""
@@ -832,14 +827,62 @@ def load_gguf(
                     "w_down": matrix(prefix + "ffn_down.weight"),
                 }
             )
-        for (name, _), finite in zip(checks, jax.device_get([c for _, c in checks]), strict=True):
-            if not finite:
-                info = meta.tensors[name]
-                raw = np.frombuffer(buffer[info.offset : info.offset + info.nbytes], dtype=np.uint8)
-                _check_finite(
-                    resolved,
-                    name,
-                    info,
-                    np.asarray(on_device.dequantize(raw, info.ggml_type, info.shape)),
-                )
+        _report_device_checks(buffer, meta, checks)
     return config, params
+
+
+def _dequantize_tensor(
+    buffer: mmap.mmap,
+    meta: GGUFMetadata,
+    name: str,
+    *,
+    device: bool,
+    checks: list[tuple[str, Any]],
+) -> Any:
+    """float32 copy of tensor ``name`` in NumPy order (``[rows, cols]`` for a matrix).
+
+    With ``device``, the types `jaxkv.io.dequantize` knows are decoded on the device and
+    their all-finite flag is appended to ``checks`` (read by `_report_device_checks`); the
+    others go through `gguf.quants.dequantize` on the host and come back as JAX arrays.
+    Host-decoded values are checked to be finite here.
+    """
+    import gguf
+    import jax.numpy as jnp
+
+    from jaxkv.io import dequantize as on_device
+
+    info = meta.tensors[name]
+    raw = np.frombuffer(buffer[info.offset : info.offset + info.nbytes], dtype=np.uint8)
+    if device and on_device.supported(info.ggml_type):
+        values = on_device.dequantize(raw, info.ggml_type, info.shape)
+        checks.append((name, jnp.isfinite(values).all()))
+        return values
+    row_bytes = info.nbytes // max(1, math.prod(info.shape[:-1]))
+    raw = raw.reshape(*info.shape[:-1], row_bytes)
+    with np.errstate(all="ignore"):  # corrupt scales overflow; reported just below
+        values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(info.ggml_type))
+        values = np.asarray(values, dtype=np.float32)
+    if values.shape != info.shape:
+        values = values.reshape(info.shape)
+    _check_finite(meta.path, name, info, values)
+    return jnp.asarray(values) if device else values
+
+
+def _report_device_checks(
+    buffer: mmap.mmap, meta: GGUFMetadata, checks: list[tuple[str, Any]]
+) -> None:
+    """Raise `GGUFError` for the first device-decoded tensor whose flag says it holds NaN/inf."""
+    import jax
+
+    from jaxkv.io import dequantize as on_device
+
+    for (name, _), finite in zip(checks, jax.device_get([c for _, c in checks]), strict=True):
+        if not finite:
+            info = meta.tensors[name]
+            raw = np.frombuffer(buffer[info.offset : info.offset + info.nbytes], dtype=np.uint8)
+            _check_finite(
+                meta.path,
+                name,
+                info,
+                np.asarray(on_device.dequantize(raw, info.ggml_type, info.shape)),
+            )

@@ -1,10 +1,20 @@
-"""Byte-level BPE tokenizer, chat template and streaming detokenizer read from a GGUF file.
+"""Tokenizers, chat template and streaming detokenizer read from a GGUF file.
 
 The vocabulary, merges, special-token ids and chat template all come from the
 GGUF metadata (``tokenizer.ggml.*``, ``tokenizer.chat_template``); the BPE
-itself runs in the `tokenizers` package. Nothing is downloaded. Only the
-``gpt2`` (byte-level BPE) tokenizer model is supported, which covers SmolLM2,
-Llama-3 and most BPE Llama-family checkpoints.
+itself runs in the `tokenizers` package. Nothing is downloaded. Two tokenizer
+models (``tokenizer.ggml.model``) are supported:
+
+* ``gpt2``: byte-level BPE (SmolLM2, Llama-3 and most BPE Llama-family checkpoints);
+  tokens are spelled in GPT-2's byte alphabet.
+* ``llama``: SentencePiece-style BPE (Gemma 3): tokens spelled with ``▁`` for a space,
+  ``<0xNN>`` byte tokens for bytes no piece covers (byte fallback), BOS prepended by
+  default. A file without ``tokenizer.ggml.merges`` gets them rebuilt from the
+  vocabulary: every split of a piece into two pieces is a merge, ranked by the piece's
+  priority -- its position in the file for Gemma (whose scores do not follow its merge
+  order), its score otherwise -- and, within one piece, longer left parts first. This is
+  the rule HF transformers' GGUF loader applies, so ids match HF's tokenizer for the same
+  file.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ __all__ = ["StreamDecoder", "Tokenizer", "TokenizerError"]
 # 5 unused, 6 byte.
 _CONTROL = 3
 _USER_DEFINED = 4
+_BYTE = 6
 
 # Text is split into words before BPE. GPT-2's rule is the ByteLevel pre-tokenizer's
 # built-in regex; Llama-3 vocabularies were learned with a different split.
@@ -114,6 +125,157 @@ def _char_to_byte() -> dict[str, int]:
     return {char: byte for byte, char in _byte_to_char().items()}
 
 
+_MODELS = ("gpt2", "llama")
+_MERGE_PRIORITIES = ("score", "position")
+_SPACE = "\u2581"  # SentencePiece's visible space
+# Architectures whose SentencePiece merges follow the file's order, not the scores.
+_POSITION_RANKED = ("gemma", "gemma2", "gemma3")
+
+
+def _byte_piece(byte: int) -> str:
+    """The SentencePiece byte-fallback token of one byte, e.g. ``<0x0A>``."""
+    return f"<0x{byte:02X}>"
+
+
+def _byte_level_backend(
+    tokens: Sequence[str],
+    special_set: set[int],
+    merge_pairs: list[tuple[str, str]],
+    pre_tokenizer: str | None,
+) -> tuple[Any, dict[str, int]]:
+    """(backend, model vocabulary) of a GPT-2 byte-level BPE vocabulary."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as _BackendTokenizer
+
+    alphabet = set(_char_to_byte())
+    vocab: dict[str, int] = {}
+    for token_id, token in enumerate(tokens):
+        if token_id not in special_set and not set(token) <= alphabet:
+            # A normal token written in plain text: respell it in the byte alphabet.
+            token = "".join(_byte_to_char()[b] for b in token.encode("utf-8"))
+        vocab.setdefault(token, token_id)
+    try:
+        backend = _BackendTokenizer(
+            models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False)
+        )
+    except Exception as err:  # `tokenizers` raises a bare Exception, e.g. for a merge
+        # whose parts or result are not in the vocabulary
+        raise TokenizerError(f"tokens and merges do not form a BPE vocabulary: {err}") from err
+    pre = pre_tokenizer or "default"
+    if pre in _GPT2_PRE:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif pre in _GPT2_DIGITS_PRE:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
+    elif pre in _LLAMA3_PRE:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        supported = _GPT2_PRE + _GPT2_DIGITS_PRE + _LLAMA3_PRE
+        raise TokenizerError(
+            f"pre_tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
+            f"expected one of {supported}"
+        )
+    backend.decoder = decoders.ByteLevel()
+    return backend, vocab
+
+
+def _model_piece(token: str) -> str:
+    """A SentencePiece token as the BPE model sees it: a piece of plain spaces (stored as
+    spaces by llama.cpp's converter) spelled with ``▁``, since text reaches the model with its
+    spaces replaced by ``▁``."""
+    if " " in token and not token.strip():
+        return _SPACE * len(token)
+    return token
+
+
+def _rebuild_merges(vocab: dict[str, int], ranks: Sequence[float] | None) -> list[tuple[str, str]]:
+    """The BPE merges a vocabulary implies: every split of a piece into two pieces.
+
+    Pieces with a higher rank merge first (ties: earlier in ``vocab`` first); the splits of one
+    piece are ordered by longer left part first.
+
+    Args:
+      vocab: piece -> id, in id order.
+      ranks: ``[len(vocab)]`` priority of each id (higher merges first); ``None``: by id
+        (earlier pieces first), the order the loop below finds them in, so nothing is sorted.
+    """
+    found: list[tuple[float, int, int, int, str, str]] = []
+    merges: list[tuple[str, str]] = []
+    for order, (piece, token_id) in enumerate(vocab.items()):
+        rank = 0.0 if ranks is None else float(ranks[token_id])
+        for cut in range(len(piece) - 1, 0, -1):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                if ranks is None:
+                    merges.append((left, right))
+                else:
+                    found.append((-rank, -len(left), -len(right), order, left, right))
+    if ranks is None:
+        return merges
+    found.sort(key=lambda entry: entry[:4])
+    return [(left, right) for *_, left, right in found]
+
+
+def _sentencepiece_backend(
+    tokens: Sequence[str],
+    merge_pairs: list[tuple[str, str]],
+    scores: Sequence[float] | None,
+    merge_priority: str,
+    *,
+    unk_token: str | None,
+    add_space_prefix: bool,
+) -> tuple[Any, dict[str, int]]:
+    """(backend, model vocabulary) of a SentencePiece-style BPE vocabulary with byte fallback."""
+    from tokenizers import Tokenizer as _BackendTokenizer
+    from tokenizers import normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    if merge_priority not in _MERGE_PRIORITIES:
+        raise TokenizerError(
+            f"merge_priority must be one of {_MERGE_PRIORITIES}, got {merge_priority!r:.80}"
+        )
+    vocab: dict[str, int] = {}
+    for token_id, token in enumerate(tokens):
+        vocab[_model_piece(token)] = token_id
+    if not merge_pairs:
+        if merge_priority == "position":
+            ranks: Any = None
+        else:
+            if scores is None or isinstance(scores, str) or len(scores) != len(tokens):
+                raise TokenizerError(
+                    "scores (tokenizer.ggml.scores) must give one number per token "
+                    f"({len(tokens)}) to rebuild the merges, got "
+                    f"{None if scores is None else len(scores)}"
+                )
+            ranks = scores
+        merge_pairs = _rebuild_merges(vocab, ranks)
+    try:
+        backend = _BackendTokenizer(
+            BPE(
+                vocab=vocab,
+                merges=merge_pairs,
+                unk_token=unk_token,
+                fuse_unk=True,
+                byte_fallback=True,
+            )
+        )
+    except Exception as err:  # `tokenizers` raises a bare Exception
+        raise TokenizerError(f"tokens and merges do not form a BPE vocabulary: {err}") from err
+    steps = [normalizers.Prepend(_SPACE)] if add_space_prefix else []
+    backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", _SPACE)])
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    return backend, vocab
+
+
 def _raise_template_error(message: str) -> None:
     raise TokenizerError(f"chat template error: {message}")
 
@@ -127,11 +289,13 @@ def _strftime_now(fmt: str) -> str:
 
 
 class Tokenizer:
-    """Byte-level BPE tokenizer of a GGUF checkpoint.
+    """Byte-level BPE or SentencePiece-style BPE tokenizer of a GGUF checkpoint.
 
     Build it with `Tokenizer.from_gguf(path)` or `Tokenizer.from_metadata(meta)`.
 
     Attributes:
+      model: ``"gpt2"`` (byte-level BPE) or ``"llama"`` (SentencePiece-style BPE with byte
+        fallback), the GGUF ``tokenizer.ggml.model``.
       vocab_size: number of token ids.
       bos_token_id, eos_token_id, unk_token_id, pad_token_id: ids from the GGUF
         metadata (None when the file does not name one).
@@ -162,27 +326,45 @@ class Tokenizer:
         add_bos: bool = False,
         chat_template: str | None = None,
         pre_tokenizer: str | None = None,
+        model: str = "gpt2",
+        scores: Sequence[float] | None = None,
+        merge_priority: str = "score",
+        add_space_prefix: bool = False,
     ) -> None:
         """Build from raw vocabulary data.
 
         Args:
-          tokens: token strings, spelled in GPT-2's byte alphabet; index = id.
-          merges: BPE merges, each ``"left right"``, highest priority first.
-          token_types: GGUF token type per id (3 control, 4 user-defined, ...);
+          tokens: token strings; index = id. ``gpt2``: spelled in GPT-2's byte
+            alphabet; ``llama``: SentencePiece pieces (``▁`` for a space, ``<0xNN>``
+            byte tokens).
+          merges: BPE merges, each ``"left right"``, highest priority first. May be
+            empty for ``llama``: they are then rebuilt from the vocabulary (see the
+            module docstring).
+          token_types: GGUF token type per id (3 control, 4 user-defined, 6 byte, ...);
             None treats every token as normal.
           bos_token_id, eos_token_id, unk_token_id, pad_token_id: special ids or None.
           extra_eos_token_ids: further ids that end generation.
           add_bos: default of `encode`'s ``add_bos``.
           chat_template: Jinja template for `apply_chat_template`, or None.
           pre_tokenizer: GGUF ``tokenizer.ggml.pre`` name selecting how text is
-            split before BPE (None means GPT-2's split).
+            split before BPE (None means GPT-2's split); ``gpt2`` only.
+          model: ``"gpt2"`` (byte-level BPE) or ``"llama"`` (SentencePiece-style BPE).
+          scores: ``llama`` only: one score per token (``tokenizer.ggml.scores``),
+            the merge priority when ``merge_priority="score"`` and merges are rebuilt.
+          merge_priority: ``llama`` only: ``"score"`` or ``"position"`` (earlier
+            pieces merge first), how rebuilt merges are ranked.
+          add_space_prefix: ``llama`` only: prepend ``▁`` to the text
+            (``tokenizer.ggml.add_space_prefix``).
 
         Raises:
-          TokenizerError: inconsistent inputs or an unsupported pre-tokenizer.
+          TokenizerError: inconsistent inputs, an unsupported model or pre-tokenizer.
         """
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-        from tokenizers import Tokenizer as _BackendTokenizer
+        from tokenizers import AddedToken
 
+        if not isinstance(model, str) or model not in _MODELS:
+            raise TokenizerError(
+                f"model (tokenizer.ggml.model) must be one of {_MODELS}, got {model!r:.80}"
+            )
         if isinstance(tokens, str) or not isinstance(tokens, Sequence) or not tokens:
             raise TokenizerError(f"tokens must be a non-empty sequence of str, got {tokens!r:.80}")
         for token_id, token in enumerate(tokens):
@@ -233,17 +415,10 @@ class Tokenizer:
                 raise TokenizerError(f"{name} must be in [0, {vocab_size}), got {value}")
             ids[name] = index
 
-        alphabet = set(_char_to_byte())
         special_ids = [
             i for i, kind in enumerate(token_types) if int(kind) in (_CONTROL, _USER_DEFINED)
         ]
         special_set = set(special_ids)
-        vocab: dict[str, int] = {}
-        for token_id, token in enumerate(tokens):
-            if token_id not in special_set and not set(token) <= alphabet:
-                # A normal token written in plain text: respell it in the byte alphabet.
-                token = "".join(_byte_to_char()[b] for b in token.encode("utf-8"))
-            vocab.setdefault(token, token_id)
         merge_pairs: list[tuple[str, str]] = []
         for index, merge in enumerate(merges):
             if not isinstance(merge, str):
@@ -255,14 +430,6 @@ class Tokenizer:
             if len(parts) != 2:
                 raise TokenizerError(f"merge #{index} must be 'left right', got {merge!r}")
             merge_pairs.append((parts[0], parts[1]))
-
-        try:
-            backend = _BackendTokenizer(
-                models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False)
-            )
-        except Exception as err:  # `tokenizers` raises a bare Exception, e.g. for a merge
-            # whose parts or result are not in the vocabulary
-            raise TokenizerError(f"tokens and merges do not form a BPE vocabulary: {err}") from err
         if pre_tokenizer is not None and not isinstance(pre_tokenizer, str):
             raise TokenizerError(
                 f"pre_tokenizer (tokenizer.ggml.pre) must be a str or None, got "
@@ -273,30 +440,26 @@ class Tokenizer:
                 "chat_template (tokenizer.chat_template) must be a str or None, got "
                 f"{type(chat_template).__name__} {chat_template!r:.80}"
             )
-        pre = pre_tokenizer or "default"
-        if pre in _GPT2_PRE:
-            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        elif pre in _GPT2_DIGITS_PRE:
-            backend.pre_tokenizer = pre_tokenizers.Sequence(
-                [
-                    pre_tokenizers.Digits(individual_digits=True),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False),
-                ]
-            )
-        elif pre in _LLAMA3_PRE:
-            backend.pre_tokenizer = pre_tokenizers.Sequence(
-                [
-                    pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-                ]
+        if model == "gpt2":
+            backend, vocab = _byte_level_backend(tokens, special_set, merge_pairs, pre_tokenizer)
+            missing_bytes = frozenset(
+                byte for byte, char in _byte_to_char().items() if char not in vocab
             )
         else:
-            supported = _GPT2_PRE + _GPT2_DIGITS_PRE + _LLAMA3_PRE
-            raise TokenizerError(
-                f"pre_tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
-                f"expected one of {supported}"
+            if not isinstance(add_space_prefix, bool):
+                raise TokenizerError(
+                    "add_space_prefix (tokenizer.ggml.add_space_prefix) must be a bool, got "
+                    f"{type(add_space_prefix).__name__} {add_space_prefix!r:.80}"
+                )
+            backend, vocab = _sentencepiece_backend(
+                tokens,
+                merge_pairs,
+                scores,
+                merge_priority,
+                unk_token=None if ids["unk_token_id"] is None else tokens[ids["unk_token_id"]],
+                add_space_prefix=add_space_prefix,
             )
-        backend.decoder = decoders.ByteLevel()
+            missing_bytes = frozenset(byte for byte in range(256) if _byte_piece(byte) not in vocab)
         backend.add_special_tokens(
             [
                 AddedToken(tokens[i], normalized=False, special=True)
@@ -308,7 +471,8 @@ class Tokenizer:
             [
                 AddedToken(tokens[i], normalized=False, special=False)
                 for i in special_ids
-                if int(token_types[i]) == _USER_DEFINED
+                # A SentencePiece piece respelled for the model (spaces as "▁") stays a piece.
+                if int(token_types[i]) == _USER_DEFINED and tokens[i] in vocab
             ]
         )
         if backend.get_vocab_size(with_added_tokens=True) != vocab_size:
@@ -318,7 +482,9 @@ class Tokenizer:
             )
 
         self._backend = backend
+        self.model = model
         self._tokens = list(tokens)
+        self._token_types = token_types
         self._special_set = frozenset(special_set)
         self.vocab_size = vocab_size
         self.bos_token_id = ids["bos_token_id"]
@@ -350,9 +516,7 @@ class Tokenizer:
             )
         self.add_bos = add_bos
         self.chat_template = chat_template
-        self.missing_bytes: frozenset[int] = frozenset(
-            byte for byte, char in _byte_to_char().items() if char not in vocab
-        )
+        self.missing_bytes: frozenset[int] = missing_bytes
         self._token_bytes: list[bytes] | None = None
         self._template: Any = None
 
@@ -370,21 +534,35 @@ class Tokenizer:
 
         Raises:
           TypeError: ``meta`` is not a `GGUFMetadata`.
-          TokenizerError: the tokenizer model is not ``gpt2``, keys are missing, or
-            a value has the wrong type (e.g. a bool or string where an id belongs).
+          TokenizerError: the tokenizer model is neither ``gpt2`` nor ``llama``, keys
+            are missing, or a value has the wrong type (e.g. a bool or string where an id
+            belongs).
         """
         if not isinstance(meta, GGUFMetadata):
             raise TypeError(f"meta must be a GGUFMetadata, got {type(meta).__name__} {meta!r:.80}")
         fields = meta.fields
         model = fields.get("tokenizer.ggml.model")
-        if model != "gpt2":
+        if not isinstance(model, str) or model not in _MODELS:
             raise TokenizerError(
-                f"{meta.path}: tokenizer.ggml.model is {model!r}; only 'gpt2' (byte-level BPE) "
-                "is supported"
+                f"{meta.path}: tokenizer.ggml.model is {model!r:.80}; supported: 'gpt2' "
+                "(byte-level BPE) and 'llama' (SentencePiece-style BPE)"
             )
-        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        required = ["tokenizer.ggml.tokens"]
+        required.append("tokenizer.ggml.merges" if model == "gpt2" else "tokenizer.ggml.scores")
+        for key in required:
             if key not in fields:
-                raise TokenizerError(f"{meta.path}: metadata key {key!r} is missing")
+                raise TokenizerError(
+                    f"{meta.path}: tokenizer.ggml.model is {model!r} but metadata key {key!r} "
+                    "is missing"
+                )
+        options: dict[str, Any] = {}
+        if model == "llama":
+            options = dict(
+                model="llama",
+                scores=fields.get("tokenizer.ggml.scores"),
+                merge_priority=("position" if meta.architecture in _POSITION_RANKED else "score"),
+                add_space_prefix=fields.get("tokenizer.ggml.add_space_prefix", True),
+            )
 
         def optional_id(key: str) -> int | None:
             value = fields.get(key)
@@ -406,7 +584,7 @@ class Tokenizer:
         try:
             return cls(
                 fields["tokenizer.ggml.tokens"],
-                fields["tokenizer.ggml.merges"],
+                fields.get("tokenizer.ggml.merges", []),
                 fields.get("tokenizer.ggml.token_type"),
                 bos_token_id=optional_id("tokenizer.ggml.bos_token_id"),
                 eos_token_id=optional_id("tokenizer.ggml.eos_token_id"),
@@ -415,7 +593,8 @@ class Tokenizer:
                 extra_eos_token_ids=extra,
                 add_bos=fields.get("tokenizer.ggml.add_bos_token", False),
                 chat_template=fields.get("tokenizer.chat_template"),
-                pre_tokenizer=fields.get("tokenizer.ggml.pre"),
+                pre_tokenizer=fields.get("tokenizer.ggml.pre") if model == "gpt2" else None,
+                **options,
             )
         except TokenizerError as err:
             raise TokenizerError(f"{meta.path}: {err}") from None
@@ -450,7 +629,8 @@ class Tokenizer:
         return None if self.eos_token_id is None else self._tokens[self.eos_token_id]
 
     def id_to_token(self, token_id: int) -> str:
-        """The vocabulary entry of ``token_id`` (byte-alphabet spelling for normal tokens).
+        """The vocabulary entry of ``token_id`` as the file spells it (GPT-2's byte alphabet for
+        normal ``gpt2`` tokens, ``▁`` for spaces in ``llama`` pieces).
 
         Raises:
           TypeError: ``token_id`` is not an int (NumPy/JAX integer scalars count; bools do not).
@@ -459,9 +639,11 @@ class Tokenizer:
         return self._tokens[self._check_id("token_id", token_id)]
 
     def token_to_id(self, token: str) -> int | None:
-        """Id of a vocabulary entry (byte-alphabet spelling), or None when absent."""
+        """Id of a vocabulary entry (spelled as `id_to_token` gives it), or None when absent."""
         if not isinstance(token, str):
             raise TypeError(f"token must be a str, got {type(token).__name__} {token!r:.80}")
+        if self.model == "llama":
+            token = _model_piece(token)  # the BPE model spells pieces of spaces with "▁"
         return self._backend.token_to_id(token)
 
     def _check_id(self, name: str, token_id: Any) -> int:
@@ -488,6 +670,17 @@ class Tokenizer:
         return self._all_token_bytes()[self._check_id("token_id", token_id)]
 
     def _all_token_bytes(self) -> list[bytes]:
+        if self._token_bytes is None and self.model == "llama":
+            table = []
+            for token_id, token in enumerate(self._tokens):
+                kind = self._token_types[token_id]
+                if kind == _BYTE and len(token) == 6 and token.startswith("<0x"):
+                    table.append(bytes([int(token[3:5], 16)]))
+                elif token_id in self._special_set:
+                    table.append(token.encode("utf-8"))
+                else:
+                    table.append(token.replace(_SPACE, " ").encode("utf-8"))
+            self._token_bytes = table
         if self._token_bytes is None:
             char_to_byte = _char_to_byte()
             table = []
