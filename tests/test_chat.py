@@ -262,7 +262,9 @@ def test_arguments_are_checked(tiny, tmp_path):
         ChatSession(tiny, kv_quantization="int3")
     with pytest.raises(ValueError, match="page_size must be >= 1, got 0"):
         ChatSession(tiny, page_size=0)
-    with pytest.raises(TypeError, match="model must be a jaxkv Model or HybridModel, got str"):
+    with pytest.raises(
+        TypeError, match="model must be a jaxkv Model, Gemma3Model or HybridModel, got str"
+    ):
         ChatSession("model.gguf")
     session = _session(tiny)
     with pytest.raises(TypeError, match="path must be a non-empty str or path, got 3"):

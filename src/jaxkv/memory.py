@@ -1,4 +1,6 @@
-"""KV-cache memory of a model per cache type and storage codec, as printed by ``jaxkv info``."""
+"""KV-cache memory of a model per cache type and storage codec, as printed by ``jaxkv info``:
+for a Llama-architecture model, contiguous against paged; for Gemma 3, its sliding-window rings
+and global layers against a cache that kept every layer global."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import jax.numpy as jnp
 from jaxkv._sizes import ceil_div
 from jaxkv.caches import PagedCacheMetadata, TransformerCacheMetadata
 from jaxkv.models.config import LlamaConfig
+from jaxkv.models.gemma3 import GLOBAL, Gemma3Config
 from jaxkv.quantization import CODECS
 
 
@@ -54,4 +57,41 @@ def kv_memory_table(config: LlamaConfig, length: int, page_size: int = 16) -> st
     for name, per_token, per_sequence in rows:
         ratio = f"{per_token / bfloat16:.3f}x"
         lines.append(f"  {name:<24} {per_token:>12,} {_mib(per_sequence):>16} {ratio:>8}")
+    return "\n".join(lines)
+
+
+GEMMA3_LENGTHS = (8192, 32768)
+"""Sequence lengths ``jaxkv info`` always sizes a Gemma 3 cache for (besides the one asked)."""
+
+
+def gemma3_memory_rows(config: Gemma3Config, lengths: tuple[int, ...]) -> list[tuple]:
+    """``(storage, [(window bytes, all-global bytes) per length])`` rows: one sequence's cache
+    bytes with the sliding layers on rings of ``sliding_window`` slots, against the same stack
+    with every layer global, for each storage (scales included for the quantised codecs)."""
+    all_global = config.replace(layer_kinds=(GLOBAL,) * config.num_layers)
+    rows = []
+    for label, kwargs in _storages():
+        sizes = []
+        for length in lengths:
+            ringed = config.cache_metadata(1, length, **kwargs).bytes_per_sequence(length)
+            flat = all_global.cache_metadata(1, length, **kwargs).bytes_per_sequence(length)
+            sizes.append((ringed, flat))
+        rows.append((label, sizes))
+    return rows
+
+
+def gemma3_memory_table(config: Gemma3Config, length: int) -> str:
+    """A plain-text table of ``gemma3_memory_rows`` at ``length`` and at ``GEMMA3_LENGTHS``
+    (those within the context): one sequence's bytes with rings and with every layer global."""
+    context = config.max_position_embeddings
+    lengths = tuple(sorted({length, *(n for n in GEMMA3_LENGTHS if n <= context)}))
+    rows = gemma3_memory_rows(config, lengths)
+    lines = [f"  {'tokens':>8} {'storage':<10} {'with rings':>14} {'all global':>14} {'ratio':>7}"]
+    for index, count in enumerate(lengths):
+        for label, sizes in rows:
+            ringed, flat = sizes[index]
+            lines.append(
+                f"  {count:>8,} {label:<10} {_mib(ringed):>14} {_mib(flat):>14} "
+                f"{ringed / flat:>6.2f}x"
+            )
     return "\n".join(lines)

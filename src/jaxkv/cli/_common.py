@@ -100,7 +100,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default=None, help="a Llama GGUF file (default: bundled SmolLM2-135M-Instruct)"
+        "--model",
+        default=None,
+        help="a GGUF file (Llama or Gemma 3 architecture), or 'smollm2' / 'gemma3' for a "
+        "bundled model (default: smollm2, SmolLM2-135M-Instruct)",
     )
     parser.add_argument(
         "--dtype",
@@ -196,7 +199,10 @@ def load(args: argparse.Namespace) -> Any:
     warning = slow_dtype_warning(args.dtype, jax.default_backend())
     if warning is not None:
         note(args, warning)
-    status(args, f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'}")
+    from jaxkv.engine.model import MODEL_ALIASES
+
+    name = args.model or "smollm2"
+    status(args, f"loading {MODEL_ALIASES.get(name, name)}")
     start = time.perf_counter()
     model = Model.load(args.model, dtype=args.dtype)
     args.load_seconds = time.perf_counter() - start

@@ -14,7 +14,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         subparsers, "info", help="model config and KV-cache memory per cache type"
     )
     parser.add_argument(
-        "--model", default=None, help="a GGUF file (default: bundled SmolLM2-135M-Instruct)"
+        "--model",
+        default=None,
+        help="a GGUF file, or 'smollm2' / 'gemma3' for a bundled model (default: smollm2)",
     )
     parser.add_argument(
         "--max-length",
@@ -28,15 +30,42 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxkv.io.gguf import config_from_metadata, default_model_path, read_gguf_metadata
+    from jaxkv.engine.model import resolve_model_path
+    from jaxkv.io.gguf import config_from_metadata, read_gguf_metadata
+
+    path = resolve_model_path(args.model)
+    metadata = read_gguf_metadata(path)
+    print(f"model: {path}")
+    if metadata.architecture == "gemma3":
+        return _gemma3(args, metadata)
     from jaxkv.memory import kv_memory_table
 
-    path = default_model_path() if args.model is None else args.model
-    config = config_from_metadata(read_gguf_metadata(path))
-    print(f"model: {path}")
+    config = config_from_metadata(metadata)
     for key, value in config.to_dict().items():
         print(f"  {key}: {value}")
     length = args.max_length or config.max_position_embeddings
     print(f"\nKV cache memory (sequence of {length} tokens, page size {args.page_size}):")
     print(kv_memory_table(config, length, args.page_size))
+    return 0
+
+
+def _gemma3(args: argparse.Namespace, metadata: Any) -> int:
+    import dataclasses
+
+    from jaxkv.io.gguf_gemma3 import gemma3_config_from_metadata
+    from jaxkv.memory import gemma3_memory_table
+
+    config = gemma3_config_from_metadata(metadata)
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name == "layer_kinds":
+            sliding = config.num_layers - len(config.global_layers)
+            value = f"{sliding} sliding-window, global: {list(config.global_layers)}"
+        print(f"  {field.name}: {value}")
+    length = args.max_length or config.max_position_embeddings
+    print(
+        f"\nKV cache memory of one sequence (sliding-window layers on rings of "
+        f"{config.sliding_window} slots, against a cache with every layer global):"
+    )
+    print(gemma3_memory_table(config, length))
     return 0

@@ -4,7 +4,7 @@ contiguous cache), sampling, batched generation, chat sessions and perplexity.""
 from jaxkv.engine.chat import ChatSession
 from jaxkv.engine.engine import Engine
 from jaxkv.engine.generate import generate
-from jaxkv.engine.model import HybridModel, Model
+from jaxkv.engine.model import MODEL_ALIASES, Gemma3Model, HybridModel, Model
 from jaxkv.engine.outputs import Generation, GenerationResult
 from jaxkv.engine.perplexity import PerplexityResult, perplexity
 from jaxkv.engine.requests import (
@@ -29,7 +29,9 @@ __all__ = [
     "EngineStats",
     "Generation",
     "GenerationResult",
+    "Gemma3Model",
     "HybridModel",
+    "MODEL_ALIASES",
     "Model",
     "PerplexityResult",
     "QueueFullError",

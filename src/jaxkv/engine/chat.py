@@ -21,7 +21,7 @@ from typing import Any
 from jaxkv import _validation as v
 from jaxkv._sizes import ceil_div, next_power_of_two
 from jaxkv.engine.engine import Engine
-from jaxkv.engine.model import HybridModel, Model
+from jaxkv.engine.model import ENGINE_MODELS, Model
 from jaxkv.engine.requests import (
     CACHE_KINDS,
     CacheConfig,
@@ -94,9 +94,10 @@ class ChatSession:
         drop_old_turns: bool = False,
     ):
         owner = "ChatSession"
-        if not isinstance(model, Model | HybridModel):
+        if not isinstance(model, ENGINE_MODELS):
             raise TypeError(
-                f"{owner}: model must be a jaxkv Model or HybridModel, got {type(model).__name__}"
+                f"{owner}: model must be a jaxkv Model, Gemma3Model or HybridModel, got "
+                f"{type(model).__name__}"
             )
         v.require_int(owner, "max_length", max_length, minimum=MIN_LENGTH)
         v.require_choice(owner, "cache", cache, CACHE_KINDS)

