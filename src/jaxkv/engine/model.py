@@ -133,11 +133,12 @@ class Model:
 
         dtype = v.require_float_dtype("Model.load", "dtype", dtype)
         resolved = resolve_model_path(path)
-        if read_gguf_metadata(resolved).architecture == "gemma3":
-            return Gemma3Model.load(resolved, dtype)
+        metadata = read_gguf_metadata(resolved)  # parsed once: the tokenizer reads it too
+        if metadata.architecture == "gemma3":
+            return Gemma3Model._load(resolved, dtype, metadata)
         enable_compilation_cache()
         config, params = load_gguf(resolved, dtype=np.float32, device=True)
-        tokenizer = Tokenizer.from_gguf(resolved)
+        tokenizer = Tokenizer.from_metadata(metadata)
         params = params_to_device(params, dtype, consume=True)
         _release_freed_memory()
         return cls(config, params, tokenizer, str(resolved), dtype)
@@ -270,14 +271,21 @@ class Gemma3Model:
             TypeError, ValueError: a bad ``path`` or ``dtype``.
             GGUFError: the file is missing, unreadable, corrupt or not ``gemma3``.
         """
-        from jaxkv.io.gguf_gemma3 import load_gemma3_gguf
-        from jaxkv.io.tokenizer import Tokenizer
+        from jaxkv.io.gguf import read_gguf_metadata
 
         dtype = v.require_float_dtype("Gemma3Model.load", "dtype", dtype)
         resolved = resolve_model_path("gemma3" if path is None else path)
+        return cls._load(resolved, dtype, read_gguf_metadata(resolved))
+
+    @classmethod
+    def _load(cls, resolved: str, dtype: np.dtype, metadata: Any) -> Gemma3Model:
+        """``load`` of a checked path and dtype whose GGUF ``metadata`` is already parsed."""
+        from jaxkv.io.gguf_gemma3 import load_gemma3_gguf
+        from jaxkv.io.tokenizer import Tokenizer
+
         enable_compilation_cache()
         config, params = load_gemma3_gguf(resolved, device=True)
-        tokenizer = Tokenizer.from_gguf(resolved)
+        tokenizer = Tokenizer.from_metadata(metadata)
         params = gemma3_params_to_device(params, dtype)
         _release_freed_memory()
         return cls(config, params, tokenizer, resolved, dtype)
