@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "ops": {"_sizes", "_validation", "abstracts", "kv", "quantization"},
     "pages": {"_sizes"},
     "models": {"_sizes", "_validation", "abstracts", "caches", "errors", "kv", "ops"},
-    "io": {"_validation", "errors", "models"},
+    "io": {"_sizes", "_validation", "abstracts", "caches", "errors", "models"},
     "memory": {"_sizes", "caches", "models", "quantization"},
     "engine": {
         "_sizes",

@@ -1,5 +1,26 @@
-"""Checkpoint and tokenizer readers: GGUF files to NumPy weights, and the GGUF tokenizer."""
+"""Checkpoint and tokenizer readers (GGUF files to NumPy weights, the GGUF tokenizer) and cache
+files on disk (``save_cache`` / ``load_cache``, fingerprinted safetensors files)."""
 
+from jaxkv.errors import (
+    CacheFileCorruptedError,
+    CacheFileError,
+    CacheFileVersionError,
+    CacheTargetMismatchError,
+    FingerprintMismatchError,
+)
+from jaxkv.io.cache_store import (
+    CACHE_LAYOUT_VERSION,
+    CacheFileInfo,
+    CacheFingerprint,
+    LoadedCache,
+    hash_model_file,
+    hash_text,
+    hash_tokens,
+    load_cache,
+    read_cache_info,
+    save_cache,
+    tokenizer_identity,
+)
 from jaxkv.io.gguf import (
     GGUFError,
     GGUFMetadata,
@@ -12,6 +33,15 @@ from jaxkv.io.gguf import (
 from jaxkv.io.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 
 __all__ = [
+    "CACHE_LAYOUT_VERSION",
+    "CacheFileCorruptedError",
+    "CacheFileError",
+    "CacheFileInfo",
+    "CacheFileVersionError",
+    "CacheFingerprint",
+    "CacheTargetMismatchError",
+    "FingerprintMismatchError",
+    "LoadedCache",
     "GGUFError",
     "GGUFMetadata",
     "GGUFTensorInfo",
@@ -20,6 +50,13 @@ __all__ = [
     "TokenizerError",
     "config_from_metadata",
     "default_model_path",
+    "hash_model_file",
+    "hash_text",
+    "hash_tokens",
+    "load_cache",
     "load_gguf",
+    "read_cache_info",
     "read_gguf_metadata",
+    "save_cache",
+    "tokenizer_identity",
 ]
