@@ -49,3 +49,26 @@ def real(
         return value
 
     return parse
+
+
+def add_speculative_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--speculative``, ``--num-draft`` and ``--draft-model`` (speculative decoding)."""
+    parser.add_argument(
+        "--speculative",
+        default="none",
+        choices=("none", "ngram", "draft"),
+        help="speculative decoding: ngram (prompt lookup: drafts copied from the prompt and "
+        "output so far) or draft (a smaller model on the same tokenizer, --draft-model); the "
+        "output is unchanged, the decode faster when drafts are accepted",
+    )
+    parser.add_argument(
+        "--num-draft",
+        type=integer(1, 32),
+        default=4,
+        help="draft tokens proposed per sequence and step (with --speculative)",
+    )
+    parser.add_argument(
+        "--draft-model",
+        default=None,
+        help="with --speculative draft: a GGUF file or a bundled model name",
+    )

@@ -287,7 +287,7 @@ def test_a_failed_step_aborts_its_requests_and_the_engine_goes_on(model, monkeyp
     backend = engine.backend
     real = backend._inputs
 
-    def broken(runtime):
+    def broken(*args):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(backend, "_inputs", broken)

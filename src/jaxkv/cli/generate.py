@@ -15,7 +15,7 @@ import json
 import sys
 from typing import Any
 
-from jaxkv._arguments import integer
+from jaxkv._arguments import add_speculative_arguments, integer
 from jaxkv.cli import _common
 
 DEFAULT_PROMPT = "Write a haiku about caches."
@@ -65,6 +65,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--raw", action="store_true", help="do not wrap the prompt in the chat template"
     )
     _common.add_model_arguments(parser)
+    add_speculative_arguments(parser)
     _common.add_sampling_arguments(parser, 128)
     _common.add_common_arguments(parser)
     return parser
@@ -76,6 +77,10 @@ def usage_error(args: argparse.Namespace) -> str | None:
         return "argument --file: expected either prompt arguments or --file, not both"
     if args.batch and args.file is None:
         return "argument --batch: expected --file FILE (or --file - for standard input)"
+    if args.draft_model is not None and args.speculative != "draft":
+        return "argument --draft-model: expected --speculative draft"
+    if args.speculative == "draft" and args.draft_model is None:
+        return "argument --speculative: 'draft' expects --draft-model FILE"
     return None
 
 
@@ -118,10 +123,13 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxkv.engine import generate
+    from jaxkv.engine import generate, speculative_config
 
     prompts = prompts_of(args)
     model = _common.load(args)
+    speculative = speculative_config(
+        args.speculative, args.num_draft, args.draft_model, dtype=args.dtype
+    )
     inputs: list[Any] = prompts
     if not args.raw and model.tokenizer.chat_template:
         # The user's text is encoded as text: it cannot forge the template's special tokens.
@@ -147,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         kv_quantization=args.kv_quantization,
         max_batch=args.parallel,
         warmup=False,  # the first token before the decode step is compiled
+        speculative=speculative,
     )
     if streaming:
         sys.stdout.write("\n")
@@ -165,7 +174,20 @@ def run(args: argparse.Namespace) -> int:
     )
     for line in timing_summary(result, getattr(args, "load_seconds", None)):
         _common.note(args, line)
+    if speculative is not None:
+        _common.note(args, speculation_summary(args.speculative, result.engine_stats))
     return 0
+
+
+def speculation_summary(method: str, stats: Any) -> str:
+    """One line on how well the drafts did."""
+    drafts = stats.num_draft_tokens
+    share = f" ({100.0 * stats.draft_acceptance_rate:.0f}%)" if drafts else ""
+    return (
+        f"jaxkv:  speculative {method} = {stats.num_accepted_tokens} of {drafts} drafts "
+        f"accepted{share} in {stats.num_verify_steps} verification steps, "
+        f"{stats.tokens_per_verification:.2f} tokens per sequence per verification"
+    )
 
 
 def _one_line(text: str, width: int) -> str:

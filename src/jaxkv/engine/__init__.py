@@ -20,11 +20,20 @@ from jaxkv.engine.requests import (
     UnknownRequestError,
 )
 from jaxkv.engine.sampling import SamplingParams, sample
+from jaxkv.engine.speculative import (
+    Drafter,
+    DraftRequest,
+    NgramDrafter,
+    SpeculativeConfig,
+    speculative_config,
+)
 
 __all__ = [
     "CacheConfig",
     "ChatSession",
     "CompletionOutput",
+    "DraftRequest",
+    "Drafter",
     "Engine",
     "EngineStats",
     "Generation",
@@ -33,6 +42,7 @@ __all__ = [
     "HybridModel",
     "MODEL_ALIASES",
     "Model",
+    "NgramDrafter",
     "PerplexityResult",
     "QueueFullError",
     "RequestError",
@@ -40,9 +50,11 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "SchedulerConfig",
+    "SpeculativeConfig",
     "TokenLogprob",
     "UnknownRequestError",
     "generate",
     "perplexity",
     "sample",
+    "speculative_config",
 ]

@@ -3,7 +3,9 @@
 backend (one ``TransformerCache`` row, or *slot*, per sequence).
 
 A backend knows nothing of requests or sampling. The engine hands it a plan, ``[(sequence,
-num_new_tokens), ...]`` in row order, and gets back the logits of each row's last new token.
+num_new_tokens), ...]`` in row order, and gets back the logits of each row's last new token; in
+a *verification* step (speculative decoding: every row decodes its last token and its drafts)
+the logits of every new token instead, and ``rollback`` then forgets the rejected drafts.
 Every step shape comes from a small fixed set (``shapes()``), so a workload compiles a bounded
 number of functions, all of them before the first token when the engine warms up.
 """
@@ -28,6 +30,18 @@ from jaxkv.pages import PageManager
 Plan = Sequence[tuple[Any, int]]
 """``[(sequence, num_new_tokens), ...]``; a sequence has ``seq_id`` and ``tokens``."""
 
+Shape = tuple[int, int, int]
+"""``(num_tokens, max_query_len, logits_per_row)`` of a step: ``logits_per_row`` is 1, or the
+verification width (a verification step has logits at every new token)."""
+
+
+def verify_indices(starts: np.ndarray, counts: np.ndarray, width: int) -> np.ndarray:
+    """``[rows, width]`` int32 token indices of a verification step: row ``i``'s new tokens
+    start at ``starts[i]``; past its ``counts[i]`` tokens (and on empty rows) the index repeats
+    its last token (those logits are never read)."""
+    columns = np.minimum(np.arange(width)[None, :], np.maximum(counts - 1, 0)[:, None])
+    return (starts[:, None] + columns).astype(np.int32)
+
 
 def mixed_buckets(scheduler: SchedulerConfig, floor: int) -> tuple[int, ...]:
     """Token counts of steps that prefill: ``scheduler.prefill_buckets``, or the budget and a
@@ -50,7 +64,12 @@ class PagedBackend:
     kind = "paged"
 
     def __init__(
-        self, model: Model, cache: CacheConfig, scheduler: SchedulerConfig, max_model_len: int
+        self,
+        model: Model,
+        cache: CacheConfig,
+        scheduler: SchedulerConfig,
+        max_model_len: int,
+        verify_width: int = 0,
     ):
         config = model.config
         self.model = model
@@ -88,13 +107,15 @@ class PagedBackend:
         # matmuls of a step cost what its padded token count costs).
         self.decode_buckets = tuple(sorted({self.rows, max(1, self.rows // 4)}))
         self.mixed = mixed_buckets(scheduler, self.rows)
+        self.verify_width = verify_width
+        verify = [b * verify_width for b in self.decode_buckets] if verify_width else []
         self.manager = PageManager(
             num_pages,
             page_size,
             self.rows,
             max_pages_per_seq,
             enable_prefix_caching=cache.enable_prefix_caching,
-            token_buckets=sorted({*self.decode_buckets, *self.mixed}),
+            token_buckets=sorted({*self.decode_buckets, *self.mixed, *verify}),
         )
         self.cache = PagedCache.init_cache(self.metadata)
         self.page_size = page_size
@@ -116,6 +137,16 @@ class PagedBackend:
     def append(self, seq: Any, token: int) -> None:
         self.manager.append_tokens(seq.seq_id, [token])
 
+    def speculate(self, seq: Any, drafts: Sequence[int]) -> None:
+        """The drafts join the sequence's known tokens (the next step computes them)."""
+        self.manager.append_tokens(seq.seq_id, list(drafts))
+
+    def rollback(self, seq: Any, num_tokens: int) -> None:
+        """Keep the sequence's first ``num_tokens`` tokens: pages left empty go back to the
+        pool; pages the prefix cache took stay valid (their key/values belong to their own
+        tokens, rejected drafts or not)."""
+        self.manager.truncate(seq.seq_id, num_tokens)
+
     def fits(self, plan: Plan) -> bool:
         batch = [(seq.seq_id, count) for seq, count in plan]
         return self.manager.pages_needed(batch) <= self.manager.num_available_pages
@@ -126,34 +157,57 @@ class PagedBackend:
 
     # -- steps -----------------------------------------------------------------------------
 
-    def shapes(self) -> list[tuple[int, int]]:
-        """Every ``(num_tokens, max_query_len)`` a step may take."""
-        return [*((b, 1) for b in self.decode_buckets), *((b, b) for b in self.mixed)]
+    def shapes(self) -> list[Shape]:
+        """Every ``(num_tokens, max_query_len, logits_per_row)`` a step may take."""
+        width = self.verify_width
+        verify = [(b * width, width, width) for b in self.decode_buckets] if width else []
+        return [
+            *((b, 1, 1) for b in self.decode_buckets),
+            *((b, b, 1) for b in self.mixed),
+            *verify,
+        ]
 
-    def _shape(self, counts: list[int]) -> tuple[int, int]:
+    def _shape(self, counts: list[int], verify: bool) -> Shape:
         total, longest = sum(counts), max(counts)
+        if verify:
+            width = self.verify_width
+            return next(b for b in self.decode_buckets if b >= len(counts)) * width, width, width
         if longest == 1 and total <= self.rows:
-            return next(b for b in self.decode_buckets if b >= total), 1
+            return next(b for b in self.decode_buckets if b >= total), 1, 1
         bucket = next(b for b in self.mixed if b >= total)
-        return bucket, bucket
+        return bucket, bucket, 1
 
-    def _split(self, width: int) -> int:
-        """The leading rows that may prefill (the others decode one token)."""
+    def _split(self, shape: Shape) -> int:
+        """The leading rows that may prefill (the others decode one token); every row of a
+        verification step takes several tokens."""
+        _, width, logits_per_row = shape
+        if logits_per_row > 1:
+            return 0
         return self.max_prefill_rows if width > 1 and self.max_prefill_rows < self.rows else 0
 
-    def _inputs(self, runtime: Any) -> tuple[Any, ...]:
-        return (self.model.params, self.cache, runtime.token_ids, runtime, runtime.logits_indices)
+    def _inputs(self, runtime: Any, logits_per_row: int) -> tuple[Any, ...]:
+        indices = runtime.logits_indices
+        if logits_per_row > 1:
+            starts = np.asarray(runtime.query_start_loc)
+            counts = np.diff(starts)
+            indices = jnp.asarray(verify_indices(starts[:-1], counts, logits_per_row).reshape(-1))
+        return (self.model.params, self.cache, runtime.token_ids, runtime, indices)
 
-    def run(self, plan: Plan, on_compile: Callable[[float], None]) -> tuple[jax.Array, list[int]]:
-        """Run one step: ``(logits [rows, vocab], logits row of each plan entry)``."""
+    def run(
+        self, plan: Plan, on_compile: Callable[[float], None], verify: bool = False
+    ) -> tuple[jax.Array, list[int]]:
+        """Run one step: ``(logits [rows, vocab], logits row of each plan entry)``; with
+        ``verify``, ``logits [rows * verify_width, vocab]`` and each entry's first row (its
+        ``i``-th new token at ``row + i``)."""
         manager = self.manager
         step = manager.schedule([(seq.seq_id, count) for seq, count in plan])
         try:
-            tokens, width = self._shape([count for _, count in plan])
+            shape = self._shape([count for _, count in plan], verify)
+            tokens, width, logits_per_row = shape
             runtime = paged_runtime(
-                step, num_tokens=tokens, max_query_len=width, prefill_rows=self._split(width)
+                step, num_tokens=tokens, max_query_len=width, prefill_rows=self._split(shape)
             )
-            args = self._inputs(runtime)
+            args = self._inputs(runtime, logits_per_row)
             compiled, seconds = compiled_forward(self.model.config, *args)
             if seconds:
                 on_compile(seconds)
@@ -162,11 +216,11 @@ class PagedBackend:
             manager.abandon_step(step)  # the step's sequences are freed; the engine drops them
             raise
         manager.commit_step(step)
-        return logits, list(range(len(plan)))
+        return logits, [row * logits_per_row for row in range(len(plan))]
 
-    def warm(self, shape: tuple[int, int]) -> float:
+    def warm(self, shape: Shape) -> float:
         """Compile one step shape (on an empty step of that shape); seconds spent."""
-        tokens, width = shape
+        tokens, width, logits_per_row = shape
         manager = PageManager(
             self.metadata.num_pages,
             self.metadata.page_size,
@@ -178,12 +232,12 @@ class PagedBackend:
         manager.add_sequence("warm", [0] * count)
         step = manager.schedule([("warm", count)])
         runtime = paged_runtime(
-            step, num_tokens=tokens, max_query_len=width, prefill_rows=self._split(width)
+            step, num_tokens=tokens, max_query_len=width, prefill_rows=self._split(shape)
         )
         # Slots of -1 write nothing: the step runs once (a first run costs more than later
         # ones) without touching a page.
         runtime = runtime.replace(slot_mapping=jnp.full_like(runtime.slot_mapping, -1))
-        args = self._inputs(runtime)
+        args = self._inputs(runtime, logits_per_row)
         compiled, spent = compiled_forward(self.model.config, *args)
         logits, self.cache = compiled(*args)
         logits.block_until_ready()
@@ -200,6 +254,15 @@ def _copy_rows(cache: Any, indices: jax.Array) -> Any:
     return cache.reorder(indices)
 
 
+_KEEP_ROW = 2**30
+"""A ``truncate`` length past any row's length: under ``jit`` such a row keeps its tokens."""
+
+
+@jax.jit
+def _truncate_rows(cache: Any, lengths: jax.Array) -> Any:
+    return cache.truncate(lengths)
+
+
 class ContiguousBackend:
     """One ``max_model_len`` row of a ``TransformerCache`` per sequence.
 
@@ -212,10 +275,16 @@ class ContiguousBackend:
     kind = "contiguous"
 
     def __init__(
-        self, model: Model, cache: CacheConfig, scheduler: SchedulerConfig, max_model_len: int
+        self,
+        model: Model,
+        cache: CacheConfig,
+        scheduler: SchedulerConfig,
+        max_model_len: int,
+        verify_width: int = 0,
     ):
         self.model = model
         self.rows = scheduler.max_num_seqs
+        self.verify_width = verify_width
         self.budget = scheduler.max_num_batched_tokens
         # Every row of the layout pays for the widest one: the chunk is the budget per row.
         self.max_row_tokens = max(16, self.budget // self.rows // 16 * 16)
@@ -229,6 +298,7 @@ class ContiguousBackend:
         self.free_slots = list(range(self.rows))
         self.slot_of: dict[Hashable, int] = {}
         self.to_reset: set[int] = set()
+        self.to_truncate: dict[int, int] = {}
 
     def admit(self, seq: Any) -> int:
         slot = self.free_slots.pop(0)
@@ -245,13 +315,20 @@ class ContiguousBackend:
     def fork(self, parent: Any, child: Any) -> None:
         slot = self.free_slots.pop(0)
         self.slot_of[child.seq_id] = slot
-        self._flush_resets()
+        self._flush()
         indices = np.arange(self.rows, dtype=np.int32)
         indices[slot] = self.slot_of[parent.seq_id]
         self.cache = _copy_rows(self.cache, jnp.asarray(indices))
 
     def append(self, seq: Any, token: int) -> None:
         pass
+
+    def speculate(self, seq: Any, drafts: Sequence[int]) -> None:
+        pass
+
+    def rollback(self, seq: Any, num_tokens: int) -> None:
+        """Keep the row's first ``num_tokens`` tokens (applied before the next step)."""
+        self.to_truncate[self.slot_of[seq.seq_id]] = num_tokens
 
     def fits(self, plan: Plan) -> bool:
         return True
@@ -260,28 +337,45 @@ class ContiguousBackend:
     def pages_used(self) -> int:
         return 0
 
-    def _flush_resets(self) -> None:
+    def _flush(self) -> None:
+        """Apply the pending row resets and rollbacks."""
         if self.to_reset:
             mask = np.zeros((self.rows,), bool)
             mask[list(self.to_reset)] = True
             self.cache = _reset_rows(self.cache, jnp.asarray(mask))
             self.to_reset.clear()
+        if self.to_truncate:
+            lengths = np.full((self.rows,), _KEEP_ROW, np.int32)
+            for slot, length in self.to_truncate.items():
+                lengths[slot] = length
+            self.cache = _truncate_rows(self.cache, jnp.asarray(lengths))
+            self.to_truncate.clear()
 
-    def shapes(self) -> list[tuple[int, int]]:
-        return [(self.rows, 1), *((self.rows * b, b) for b in self.mixed)]
+    def shapes(self) -> list[Shape]:
+        width = self.verify_width
+        verify = [(self.rows * width, width, width)] if width else []
+        return [(self.rows, 1, 1), *((self.rows * b, b, 1) for b in self.mixed), *verify]
 
     def _width(self, counts: list[int]) -> int:
         longest = max(counts)
         return 1 if longest == 1 else next(b for b in self.mixed if b >= longest)
 
-    def _inputs(self, tokens: np.ndarray, counts: np.ndarray) -> tuple[Any, ...]:
+    def _inputs(self, tokens: np.ndarray, counts: np.ndarray, verify: bool) -> tuple[Any, ...]:
         runtime = self.model.rows_runtime(counts)
-        last = jnp.asarray(np.maximum(counts - 1, 0))
-        return (self.model.params, self.cache, jnp.asarray(tokens), runtime, last)
+        if verify:
+            starts = np.zeros_like(counts)
+            indices = jnp.asarray(verify_indices(starts, counts, tokens.shape[1]))
+        else:
+            indices = jnp.asarray(np.maximum(counts - 1, 0))
+        return (self.model.params, self.cache, jnp.asarray(tokens), runtime, indices)
 
-    def run(self, plan: Plan, on_compile: Callable[[float], None]) -> tuple[jax.Array, list[int]]:
-        self._flush_resets()
-        width = self._width([count for _, count in plan])
+    def run(
+        self, plan: Plan, on_compile: Callable[[float], None], verify: bool = False
+    ) -> tuple[jax.Array, list[int]]:
+        """Run one step (see ``PagedBackend.run``); a row's logits sit at its slot (times the
+        verification width)."""
+        self._flush()
+        width = self.verify_width if verify else self._width([count for _, count in plan])
         tokens = np.zeros((self.rows, width), np.int32)
         counts = np.zeros((self.rows,), np.int32)
         rows = []
@@ -290,18 +384,21 @@ class ContiguousBackend:
             start = seq.num_computed
             tokens[slot, :count] = seq.tokens[start : start + count]
             counts[slot] = count
-            rows.append(slot)
-        args = self._inputs(tokens, counts)
+            rows.append(slot * width if verify else slot)
+        args = self._inputs(tokens, counts, verify)
         compiled, seconds = self._compiled(args)
         if seconds:
             on_compile(seconds)
         logits, self.cache = compiled(*args)
+        if verify:
+            logits = logits.reshape(-1, logits.shape[-1])
         return logits, rows
 
-    def warm(self, shape: tuple[int, int]) -> float:
-        width = shape[1]
+    def warm(self, shape: Shape) -> float:
+        _, width, logits_per_row = shape
         counts = np.zeros((self.rows,), np.int32)
-        args = self._inputs(np.zeros((self.rows, width), np.int32), counts)
+        tokens = np.zeros((self.rows, width), np.int32)
+        args = self._inputs(tokens, counts, logits_per_row > 1)
         compiled, spent = self._compiled(args)
         logits, self.cache = compiled(*args)  # no row takes a token: nothing is written
         logits.block_until_ready()
@@ -312,7 +409,13 @@ class ContiguousBackend:
 
 
 def make_backend(
-    model: Model, cache: CacheConfig, scheduler: SchedulerConfig, max_model_len: int
+    model: Model,
+    cache: CacheConfig,
+    scheduler: SchedulerConfig,
+    max_model_len: int,
+    verify_width: int = 0,
 ) -> PagedBackend | ContiguousBackend:
+    """The backend ``cache.kind`` names; ``verify_width > 0`` adds verification steps of that
+    many tokens per row (speculative decoding)."""
     backend = PagedBackend if cache.kind == "paged" else ContiguousBackend
-    return backend(model, cache, scheduler, max_model_len)
+    return backend(model, cache, scheduler, max_model_len, verify_width)

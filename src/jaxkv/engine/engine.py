@@ -18,6 +18,12 @@ On the paged backend (the default):
   and it is recomputed later from its tokens, so it still ends with the output it would have had
   alone.
 
+With ``speculative=SpeculativeConfig(...)`` (see ``jaxkv.engine.speculative``), a step in which
+every scheduled sequence decodes becomes a verification step: each sequence also computes the
+tokens its drafter proposes, keeps those the model agrees with and one token of its own, and
+rolls the rest back. The output is the output of plain decoding (greedy, or sampled with the
+same seed), in fewer steps when the drafts are good.
+
 Step shapes come from a fixed, small set (see ``jaxkv.engine.backends``); ``warmup()`` compiles
 them all, so nothing compiles once tokens flow. Sampling runs in its own jitted function
 (``jaxkv.engine.sampler``) with per-row settings.
@@ -38,6 +44,7 @@ import numpy as np
 
 from jaxkv.compilation import enable_compilation_cache
 from jaxkv.engine.backends import make_backend
+from jaxkv.engine.draft_model import make_drafter
 from jaxkv.engine.model import ENGINE_MODELS, Model
 from jaxkv.engine.outputs import RowProgress
 from jaxkv.engine.requests import (
@@ -54,6 +61,7 @@ from jaxkv.engine.requests import (
 )
 from jaxkv.engine.sampler import sample_rows
 from jaxkv.engine.sampling import SamplingParams
+from jaxkv.engine.speculative import DraftRequest, SpeculativeConfig, accepted_length
 
 Prompt = str | Sequence[int] | Sequence[Mapping[str, Any]]
 """Text, token ids, or chat messages ``[{"role": ..., "content": ...}, ...]``."""
@@ -79,6 +87,7 @@ class _Choice:
         self.emitted_text = ""
         self.reported_text = 0
         self.reported_tokens = 0
+        self.drafts: list[int] = []  # this step's draft tokens (the tail of ``tokens``)
 
     @property
     def cache_salt(self) -> str | None:
@@ -128,6 +137,7 @@ class Engine:
         model: from ``Model.load`` (or ``Model.tiny``).
         cache_config: the cache (paged by default).
         scheduler_config: the step budget and limits.
+        speculative: speculative decoding (off by default).
     """
 
     def __init__(
@@ -135,6 +145,7 @@ class Engine:
         model: Model,
         cache_config: CacheConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
+        speculative: SpeculativeConfig | None = None,
     ):
         if not isinstance(model, ENGINE_MODELS):
             raise TypeError(
@@ -170,7 +181,16 @@ class Engine:
                 f"Engine: max_model_len={max_model_len} exceeds the model's context of {context}"
             )
         self.max_model_len = max_model_len
-        self.backend = make_backend(model, cache_config, scheduler_config, max_model_len)
+        self.speculative = self._check_speculative(speculative)
+        self.drafter = None
+        if speculative is not None:
+            self.drafter = make_drafter(
+                speculative, model.vocab_size, scheduler_config.max_num_seqs, max_model_len
+            )
+        verify_width = 0 if speculative is None else speculative.verify_width
+        self.backend = make_backend(
+            model, cache_config, scheduler_config, max_model_len, verify_width
+        )
         self.eos_ids = model.eos_token_ids
         self._requests: dict[str, _Request] = {}
         self._waiting: collections.deque[_Choice] = collections.deque()
@@ -181,6 +201,32 @@ class Engine:
         self._counters = collections.Counter()
         self._peak_pages = 0
         self.compile_seconds = 0.0
+
+    def _check_speculative(self, speculative: SpeculativeConfig | None) -> SpeculativeConfig | None:
+        if speculative is None:
+            return None
+        if not isinstance(speculative, SpeculativeConfig):
+            raise TypeError(
+                f"Engine: speculative must be a SpeculativeConfig or None, got "
+                f"{type(speculative).__name__}"
+            )
+        if not getattr(self.model, "supports_rollback", False):
+            raise ValueError(
+                f"Engine: speculative decoding needs a cache that can roll rejected drafts "
+                f"back; {type(self.model).__name__} cannot yet "
+                f"({getattr(self.model, 'rollback_refusal', 'no rollback')})"
+            )
+        width = speculative.verify_width
+        if (
+            self.scheduler_config.max_num_seqs * width
+            > self.scheduler_config.max_num_batched_tokens
+        ):
+            raise ValueError(
+                f"Engine: a verification step of max_num_seqs={self.scheduler_config.max_num_seqs}"
+                f" rows of num_draft_tokens + 1 = {width} tokens exceeds max_num_batched_tokens="
+                f"{self.scheduler_config.max_num_batched_tokens}; raise the budget or draft fewer"
+            )
+        return speculative
 
     # -- requests --------------------------------------------------------------------------
 
@@ -339,6 +385,8 @@ class Engine:
         if choice in self._waiting:
             self._waiting.remove(choice)
         self.backend.release(choice)
+        if self.drafter is not None:
+            self.drafter.release(choice.seq_id)
 
     def _finish_request(self, request: _Request) -> None:
         request.metrics.finished_time = time.perf_counter()
@@ -363,6 +411,8 @@ class Engine:
     def _preempt(self, choice: _Choice) -> None:
         self._running.remove(choice)
         self.backend.release(choice)
+        if self.drafter is not None:
+            self.drafter.release(choice.seq_id)
         choice.num_computed = 0
         self._waiting.appendleft(choice)
         self._counters["preemptions"] += 1
@@ -423,7 +473,60 @@ class Engine:
             prefills += count > 1
         # Rows that prefill come first: attention lays them out at full width.
         plan.sort(key=lambda entry: entry[1] == 1)
+        if self.drafter is not None and plan and not preempted:
+            plan = self._speculate(plan)
         return plan
+
+    def _speculate(self, plan: list[tuple[_Choice, int]]) -> list[tuple[_Choice, int]]:
+        """Turn a step in which every sequence decodes into a verification step: each gets the
+        drafts its drafter proposes (at most ``num_draft_tokens``, none past its ``max_tokens``
+        or ``max_model_len``, all within the step's token budget). Unchanged when a sequence
+        prefills or no drafter proposes anything."""
+        if any(
+            count != 1 or choice.num_computed + 1 != len(choice.tokens) for choice, count in plan
+        ):
+            return plan
+        k = self.speculative.num_draft_tokens
+        spare = self.backend.budget - len(plan)
+        asks = []
+        for choice, _ in plan:
+            left = choice.request.sampling.max_tokens - len(choice.generated) - 1
+            room = self.max_model_len - len(choice.tokens)
+            asks.append(DraftRequest(choice.seq_id, choice.tokens, max(0, min(k, left, room))))
+        proposals = self.drafter.propose(asks)
+        verify = []
+        for (choice, _), ask, drafts in zip(plan, asks, proposals, strict=True):
+            drafts = [int(t) for t in drafts[: min(ask.max_drafts, spare)]]
+            spare -= len(drafts)
+            verify.append((choice, drafts))
+        if not any(drafts for _, drafts in verify):
+            return plan
+        vocab = self.model.vocab_size
+        for _, drafts in verify:
+            if any(not 0 <= t < vocab for t in drafts):
+                raise ValueError(
+                    f"Engine: the drafter proposed token ids outside [0, {vocab}): {drafts}"
+                )
+        for choice, drafts in verify:
+            if drafts:
+                self.backend.speculate(choice, drafts)
+                choice.tokens.extend(drafts)
+                choice.drafts = drafts
+        planned = [(choice, 1 + len(drafts)) for choice, drafts in verify]
+        if self.backend.fits(planned):
+            return planned
+        for choice, drafts in verify:  # no pages for the drafts: decode plainly
+            if drafts:
+                self._forget_drafts(choice, len(choice.tokens) - len(drafts))
+        return plan
+
+    def _forget_drafts(self, choice: _Choice, keep: int) -> None:
+        """The sequence keeps its first ``keep`` tokens (``keep`` at least its tokens before
+        this step's drafts)."""
+        self.backend.rollback(choice, keep)
+        del choice.tokens[keep:]
+        choice.num_computed = min(choice.num_computed, keep)
+        choice.drafts = []
 
     def _prefix_in_flight(self, choice: _Choice) -> bool:
         """Whether a running sequence is still computing the first page of ``choice``'s
@@ -473,8 +576,9 @@ class Engine:
         self._counters["compiled"] += 1
 
     def _run(self, plan: list[tuple[_Choice, int]]) -> None:
+        verify = any(choice.drafts for choice, _ in plan)
         try:
-            logits, rows = self.backend.run(plan, self._on_compile)
+            logits, rows = self.backend.run(plan, self._on_compile, verify=verify)
         except BaseException:
             # The step's sequences may be half written: their requests end as aborted (their
             # outputs come with the next step) and the error goes to the caller.
@@ -483,6 +587,7 @@ class Engine:
                     self.abort(request.request_id)
             raise
         self._counters["steps"] += 1
+        self._counters["verify_steps"] += verify
         draws: list[tuple[_Choice, int]] = []
         forks: list[_Request] = []
         for (choice, count), row in zip(plan, rows, strict=True):
@@ -497,7 +602,17 @@ class Engine:
         if draws:
             self._draw(logits, draws)
 
-    def _knobs(self, draws: list[tuple[_Choice, int]], rows: int) -> dict[str, jax.Array]:
+    @staticmethod
+    def _positions(draws: list[tuple[_Choice, int]]) -> list[tuple[_Choice, int, int]]:
+        """``(choice, logits row, offset)`` of every token to draw: one per choice, or in a
+        verification step one after its last token and after each of its drafts."""
+        return [
+            (choice, row + offset, offset)
+            for choice, row in draws
+            for offset in range(len(choice.drafts) + 1)
+        ]
+
+    def _knobs(self, draws: list[tuple[_Choice, int, int]], rows: int) -> dict[str, jax.Array]:
         vocab = self.model.vocab_size
         arrays = {
             "temperature": np.zeros(rows, np.float32),
@@ -511,7 +626,7 @@ class Engine:
             "choice": np.zeros(rows, np.int32),
             "counter": np.zeros(rows, np.int32),
         }
-        for choice, row in draws:
+        for choice, row, offset in draws:
             s = choice.request.sampling
             arrays["temperature"][row] = s.temperature
             arrays["top_k"][row] = vocab if s.top_k is None else min(s.top_k, vocab)
@@ -522,30 +637,36 @@ class Engine:
             arrays["frequency"][row] = s.frequency_penalty
             arrays["seed"][row] = choice.request.seed
             arrays["choice"][row] = choice.index
-            arrays["counter"][row] = len(choice.generated)
+            # The i-th token after a verification's last computed token is output token
+            # len(generated) + i: the PRNG stream plain decoding would draw it with.
+            arrays["counter"][row] = len(choice.generated) + offset
         return {name: jnp.asarray(array) for name, array in arrays.items()}
 
-    def _history(self, draws: list[tuple[_Choice, int]], rows: int) -> tuple[jax.Array, ...]:
+    def _history(self, draws: list[tuple[_Choice, int, int]], rows: int) -> tuple[jax.Array, ...]:
         vocab = self.model.vocab_size
         seen = np.zeros((rows, vocab), bool)
         counts = np.zeros((rows, vocab), np.int32)
-        for choice, row in draws:
+        for choice, row, offset in draws:
             if choice.request.sampling.uses_penalties:
-                seen[row, choice.tokens] = True
-                if choice.generated:
-                    counts[row] = np.bincount(choice.generated, minlength=vocab)
+                # What plain decoding would have seen: everything before this draft position.
+                known = len(choice.tokens) - len(choice.drafts) + offset
+                seen[row, choice.tokens[:known]] = True
+                output = choice.generated + choice.drafts[:offset]
+                if output:
+                    counts[row] = np.bincount(output, minlength=vocab)
         return jnp.asarray(seen), jnp.asarray(counts)
 
     def _draw(self, logits: jax.Array, draws: list[tuple[_Choice, int]]) -> None:
         rows = logits.shape[0]
+        positions = self._positions(draws)
         settings = [choice.request.sampling for choice, _ in draws]
         penalties = any(s.uses_penalties for s in settings)
         wanted = [s.logprobs for s in settings if s.logprobs is not None]
         num_logprobs = None if not wanted else max(wanted)
         tokens, logprobs = sample_rows(
             logits,
-            self._knobs(draws, rows),
-            self._history(draws, rows) if penalties else None,
+            self._knobs(positions, rows),
+            self._history(positions, rows) if penalties else None,
             penalties=penalties,
             num_logprobs=num_logprobs,
             any_sampled=any(not s.greedy for s in settings),
@@ -555,31 +676,53 @@ class Engine:
             logprobs = [np.asarray(a) for a in logprobs]
         now = time.perf_counter()
         for choice, row in draws:
-            token = int(tokens[row])
-            request = choice.request
-            if choice.logits is not None:
-                choice.logits.append(np.asarray(logits[row], np.float32))
-            if choice.logprobs is not None and logprobs is not None:
-                chosen, top_ids, top_values = logprobs
-                n = request.sampling.logprobs
-                pairs = zip(top_ids[row, :n], top_values[row, :n], strict=True)
-                top = tuple((int(i), float(p)) for i, p in pairs)
-                choice.logprobs.append(TokenLogprob(token, float(chosen[row]), top))
-            choice.generated.append(token)
-            self._counters["generated_tokens"] += 1
-            if request.metrics.first_token_time is None:
-                request.metrics.first_token_time = now
-            if choice.index == 0:
-                request.metrics.token_times.append(now)
-            choice.text.push(token, request.sampling.max_tokens)
-            self._changed[request.request_id] = request
-            if choice.finished:
-                self._drop(choice)
-            else:
-                choice.tokens.append(token)
-                self.backend.append(choice, token)
-            if request.finished:
-                self._finish_request(request)
+            drafts = choice.drafts
+            sampled = [int(t) for t in tokens[row : row + len(drafts) + 1]]
+            accepted = accepted_length(sampled, drafts)
+            if drafts:
+                # Keep the drafts the model agrees with; the rest are rolled back.
+                self._counters["verified_sequences"] += 1
+                self._counters["draft_tokens"] += len(drafts)
+                self._counters["accepted_tokens"] += accepted
+                self._forget_drafts(choice, len(choice.tokens) - len(drafts) + accepted)
+            for offset, token in enumerate(sampled[: accepted + 1]):
+                self._emit(choice, token, row + offset, logits, logprobs, now)
+                if choice.finished:
+                    self._drop(choice)
+                    break
+                if offset == accepted:  # the model's own token: not computed yet
+                    choice.tokens.append(token)
+                    self.backend.append(choice, token)
+            if choice.request.finished:
+                self._finish_request(choice.request)
+
+    def _emit(
+        self,
+        choice: _Choice,
+        token: int,
+        row: int,
+        logits: jax.Array,
+        logprobs: list[np.ndarray] | None,
+        now: float,
+    ) -> None:
+        """Record one drawn token (drawn from ``logits[row]``) as the choice's next output."""
+        request = choice.request
+        if choice.logits is not None:
+            choice.logits.append(np.asarray(logits[row], np.float32))
+        if choice.logprobs is not None and logprobs is not None:
+            chosen, top_ids, top_values = logprobs
+            n = request.sampling.logprobs
+            pairs = zip(top_ids[row, :n], top_values[row, :n], strict=True)
+            top = tuple((int(i), float(p)) for i, p in pairs)
+            choice.logprobs.append(TokenLogprob(token, float(chosen[row]), top))
+        choice.generated.append(token)
+        self._counters["generated_tokens"] += 1
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+        if choice.index == 0:
+            request.metrics.token_times.append(now)
+        choice.text.push(token, request.sampling.max_tokens)
+        self._changed[request.request_id] = request
 
     def _output(self, request: _Request) -> RequestOutput:
         outputs = []
@@ -665,12 +808,14 @@ class Engine:
             if seconds:
                 self._on_compile(seconds)
         rows = self.backend.rows
-        logits = jnp.zeros((rows, self.model.vocab_size), jnp.float32)
-        knobs = self._knobs([], rows)
-        for any_sampled in (False, True):
-            sample_rows(
-                logits, knobs, None, penalties=False, num_logprobs=None, any_sampled=any_sampled
-            )[0].block_until_ready()
+        widths = [1] if self.speculative is None else [1, self.speculative.verify_width]
+        for width in widths:
+            logits = jnp.zeros((rows * width, self.model.vocab_size), jnp.float32)
+            knobs = self._knobs([], rows * width)
+            for any_sampled in (False, True):
+                sample_rows(
+                    logits, knobs, None, penalties=False, num_logprobs=None, any_sampled=any_sampled
+                )[0].block_until_ready()
         return time.perf_counter() - start
 
     def stats(self) -> EngineStats:
@@ -692,6 +837,10 @@ class Engine:
             num_generated_tokens=self._counters["generated_tokens"],
             num_compiled_shapes=self._counters["compiled"],
             peak_pages_used=self._peak_pages,
+            num_verify_steps=self._counters["verify_steps"],
+            num_verified_sequences=self._counters["verified_sequences"],
+            num_draft_tokens=self._counters["draft_tokens"],
+            num_accepted_tokens=self._counters["accepted_tokens"],
         )
 
 

@@ -22,6 +22,7 @@ from jaxkv.engine.model import Model
 from jaxkv.engine.outputs import Generation, GenerationResult
 from jaxkv.engine.requests import CacheConfig, SchedulerConfig
 from jaxkv.engine.sampling import SamplingParams
+from jaxkv.engine.speculative import SpeculativeConfig
 from jaxkv.quantization import CODECS
 
 CacheKind = Literal["contiguous", "paged"]
@@ -67,6 +68,7 @@ def generate_engine(
     page_size: int = 16,
     kv_quantization: str = "none",
     max_batch: int | None = None,
+    speculative: SpeculativeConfig | None = None,
 ) -> Engine:
     """An engine sized for these prompts: one row each (at most ``max_batch``; the others wait
     for a free row), room for every running prompt with ``max_new_tokens`` more, every running
@@ -84,6 +86,8 @@ def generate_engine(
     else:
         budget = next_power_of_two(sum(len(p) for p in running), 16)
         budget = max(min(budget, _MAX_PREFILL_TOKENS), next_power_of_two(rows, 16))
+    if speculative is not None:  # a verification step computes every row's drafts at once
+        budget = max(budget, next_power_of_two(rows * speculative.verify_width, 16))
     pages = sum(ceil_div(len(p) + max_new_tokens, page_size) + 1 for p in running)
     return Engine(
         model,
@@ -101,6 +105,7 @@ def generate_engine(
             max_waiting=max(len(prompt_ids), 1),
             prefill_buckets=(budget,),
         ),
+        speculative=speculative,
     )
 
 
@@ -123,6 +128,7 @@ def generate(
     on_progress: Callable[[str], None] | None = None,
     max_batch: int | None = None,
     warmup: bool = True,
+    speculative: SpeculativeConfig | None = None,
 ) -> GenerationResult:
     """Generate continuations of a batch of prompts.
 
@@ -149,6 +155,9 @@ def generate(
             first used, so the first token comes sooner (the decode step compiles after it).
             The prefill and decode times exclude compiling either way; the per-prompt
             ``time_to_first_token`` is the wall time and includes it.
+        speculative: speculative decoding (``jaxkv.engine.SpeculativeConfig``); the output is
+            the output without it (token for token), the decode steps fewer when the drafts
+            are good.
 
     Returns:
         A ``GenerationResult`` with one ``Generation`` per prompt and timings (compilation
@@ -182,6 +191,7 @@ def generate(
         page_size=page_size,
         kv_quantization=kv_quantization,
         max_batch=max_batch,
+        speculative=speculative,
     )
     if warmup:
         engine.warmup(on_progress)
@@ -255,6 +265,7 @@ def generate(
         steps,
         engine.compile_seconds,
         sum(len(p) for p in prompt_ids[:first_batch]),
+        engine.stats(),
     )
 
 

@@ -76,6 +76,8 @@ class Model:
     forward_function = staticmethod(forward)
     supports_paged = True
     paged_refusal = ""
+    supports_rollback = True  # speculative decoding: rejected drafts are rolled back
+    rollback_refusal = ""
 
     @property
     def vocab_size(self) -> int:
@@ -110,6 +112,19 @@ class Model:
     def rows_runtime(counts: Any) -> TransformerRuntimeMetadata:
         """The runtime of a step where row ``r`` takes ``counts[r]`` new tokens."""
         return TransformerRuntimeMetadata.create(counts)
+
+    def truncated(self, num_layers: int) -> Model:
+        """A copy that keeps only the first ``num_layers`` layers (same embeddings, final norm
+        and head, same tokenizer): a cheap draft model for speculative decoding."""
+        v.require_int("Model.truncated", "num_layers", num_layers, minimum=1)
+        if num_layers > self.config.num_layers:
+            raise ValueError(
+                f"Model.truncated: num_layers={num_layers} exceeds the model's "
+                f"{self.config.num_layers} layers"
+            )
+        config = dataclasses.replace(self.config, num_layers=num_layers)
+        params = {**self.params, "layers": self.params["layers"][:num_layers]}
+        return dataclasses.replace(self, config=config, params=params)
 
     @classmethod
     def load(
@@ -229,6 +244,8 @@ class Gemma3Model:
     forward_function = staticmethod(gemma3_forward)
     supports_paged = False
     paged_refusal = "its sliding-window layers keep rings, which the paged backend does not drive"
+    supports_rollback = False
+    rollback_refusal = "its sliding-window rings overwrite the slots a rollback would need"
 
     @property
     def vocab_size(self) -> int:
@@ -314,6 +331,8 @@ class HybridModel:
         "its recurrent states live one per row and a prefix-cache hit would skip tokens they "
         "never saw"
     )
+    supports_rollback = False
+    rollback_refusal = "its recurrent layers keep one state per row, not one per token"
 
     @property
     def vocab_size(self) -> int:

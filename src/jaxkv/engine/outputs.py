@@ -4,6 +4,7 @@ of one row while it runs (``RowProgress``: tokens, streamed text, stop strings, 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,7 @@ class GenerationResult:
         decode_steps: engine steps in ``decode_seconds``.
         compile_seconds: compilation before the run (not in the other times).
         prefill_tokens: prompt tokens of the first batch (those ``prefill_seconds`` covers).
+        engine_stats: the engine's counters at the end (steps, speculative drafts accepted).
     """
 
     generations: list[Generation]
@@ -53,6 +55,7 @@ class GenerationResult:
     decode_steps: int
     compile_seconds: float = 0.0
     prefill_tokens: int | None = None
+    engine_stats: Any = None
 
     @property
     def total_seconds(self) -> float:

@@ -222,6 +222,23 @@ class EngineStats:
     num_generated_tokens: int
     num_compiled_shapes: int
     peak_pages_used: int
+    num_verify_steps: int = 0
+    num_verified_sequences: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        """Share of proposed draft tokens the model accepted (speculative decoding)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def tokens_per_verification(self) -> float:
+        """Output tokens one sequence got from one verification, on average: its accepted
+        drafts plus the model's own token (1.0: speculation gained nothing)."""
+        if not self.num_verified_sequences:
+            return 0.0
+        return 1.0 + self.num_accepted_tokens / self.num_verified_sequences
 
     @property
     def prefix_hit_rate(self) -> float:

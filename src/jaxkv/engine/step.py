@@ -21,17 +21,21 @@ from jaxkv.models.llama import forward
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
 def forward_step(params, cache, token_ids, runtime, logits_indices, *, config):
     """``(logits [rows, vocab] float32, cache)``: the forward over the new tokens, with logits
-    at ``logits_indices`` only (one per row)."""
+    at ``logits_indices`` only (one per row; ``[rows, K]`` indices give ``[rows, K, vocab]``,
+    packed ``[S]`` indices ``[S, vocab]``)."""
     return forward(params, config, token_ids, cache, runtime, logits_indices=logits_indices)
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
 def hybrid_step(params, cache, token_ids, runtime, logits_indices, *, config):
     """``forward_step`` for a hybrid stack: ``token_ids [rows, T]``, ``logits_indices [rows]``
-    the column of each row's last new token."""
+    the column of each row's last new token (or ``[rows, K]``: ``K`` columns per row)."""
     logits, cache = hybrid_forward_cached(params, config, token_ids, cache, runtime)
-    last = jnp.take_along_axis(logits, logits_indices[:, None, None], axis=1)[:, 0]
-    return last.astype(jnp.float32), cache
+    if logits_indices.ndim == 2:
+        picked = jnp.take_along_axis(logits, logits_indices[:, :, None], axis=1)
+    else:
+        picked = jnp.take_along_axis(logits, logits_indices[:, None, None], axis=1)[:, 0]
+    return picked.astype(jnp.float32), cache
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))

@@ -168,13 +168,13 @@ def forward(
         cache: a cache with one attention view per layer.
         runtime: the cache family's runtime metadata (which tokens are real, page tables ...).
         logits_indices: if given, logits are computed only at these indices of the token axis:
-            ``[B]`` (one per row) for ``[B, T]`` tokens, ``[S]`` for packed tokens. Otherwise at
-            every token.
+            ``[B]`` (one per row) or ``[B, K]`` (``K`` per row, e.g. to verify draft tokens) for
+            ``[B, T]`` tokens, ``[S]`` for packed tokens. Otherwise at every token.
         compute_dtype: dtype of activations and matmuls.
 
     Returns:
         ``(logits, new_cache)``: float32 logits ``[B, T, vocab]`` / ``[num_tokens, vocab]``, or
-        ``[B, vocab]`` / ``[S, vocab]`` with ``logits_indices``.
+        ``[B, vocab]`` / ``[B, K, vocab]`` / ``[S, vocab]`` with ``logits_indices``.
     """
     if len(cache) != config.num_layers:
         raise ValueError(
@@ -195,7 +195,9 @@ def forward(
         x = x + linear(out.reshape(*out.shape[:-2], -1), layer["wo"])
         x = x + _mlp(rms_norm(x, layer["mlp_norm"], config.rms_norm_eps), layer)
     if logits_indices is not None:
-        if token_ids.ndim == 2:
+        if token_ids.ndim == 2 and logits_indices.ndim == 2:
+            x = jnp.take_along_axis(x, logits_indices[:, :, None], axis=1)
+        elif token_ids.ndim == 2:
             x = jnp.take_along_axis(x, logits_indices[:, None, None], axis=1)[:, 0]
         else:
             x = x[logits_indices]

@@ -14,7 +14,7 @@ import socket
 import sys
 from typing import Any
 
-from jaxkv._arguments import integer
+from jaxkv._arguments import add_speculative_arguments, integer
 
 API_KEY_ENV = "JAXKV_API_KEY"
 """Environment variable read for the API key when ``--api-key`` is not given."""
@@ -77,6 +77,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=1024,
         help="requests that may wait for admission; more get 429",
     )
+    add_speculative_arguments(engine)
     parser.add_argument(
         "--debug", action="store_true", help="on an error, print the full traceback"
     )
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     """
     import uvicorn
 
-    from jaxkv.engine import Engine, Model
+    from jaxkv.engine import Engine, Model, speculative_config
     from jaxkv.serve.app import create_app
     from jaxkv.serve.async_engine import EngineRunner
 
@@ -143,7 +144,12 @@ def run(args: argparse.Namespace) -> int:
         if args.cache == "auto" and not model.supports_paged:
             _say(f"{type(model).__name__} runs on the contiguous cache ({model.paged_refusal})")
             cache_config = dataclasses.replace(cache_config, kind="contiguous")
-        engine = Engine(model, cache_config, scheduler_config)
+        speculative = speculative_config(
+            args.speculative, args.num_draft, args.draft_model, dtype=args.dtype
+        )
+        if speculative is not None:
+            _say(f"speculative decoding: {args.speculative}, {args.num_draft} drafts per step")
+        engine = Engine(model, cache_config, scheduler_config, speculative=speculative)
         seconds = engine.warmup(progress=_say)
         _say(f"compiled in {seconds:.1f} s; max_model_len={engine.max_model_len}")
         name = args.served_model_name or _model_name(model.path)

@@ -61,6 +61,9 @@ class _EngineCollector(Collector):
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
              "prefix_query_tokens"),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_hit_tokens"),
+            ("spec_verify_steps", "Speculative verification steps run.", "num_verify_steps"),
+            ("spec_draft_tokens", "Draft tokens proposed for verification.", "num_draft_tokens"),
+            ("spec_accepted_tokens", "Draft tokens the model accepted.", "num_accepted_tokens"),
         )  # fmt: skip
         for name, documentation, field in counters:
             yield CounterMetricFamily(f"{PREFIX}_{name}", documentation, getattr(stats, field))
