@@ -28,6 +28,18 @@ Three steps, as in MaxText:
    cache gathered or resharded), ``per_device_cache_bytes`` says what each device holds.
    ``param_shardings`` / ``shard_params`` do the same for the Llama and hybrid reference models.
 
+A step on a mesh (``AxisType.Auto`` axes: the caches' scatters rely on XLA propagating the
+partitioning, so meshes with explicit axis types are refused)::
+
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
+    params = shard_params(params, mesh, config=config)
+    cache = shard_cache(TransformerCache.init_cache(metadata), mesh)
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def step(params, cache, tokens):
+        logits, cache = llama.forward(params, config, tokens, cache)
+        return logits, constrain_cache(cache, mesh)
+
 Why a registry here and not a class attribute on each view: partitioning is one concept, and
 keeping every declaration next to the rules lets a reader see the whole layout of a mesh in one
 file; the caches stay free of any notion of devices (``jaxkv.caches`` needs no edit), and a test
@@ -46,7 +58,9 @@ needs no change on the host, and each device holds the whole pool of its heads.
 A dimension that does not divide over its mesh axes (SmolLM2's 3 KV heads on a tensor axis of
 4) raises a ``ValueError`` naming the array, the logical axis, the size and the mesh axes' size,
 unless ``indivisible="replicate"`` is passed, which replicates that dimension (an explicit,
-documented fallback: correct, but every device then holds the whole dimension).
+documented fallback: correct, but every device then holds the whole dimension). The same holds
+for rows: after ``select``, ``repeat`` or ``extract`` a batch that no longer divides over
+``"data"`` needs ``indivisible="replicate"`` (or other rules).
 
 Model weights. Tensor parallelism splits each attention projection by whole heads (the query,
 key and value columns, the output projection's rows) and the MLP's inner width (gate/up columns,
@@ -56,10 +70,10 @@ two residual additions of a block reduce over ``"tensor"``. ``jaxkv.models.llama
 those columns would give one device only query heads and another only values (or only gates), so
 ``shard_params`` first restores one matrix per projection (``tensor_parallel_layout``), which
 ``jaxkv.models.llama.forward`` accepts as well. Norms and embeddings are replicated
-(``embed`` and ``vocab`` map to ``None``; a rule ``vocab -> "tensor"`` splits the LM head by
-vocabulary when it divides). The hybrid model's Mamba and Mamba2 mixers are replicated: their
-input projections fuse ``x|z`` (and ``B|C|dt``) the same way; its attention, linear-attention and
-MLP weights are split like Llama's.
+(``embed`` and ``vocab`` map to ``None``; a rule ``vocab -> "tensor"`` splits the embedding
+and the LM head by vocabulary, under the same ``indivisible`` policy). The hybrid model's Mamba
+and Mamba2 mixers are replicated: their input projections fuse ``x|z`` (and ``B|C|dt``) the
+same way; its attention, linear-attention and MLP weights are split like Llama's.
 """
 
 from __future__ import annotations

@@ -135,10 +135,11 @@ HYBRID_CONFIG = hybrid.HybridConfig(
 )
 
 
-@functools.cache
-def _hybrid_params():
-    init = jax.jit(hybrid.init_hybrid, static_argnums=1, compiler_options=FAST_COMPILE)
-    return init(jax.random.PRNGKey(3), HYBRID_CONFIG)
+# The model check runs the kinds whose weights are split (attention, linear attention) and one
+# whose mixer is replicated over a channel-split state (Mamba); the cache check runs them all.
+HYBRID_MODEL = dataclasses.replace(
+    HYBRID_CONFIG, layer_kinds=("attention", "mamba", "linear_attention")
+)
 
 
 def _hybrid():
@@ -255,21 +256,22 @@ def test_hybrid_model_on_a_2x4_mesh_equals_one_device():
     """The hybrid stack with sharded weights (attention, linear attention and MLPs split over
     tensor) and a sharded cache: one ragged chunk, then a reset row."""
     mesh = make_mesh((2, 4))
-    params = _hybrid_params()
-    empty = HybridCache.init_cache(HYBRID_CONFIG.cache_metadata(BATCH, 8))
+    init = jax.jit(hybrid.init_hybrid, static_argnums=1, compiler_options=FAST_COMPILE)
+    params = init(jax.random.PRNGKey(3), HYBRID_MODEL)
+    empty = HybridCache.init_cache(HYBRID_MODEL.cache_metadata(BATCH, 8))
     tokens = jnp.asarray(np.random.default_rng(7).integers(0, 32, (BATCH, 3)), jnp.int32)
     runtime = HybridRuntimeMetadata.create(RAGGED)
 
     def step(params, cache, mesh=None):
-        logits, cache = hybrid.hybrid_forward_cached(params, HYBRID_CONFIG, tokens, cache, runtime)
+        logits, cache = hybrid.hybrid_forward_cached(params, HYBRID_MODEL, tokens, cache, runtime)
         cache = cache.reset_rows([2])
         if mesh is not None:
             cache = sharding.constrain_cache(cache, mesh)
         return logits, cache
 
     want, want_cache = jax.jit(step, compiler_options=FAST_COMPILE)(params, empty)
-    placed_params = sharding.shard_params(params, mesh, config=HYBRID_CONFIG)
-    mixer = placed_params["layers"][3]["mixer"]  # linear attention
+    placed_params = sharding.shard_params(params, mesh, config=HYBRID_MODEL)
+    mixer = placed_params["layers"][2]["mixer"]  # linear attention
     assert mixer["q_proj"].sharding.spec == PartitionSpec(None, "tensor")
     run = jax.jit(functools.partial(step, mesh=mesh), compiler_options=FAST_COMPILE)
     got, got_cache = run(placed_params, sharding.shard_cache(empty, mesh))
@@ -315,7 +317,7 @@ LLAMA = LlamaConfig(
     vocab_size=64,
     hidden_size=32,
     intermediate_size=64,
-    num_layers=2,
+    num_layers=1,
     num_heads=8,
     num_kv_heads=4,
     head_dim=8,

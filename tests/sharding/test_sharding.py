@@ -70,6 +70,9 @@ def _cache(name):
 def _caches():
     caches = {name: _cache(name) for name in METADATA}
     caches["hybrid"] = HybridCache.init_cache(HYBRID.cache_metadata(2, 8))
+    caches["hybrid_paged"] = HybridCache.init_cache(
+        HYBRID.cache_metadata(2, 8, attention_backend="paged", page_size=4)
+    )
     return caches
 
 
@@ -170,7 +173,11 @@ def test_constrain_cache_inside_jit_keeps_the_sharding():
 
 
 def test_per_device_bytes_on_one_device_are_the_whole_cache():
-    for name, metadata in {**METADATA, "hybrid": HYBRID.cache_metadata(2, 8)}.items():
+    hybrids = {
+        "hybrid": HYBRID.cache_metadata(2, 8),
+        "hybrid_paged": HYBRID.cache_metadata(2, 8, attention_backend="paged", page_size=4),
+    }
+    for name, metadata in {**METADATA, **hybrids}.items():
         assert sharding.per_device_cache_bytes(metadata, MESH) == metadata.bytes_total(), name
     cache = _cache("ring")
     assert sharding.per_device_cache_bytes(cache, MESH) == METADATA["ring"].bytes_total()
