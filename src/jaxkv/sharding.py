@@ -23,7 +23,8 @@ Three steps, as in MaxText:
    mesh axis a rule names must exist, so that a misspelt axis fails instead of silently
    replicating.
 3. *Shardings*: ``cache_shardings`` gives a PyTree of ``NamedSharding`` shaped like the cache,
-   ``shard_cache`` places a cache, ``constrain_cache`` pins one inside ``jax.jit`` (call it on
+   ``shard_cache`` places a cache (``init_sharded_cache`` builds an empty one in its shards),
+   ``constrain_cache`` pins one inside ``jax.jit`` (call it on
    the new cache after ``concatenate_to_cache`` or a row operation, so a step never leaves the
    cache gathered or resharded), ``per_device_cache_bytes`` says what each device holds.
    ``param_shardings`` / ``shard_params`` do the same for the Llama and hybrid reference models.
@@ -33,7 +34,7 @@ partitioning, so meshes with explicit axis types are refused)::
 
     mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
     params = shard_params(params, mesh, config=config)
-    cache = shard_cache(TransformerCache.init_cache(metadata), mesh)
+    cache = init_sharded_cache(metadata, mesh)
 
     @functools.partial(jax.jit, donate_argnums=1)
     def step(params, cache, tokens):
@@ -115,6 +116,7 @@ __all__ = [
     "VIEW_AXES",
     "cache_shardings",
     "constrain_cache",
+    "init_sharded_cache",
     "logical_spec",
     "param_shardings",
     "per_device_cache_bytes",
@@ -487,6 +489,39 @@ def constrain_cache(
     )
 
 
+def _abstract_cache(owner: str, metadata: BaseCacheMetadata) -> tuple[Callable[[], Any], Any]:
+    """``(build, shapes)``: a function building an empty cache for ``metadata`` and the cache's
+    ``jax.ShapeDtypeStruct`` leaves (nothing is allocated)."""
+    cache_type = _CACHE_TYPES.get(type(metadata))
+    if cache_type is None:
+        known = ", ".join(t.__name__ for t in _CACHE_TYPES)
+        raise TypeError(f"{owner}: metadata must be one of {known}, got {type(metadata).__name__}")
+
+    def build() -> Any:
+        return cache_type.init_cache(metadata)
+
+    return build, jax.eval_shape(build)
+
+
+def init_sharded_cache(
+    metadata: BaseCacheMetadata,
+    mesh: Mesh,
+    rules: Rules = DEFAULT_RULES,
+    *,
+    indivisible: str = "error",
+) -> Any:
+    """An empty cache for ``metadata`` built directly in its shards: each device allocates only
+    its part (``shard_cache(Cache.init_cache(metadata), mesh)`` would first build the whole
+    cache on one device). Same ``mesh``, ``rules`` and ``indivisible`` as ``cache_shardings``.
+
+    Raises:
+        TypeError: ``metadata`` of no cache family (contiguous/ring, paged, recurrent, hybrid).
+    """
+    build, shapes = _abstract_cache("init_sharded_cache", metadata)
+    shardings = cache_shardings(shapes, mesh, rules, indivisible=indivisible)
+    return jax.jit(build, out_shardings=shardings)()
+
+
 def per_device_cache_bytes(
     cache_or_metadata: Any,
     mesh: Mesh,
@@ -507,15 +542,9 @@ def per_device_cache_bytes(
         shard of a ``NamedSharding`` has that shape, so each device holds this many bytes
         (replicated arrays count whole on every device).
     """
-    owner = "per_device_cache_bytes"
     cache = cache_or_metadata
     if isinstance(cache, BaseCacheMetadata):
-        cache_type = _CACHE_TYPES.get(type(cache))
-        if cache_type is None:
-            known = ", ".join(t.__name__ for t in _CACHE_TYPES)
-            raise TypeError(f"{owner}: metadata must be one of {known}, got {type(cache).__name__}")
-        metadata = cache
-        cache = jax.eval_shape(lambda: cache_type.init_cache(metadata))
+        cache = _abstract_cache("per_device_cache_bytes", cache)[1]
     shardings = cache_shardings(cache, mesh, rules, indivisible=indivisible)
     leaves = jax.tree_util.tree_leaves(cache)
     sharding_leaves = jax.tree_util.tree_leaves(shardings)

@@ -274,10 +274,15 @@ def test_hybrid_model_on_a_2x4_mesh_equals_one_device():
     mixer = placed_params["layers"][2]["mixer"]  # linear attention
     assert mixer["q_proj"].sharding.spec == PartitionSpec(None, "tensor")
     run = jax.jit(functools.partial(step, mesh=mesh), compiler_options=FAST_COMPILE)
-    got, got_cache = run(placed_params, sharding.shard_cache(empty, mesh))
+    args = (placed_params, sharding.shard_cache(empty, mesh))
+    compiled = run.lower(*args).compile()
+    got, got_cache = compiled(*args)
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
     _assert_placed(got_cache, mesh)
     _assert_equal(got_cache, want_cache)
+    total, cache_sized, largest = count_all_gathers(compiled.as_text(), got_cache)
+    print(f"hybrid step: {total} all-gathers, {cache_sized} of a cache array's shape")
+    assert cache_sized == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,6 +484,17 @@ def test_per_device_bytes_on_a_2x4_mesh():
         total = metadata.bytes_total()
         print(f"{name}: {per_device} bytes per device of {total} in all")
         assert per_device < total
+        # Built in its shards, each device holds exactly that many bytes.
+        built = sharding.init_sharded_cache(metadata, mesh)
+        _assert_placed(built, mesh, name)
+        for device in mesh.devices.flat:
+            held = sum(
+                shard.data.nbytes
+                for leaf in jax.tree_util.tree_leaves(built)
+                for shard in leaf.addressable_shards
+                if shard.device == device
+            )
+            assert held == per_device, (name, device)
     # Keys and values split 8 ways, lengths and overflow flags 2 ways (over data only).
     contiguous = layouts["contiguous"]
     kv = 2 * BATCH * 8 * HEADS * DIM * 4

@@ -154,6 +154,18 @@ def test_shard_cache_keeps_every_value_and_places_every_array():
             np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
 
 
+def test_init_sharded_cache_builds_the_empty_cache_in_place():
+    for name, metadata in METADATA.items():
+        built = sharding.init_sharded_cache(metadata, MESH)
+        want = CACHE_TYPES[type(metadata)].init_cache(metadata)
+        assert type(built) is type(want)
+        for got, expected in zip(
+            jax.tree_util.tree_leaves(built), jax.tree_util.tree_leaves(want), strict=True
+        ):
+            assert isinstance(got.sharding, NamedSharding) and got.dtype == expected.dtype, name
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
 def test_constrain_cache_inside_jit_keeps_the_sharding():
     cache = sharding.shard_cache(_cache("contiguous"), MESH)
     key = jnp.ones((2, 1, 2, 4), jnp.float32)
