@@ -127,18 +127,27 @@ def apply_rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
 
 
 def _mlp(x: jax.Array, layer: Params) -> jax.Array:
-    gate, up = jnp.split(linear(x, layer["w_gate_up"]), 2, axis=-1)
+    if "w_gate_up" in layer:
+        gate, up = jnp.split(linear(x, layer["w_gate_up"]), 2, axis=-1)
+    else:  # one matrix each (jaxkv.sharding.tensor_parallel_layout)
+        gate, up = linear(x, layer["w_gate"]), linear(x, layer["w_up"])
     return linear(jax.nn.silu(gate) * up, layer["w_down"])
 
 
 def _project_qkv(x: jax.Array, layer: Params, config: LlamaConfig):
-    """``x: [..., hidden]`` -> q ``[..., H, D]``, k and v ``[..., K, D]``."""
+    """``x: [..., hidden]`` -> q ``[..., H, D]``, k and v ``[..., K, D]``, from the fused
+    ``wqkv`` or from ``wq``/``wk``/``wv`` (``jaxkv.sharding.tensor_parallel_layout``, which
+    splits over a mesh in whole heads)."""
     lead = x.shape[:-1]
+    q_shape = (*lead, config.num_heads, config.head_dim)
+    kv_shape = (*lead, config.num_kv_heads, config.head_dim)
+    if "wqkv" not in layer:
+        q = linear(x, layer["wq"]).reshape(q_shape)
+        return q, linear(x, layer["wk"]).reshape(kv_shape), linear(x, layer["wv"]).reshape(kv_shape)
     fused = linear(x, layer["wqkv"])
     q_width = config.num_heads * config.head_dim
     kv_width = config.num_kv_heads * config.head_dim
-    kv_shape = (*lead, config.num_kv_heads, config.head_dim)
-    q = fused[..., :q_width].reshape(*lead, config.num_heads, config.head_dim)
+    q = fused[..., :q_width].reshape(q_shape)
     k = fused[..., q_width : q_width + kv_width].reshape(kv_shape)
     v = fused[..., q_width + kv_width :].reshape(kv_shape)
     return q, k, v
