@@ -309,6 +309,7 @@ class ContiguousBackend:
     def release(self, seq: Any) -> None:
         slot = self.slot_of.pop(seq.seq_id, None)
         if slot is not None:
+            self.to_truncate.pop(slot, None)  # the next sequence of the slot starts empty
             self.free_slots.append(slot)
             self.free_slots.sort()
 
