@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Any
 
 from jaxkv._arguments import integer
@@ -53,7 +54,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="print one JSON object per prompt (text, token ids, finish reason, timings)",
     )
-    _common.add_cache_arguments(parser)
+    _common.add_cache_arguments(parser, default=None)
+    add_prompt_cache_argument(parser)
     parser.add_argument(
         "--stop",
         action="append",
@@ -70,8 +72,29 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def add_prompt_cache_argument(parser: argparse.ArgumentParser) -> None:
+    """``--prompt-cache FILE`` (and the ``--cache`` default it implies)."""
+    parser.add_argument(
+        "--prompt-cache",
+        default=None,
+        metavar="FILE",
+        help="reuse the prompt's longest prefix saved in FILE (if it was saved for this model) "
+        "and save the prompt's cache to FILE afterwards; needs --cache paged, the default with "
+        "it (else contiguous)",
+    )
+
+
+def cache_kind(args: argparse.Namespace) -> str:
+    """``--cache``, or its default: paged with ``--prompt-cache``, else contiguous."""
+    if args.cache is not None:
+        return args.cache
+    return "paged" if args.prompt_cache is not None else "contiguous"
+
+
 def usage_error(args: argparse.Namespace) -> str | None:
     """A usage error that involves two arguments, or None."""
+    if args.prompt_cache is not None and args.cache == "contiguous":
+        return "argument --prompt-cache: the prompt cache lives in the page pool; use --cache paged"
     if args.file is not None and args.prompt:
         return "argument --file: expected either prompt arguments or --file, not both"
     if args.batch and args.file is None:
@@ -118,9 +141,14 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxkv.engine import generate
+    from jaxkv.engine import PromptCacheWarning
 
+    args.cache = cache_kind(args)
     prompts = prompts_of(args)
+    if args.prompt_cache is not None and len(prompts) != 1:
+        raise ValueError(
+            f"--prompt-cache: the prompt cache holds one prompt, got {len(prompts)} prompts"
+        )
     model = _common.load(args)
     inputs: list[Any] = prompts
     if not args.raw and model.tokenizer.chat_template:
@@ -132,22 +160,18 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    result = generate(
-        model,
-        inputs,
-        on_progress=_common.progress(args),
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=args.stop,
-        cache=args.cache,
-        on_text=stream if streaming else None,
-        kv_quantization=args.kv_quantization,
-        max_batch=args.parallel,
-        warmup=False,  # the first token before the decode step is compiled
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", PromptCacheWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if issubclass(category, PromptCacheWarning):  # a plain line, as it happens
+                print(f"jaxkv generate: warning: {message}", file=sys.stderr, flush=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        result = _generate(args, model, inputs, stream if streaming else None)
     if streaming:
         sys.stdout.write("\n")
     elif args.json:
@@ -163,9 +187,38 @@ def run(args: argparse.Namespace) -> int:
         args,
         f"jaxkv: {args.cache} cache{codec}, {len(prompts)} prompt{'s' if len(prompts) > 1 else ''}",
     )
+    if args.prompt_cache is not None:
+        _common.note(
+            args,
+            f"jaxkv: prompt cache {args.prompt_cache}: {result.cached_tokens} of "
+            f"{result.prompt_tokens} prompt tokens loaded, "
+            f"{1000.0 * result.prompt_cache_seconds:.2f} ms loading and saving",
+        )
     for line in timing_summary(result, getattr(args, "load_seconds", None)):
         _common.note(args, line)
     return 0
+
+
+def _generate(args: argparse.Namespace, model: Any, inputs: list[Any], on_text: Any) -> Any:
+    from jaxkv.engine import generate
+
+    return generate(
+        model,
+        inputs,
+        on_progress=_common.progress(args),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        cache=args.cache,
+        on_text=on_text,
+        kv_quantization=args.kv_quantization,
+        max_batch=args.parallel,
+        warmup=False,  # the first token before the decode step is compiled
+        prompt_cache=args.prompt_cache,
+    )
 
 
 def _one_line(text: str, width: int) -> str:

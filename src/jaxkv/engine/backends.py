@@ -20,9 +20,11 @@ import numpy as np
 from jaxkv._sizes import ceil_div, next_power_of_two
 from jaxkv.caches.paged import PagedCache, PagedCacheMetadata
 from jaxkv.engine.model import Model
+from jaxkv.engine.prefix_store import PrefixDirectory, prefix_fingerprint
 from jaxkv.engine.requests import CacheConfig, SchedulerConfig
 from jaxkv.engine.step import compiled_forward
 from jaxkv.engine.step_inputs import paged_runtime
+from jaxkv.io.cache_store import CacheFingerprint
 from jaxkv.pages import PageManager
 
 Plan = Sequence[tuple[Any, int]]
@@ -88,22 +90,71 @@ class PagedBackend:
         # matmuls of a step cost what its padded token count costs).
         self.decode_buckets = tuple(sorted({self.rows, max(1, self.rows // 4)}))
         self.mixed = mixed_buckets(scheduler, self.rows)
+        self.cache = PagedCache.init_cache(self.metadata)
+        self.page_size = page_size
+        self.prefix_caching = cache.enable_prefix_caching
+        self._fingerprint = None
+        # Pages evicted from the prefix cache go to disk and come back on a miss.
+        self.directory = None
+        if cache.prefix_cache_dir is not None:
+            self.directory = PrefixDirectory(
+                cache.prefix_cache_dir, cache.prefix_cache_dir_max_bytes, self.fingerprint
+            )
         self.manager = PageManager(
             num_pages,
             page_size,
             self.rows,
             max_pages_per_seq,
             enable_prefix_caching=cache.enable_prefix_caching,
+            hash_key=None if self.directory is None else self.directory.hash_key,
             token_buckets=sorted({*self.decode_buckets, *self.mixed}),
+            record_evictions=self.directory is not None,
         )
-        self.cache = PagedCache.init_cache(self.metadata)
-        self.page_size = page_size
-        self.prefix_caching = cache.enable_prefix_caching
+
+    @property
+    def fingerprint(self) -> CacheFingerprint:
+        """The expected fingerprint of this pool's prefixes on disk (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = prefix_fingerprint(self.model, self.cache)
+        return self._fingerprint
+
+    # -- prefixes on disk ------------------------------------------------------------------
+
+    def spill_evictions(self) -> None:
+        """Write the pages just evicted from the prefix cache to the directory (before anything
+        overwrites them)."""
+        evicted = self.manager.take_evictions()
+        if evicted and self.directory is not None:
+            self.directory.spill(self.cache, evicted)
+
+    def restore_prefix(self, seq: Any) -> None:
+        """Bring back from the directory the pages of ``seq``'s prompt the pool misses."""
+        size = self.page_size
+        limit = (len(seq.tokens) - 1) // size  # the pages add_sequence may hit
+        if self.directory is None or limit <= 0:
+            return
+        head = seq.tokens[: limit * size]
+        salt = seq.cache_salt
+        first = len(self.manager.cached_prefix(head, cache_salt=salt))
+        if first == limit:
+            return
+        hashes = self.manager.prefix_hashes(head, cache_salt=salt)
+        if hashes[first] in self.directory:
+            self.directory.restore(self, head, hashes, first, salt)
+
+    def persist_prefixes(self) -> int:
+        """Write every page of the prefix cache to the directory; pages written."""
+        if self.directory is None:
+            return 0
+        self.spill_evictions()
+        return self.directory.spill(self.cache, self.manager.cached_pages())
 
     # -- sequences -------------------------------------------------------------------------
 
     def admit(self, seq: Any) -> int:
         """Register a sequence; returns its prompt tokens served by the prefix cache."""
+        if self.directory is not None:
+            self.restore_prefix(seq)
         return self.manager.add_sequence(seq.seq_id, seq.tokens, cache_salt=seq.cache_salt)
 
     def release(self, seq: Any) -> None:
@@ -149,6 +200,7 @@ class PagedBackend:
         manager = self.manager
         step = manager.schedule([(seq.seq_id, count) for seq, count in plan])
         try:
+            self.spill_evictions()  # the step may write into pages it evicted
             tokens, width = self._shape([count for _, count in plan])
             runtime = paged_runtime(
                 step, num_tokens=tokens, max_query_len=width, prefill_rows=self._split(width)

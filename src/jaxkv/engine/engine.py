@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,6 +41,12 @@ from jaxkv.compilation import enable_compilation_cache
 from jaxkv.engine.backends import make_backend
 from jaxkv.engine.model import ENGINE_MODELS, Model
 from jaxkv.engine.outputs import RowProgress
+from jaxkv.engine.prefix_store import (
+    PrefixFile,
+    directory_stats,
+    load_prefix_file,
+    save_prefix_file,
+)
 from jaxkv.engine.requests import (
     CacheConfig,
     CompletionOutput,
@@ -673,10 +680,72 @@ class Engine:
             )[0].block_until_ready()
         return time.perf_counter() - start
 
+    # -- prefixes on disk ------------------------------------------------------------------
+
+    def _prefix_backend(self, owner: str) -> Any:
+        backend = self.backend
+        if backend.kind != "paged" or not backend.prefix_caching:
+            raise ValueError(
+                f"{owner}: prefixes on disk live in the prefix cache of the paged backend; this "
+                f"engine runs CacheConfig(kind={self.cache_config.kind!r}, "
+                f"enable_prefix_caching={self.cache_config.enable_prefix_caching})"
+            )
+        return backend
+
+    def load_prefix(
+        self, path: str | os.PathLike[str], prompt: Prompt | None = None, *, cache_salt=None
+    ) -> PrefixFile:
+        """Load a prompt cache file (``save_prefix``) into the prefix cache: its full pages
+        that ``prompt`` starts with (all of them for ``None``) become cached pages, so a request
+        with that prompt (and ``cache_salt``) prefills only the rest. Pages already cached are
+        kept; pages the pool cannot take are not loaded. The last prompt token is always
+        computed again (its logits are drawn from).
+
+        Returns:
+            A ``PrefixFile``: the tokens saved and the prompt tokens now cached.
+
+        Raises:
+            ValueError: the engine is not paged with prefix caching, or a malformed prompt.
+            FileNotFoundError: no such file.
+            jaxkv.io.CacheFileError: the file is damaged or truncated
+                (``CacheFileCorruptedError``), of a newer layout, or saved for another model,
+                tokenizer, chat template, dtype, codec or page size
+                (``FingerprintMismatchError``); nothing changes.
+        """
+        backend = self._prefix_backend("load_prefix")
+        ids = None if prompt is None else self._encode(prompt)
+        path = os.fspath(path)
+        return load_prefix_file(backend, backend.fingerprint, path, ids, cache_salt)
+
+    def save_prefix(
+        self, path: str | os.PathLike[str], prompt: Prompt, *, cache_salt=None
+    ) -> PrefixFile:
+        """Save the cached full pages ``prompt`` starts with (after a request ran it, they are
+        all cached) to ``path``, atomically, for ``load_prefix`` in a later run. Saves nothing
+        (and leaves ``path`` alone) when no page is cached.
+
+        Raises:
+            ValueError: the engine is not paged with prefix caching, or a malformed prompt.
+            OSError: the file cannot be written (``path`` is left as it was).
+        """
+        backend = self._prefix_backend("save_prefix")
+        path = os.fspath(path)
+        return save_prefix_file(
+            backend, backend.fingerprint, path, self._encode(prompt), cache_salt
+        )
+
+    def persist_prefix_cache(self) -> int:
+        """With ``CacheConfig(prefix_cache_dir=...)``: write every page of the prefix cache not
+        yet on disk there (a server does this when it stops, so a restart finds them); pages
+        written (0 without a directory)."""
+        persist = getattr(self.backend, "persist_prefixes", None)
+        return 0 if persist is None else persist()
+
     def stats(self) -> EngineStats:
         backend = self.backend
         manager = getattr(backend, "manager", None)
         page_stats = manager.stats() if manager is not None else None
+        directory = getattr(backend, "directory", None)
         return EngineStats(
             num_running=len(self._running),
             num_waiting=self._num_waiting_requests(),
@@ -692,6 +761,8 @@ class Engine:
             num_generated_tokens=self._counters["generated_tokens"],
             num_compiled_shapes=self._counters["compiled"],
             peak_pages_used=self._peak_pages,
+            num_computed_tokens=self._counters["computed_tokens"],
+            **directory_stats(directory, getattr(backend, "page_size", 0)),
         )
 
 
