@@ -33,10 +33,14 @@ def model() -> Model:
     return Model.tiny()
 
 
-def make_engine(model, num_pages=16, **cache) -> Engine:
+def make_engine(model, num_pages=16, kind="paged", **cache) -> Engine:
+    if kind == "contiguous":
+        config = CacheConfig(kind="contiguous", **cache)
+    else:
+        config = CacheConfig(kind="paged", page_size=PAGE, num_pages=num_pages, **cache)
     return Engine(
         model,
-        CacheConfig(kind="paged", page_size=PAGE, num_pages=num_pages, **cache),
+        config,
         SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=256),
     )
 
@@ -116,23 +120,52 @@ def test_shared_prefix_prompt_reuses_the_longest_saved_prefix(model, saved):
     assert unrelated.load_prefix(path, tokens(10, 40)).cached_tokens == 0
 
 
-def test_generate_with_a_prompt_cache_equals_a_cold_run(model, tmp_path):
+@pytest.mark.parametrize(("kind", "reused"), [("paged", 32), ("contiguous", 39)])
+def test_generate_with_a_prompt_cache_equals_a_cold_run(model, tmp_path, kind, reused):
     prompt = tokens(11, 40)
     path = tmp_path / "generate.jkv"
-    options = dict(max_new_tokens=5, cache="paged", ignore_eos=True)
+    options = dict(max_new_tokens=5, cache=kind, ignore_eos=True)
     cold = generate(model, [prompt], **options)
     first = generate(model, [prompt], prompt_cache=path, **options)
     assert first.cached_tokens == 0 and path.exists()
     stamp = os.stat(path).st_mtime_ns
     second = generate(model, [prompt], prompt_cache=path, **options)
-    assert second.cached_tokens == 32 and second.prefill_tokens == 8
-    assert os.stat(path).st_mtime_ns == stamp  # it held the prompt's pages already
+    assert second.cached_tokens == reused and second.prefill_tokens == 40 - reused
+    assert os.stat(path).st_mtime_ns == stamp  # it held the prompt already
     assert cold.generations[0].token_ids == first.generations[0].token_ids
     assert cold.generations[0].token_ids == second.generations[0].token_ids
-    with pytest.raises(ValueError, match="cache='paged'"):
-        generate(model, [prompt], prompt_cache=path, cache="contiguous")
+    shorter = prompt[:30] + tokens(12, 4)
+    third = generate(model, [shorter], prompt_cache=path, **options)
+    assert third.cached_tokens == (16 if kind == "paged" else 30)
+    assert (
+        third.generations[0].token_ids
+        == generate(model, [shorter], **options).generations[0].token_ids
+    )
+    other = "paged" if kind == "contiguous" else "contiguous"
+    with pytest.warns(PromptCacheWarning, match="page_size"):
+        generate(model, [shorter], prompt_cache=path, max_new_tokens=1, cache=other)
     with pytest.raises(ValueError, match="one prompt"):
-        generate(model, [prompt, prompt], prompt_cache=path, cache="paged")
+        generate(model, [prompt, prompt], prompt_cache=path, cache=kind)
+
+
+def test_contiguous_rows_reuse_a_saved_prompt_cut_to_the_shared_prefix(model, tmp_path):
+    prompt = tokens(13, 30)
+    engine = make_engine(model, kind="contiguous")
+    cold = run(engine, prompt)
+    path = str(tmp_path / "row.jkv")
+    assert engine.save_prefix(path, prompt).saved_tokens == 30
+    other = prompt[:21] + tokens(14, 9)
+    cold_other = run(make_engine(model, kind="contiguous"), other)
+    fresh = make_engine(model, kind="contiguous")
+    assert fresh.load_prefix(path, other).cached_tokens == 21
+    warm, ran = computed(fresh, other)
+    assert warm.num_cached_tokens == 21 and ran == 9 + GREEDY.max_tokens - 1
+    assert_same(warm, cold_other)
+    again, ran = computed(fresh, prompt)  # the held row serves every later admission
+    assert again.num_cached_tokens == 29 and ran == 1 + GREEDY.max_tokens - 1
+    assert_same(again, cold)
+    assert run(fresh, prompt, salt="other").num_cached_tokens == 0
+    assert make_engine(model, kind="contiguous").save_prefix(path, prompt).saved_tokens == 0
 
 
 def damaged(path: str, tmp_path, how: str) -> str:
@@ -182,9 +215,10 @@ def test_a_file_of_another_model_or_page_size_is_refused(model, saved, tmp_path)
         warnings.simplefilter("always")
         generate(Model.tiny(seed=1), [prompt], prompt_cache=path, cache="paged", max_new_tokens=1)
     assert any("model_sha256" in str(w.message) for w in caught)
-    with pytest.raises(ValueError, match="paged backend"):
-        make_contiguous = Engine(model, CacheConfig(kind="contiguous"))
-        make_contiguous.load_prefix(path, prompt)
+    with pytest.raises(FingerprintMismatchError, match="page_size"):
+        make_engine(model, kind="contiguous").load_prefix(path, prompt)
+    with pytest.raises(ValueError, match="enable_prefix_caching=False"):
+        make_engine(model, enable_prefix_caching=False).load_prefix(path, prompt)
 
 
 # -- the prefix-cache directory -------------------------------------------------------------

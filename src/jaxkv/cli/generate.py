@@ -54,7 +54,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="print one JSON object per prompt (text, token ids, finish reason, timings)",
     )
-    _common.add_cache_arguments(parser, default=None)
+    _common.add_cache_arguments(parser)
     add_prompt_cache_argument(parser)
     parser.add_argument(
         "--stop",
@@ -73,28 +73,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def add_prompt_cache_argument(parser: argparse.ArgumentParser) -> None:
-    """``--prompt-cache FILE`` (and the ``--cache`` default it implies)."""
+    """``--prompt-cache FILE``."""
     parser.add_argument(
         "--prompt-cache",
         default=None,
         metavar="FILE",
-        help="reuse the prompt's longest prefix saved in FILE (if it was saved for this model) "
-        "and save the prompt's cache to FILE afterwards; needs --cache paged, the default with "
-        "it (else contiguous)",
+        help="reuse the longest prefix of the prompt saved in FILE (if FILE was saved for this "
+        "model, tokenizer, --cache and --kv-quantization) and save the prompt's cache to FILE "
+        "afterwards",
     )
-
-
-def cache_kind(args: argparse.Namespace) -> str:
-    """``--cache``, or its default: paged with ``--prompt-cache``, else contiguous."""
-    if args.cache is not None:
-        return args.cache
-    return "paged" if args.prompt_cache is not None else "contiguous"
 
 
 def usage_error(args: argparse.Namespace) -> str | None:
     """A usage error that involves two arguments, or None."""
-    if args.prompt_cache is not None and args.cache == "contiguous":
-        return "argument --prompt-cache: the prompt cache lives in the page pool; use --cache paged"
     if args.file is not None and args.prompt:
         return "argument --file: expected either prompt arguments or --file, not both"
     if args.batch and args.file is None:
@@ -143,7 +134,6 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from jaxkv.engine import PromptCacheWarning
 
-    args.cache = cache_kind(args)
     prompts = prompts_of(args)
     if args.prompt_cache is not None and len(prompts) != 1:
         raise ValueError(

@@ -20,7 +20,7 @@ import numpy as np
 from jaxkv._sizes import ceil_div, next_power_of_two
 from jaxkv.caches.paged import PagedCache, PagedCacheMetadata
 from jaxkv.engine.model import Model
-from jaxkv.engine.prefix_store import PrefixDirectory, prefix_fingerprint
+from jaxkv.engine.prefix_store import PrefixDirectory, RowPrefix, prefix_fingerprint
 from jaxkv.engine.requests import CacheConfig, SchedulerConfig
 from jaxkv.engine.step import compiled_forward
 from jaxkv.engine.step_inputs import paged_runtime
@@ -276,21 +276,56 @@ class ContiguousBackend:
         widths = {w for w in widths if 1 < w < self.max_row_tokens} | {self.max_row_tokens}
         self.mixed = tuple(sorted(widths))
         self.cache = model.contiguous_cache(self.rows, max_model_len, cache.kv_quantization)
+        self.max_model_len = max_model_len
+        self.kv_quantization = cache.kv_quantization
         self.page_size = 0
         self.prefix_caching = False
         self.free_slots = list(range(self.rows))
         self.slot_of: dict[Hashable, int] = {}
         self.to_reset: set[int] = set()
+        # A saved prompt (Engine.load_prefix) that admitted sequences may start from, and the
+        # tokens each released row still holds (Engine.save_prefix saves one of them).
+        self.row_prefix: RowPrefix | None = None
+        self.released: dict[int, list[int]] = {}
+        self._fingerprint = None
+
+    @property
+    def fingerprint(self) -> CacheFingerprint:
+        """The expected fingerprint of this cache's saved prompts (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = prefix_fingerprint(self.model, self.cache)
+        return self._fingerprint
+
+    def empty_row(self) -> Any:
+        """An empty one-row cache of this backend's configuration."""
+        return self.model.contiguous_cache(1, self.max_model_len, self.kv_quantization)
+
+    def row_holding(self, tokens: Sequence[int]) -> int | None:
+        """A slot whose row holds the KV of at least ``tokens`` (a released row first)."""
+        width = len(tokens)
+        for slot, held in self.released.items():
+            if held[:width] == list(tokens) and len(held) >= width:
+                return slot
+        return None
 
     def admit(self, seq: Any) -> int:
         slot = self.free_slots.pop(0)
         self.slot_of[seq.seq_id] = slot
-        self.to_reset.add(slot)
-        return 0
+        self.released.pop(slot, None)
+        cached, row = 0, None
+        if self.row_prefix is not None:
+            cached, row = self.row_prefix.take(seq.tokens, seq.cache_salt)
+        if row is None:
+            self.to_reset.add(slot)
+            return 0
+        self._flush_resets()
+        self.cache = self.cache.insert(row, slot)
+        return cached
 
     def release(self, seq: Any) -> None:
         slot = self.slot_of.pop(seq.seq_id, None)
         if slot is not None:
+            self.released[slot] = list(seq.tokens[: seq.num_computed])
             self.free_slots.append(slot)
             self.free_slots.sort()
 

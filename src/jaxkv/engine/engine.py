@@ -45,7 +45,9 @@ from jaxkv.engine.prefix_store import (
     PrefixFile,
     directory_stats,
     load_prefix_file,
+    load_row_prefix,
     save_prefix_file,
+    save_row_prefix,
 )
 from jaxkv.engine.requests import (
     CacheConfig,
@@ -684,55 +686,59 @@ class Engine:
 
     def _prefix_backend(self, owner: str) -> Any:
         backend = self.backend
-        if backend.kind != "paged" or not backend.prefix_caching:
+        if backend.kind == "paged" and not backend.prefix_caching:
             raise ValueError(
-                f"{owner}: prefixes on disk live in the prefix cache of the paged backend; this "
-                f"engine runs CacheConfig(kind={self.cache_config.kind!r}, "
-                f"enable_prefix_caching={self.cache_config.enable_prefix_caching})"
+                f"{owner}: a saved prompt is loaded into the prefix cache of the paged backend; "
+                "this engine runs CacheConfig(enable_prefix_caching=False)"
             )
         return backend
 
     def load_prefix(
         self, path: str | os.PathLike[str], prompt: Prompt | None = None, *, cache_salt=None
     ) -> PrefixFile:
-        """Load a prompt cache file (``save_prefix``) into the prefix cache: its full pages
-        that ``prompt`` starts with (all of them for ``None``) become cached pages, so a request
-        with that prompt (and ``cache_salt``) prefills only the rest. Pages already cached are
-        kept; pages the pool cannot take are not loaded. The last prompt token is always
-        computed again (its logits are drawn from).
+        """Load a prompt cache file (``save_prefix``) so that requests whose prompt starts like
+        the saved one (with the same ``cache_salt``) prefill only the rest.
+
+        Paged: the file's full pages that ``prompt`` starts with (all of them for ``None``)
+        become cached prefix pages, reused by normal prefix matching; pages already cached are
+        kept, pages the pool cannot take are not loaded. Contiguous: the saved row is held, and
+        a request admitted later starts from a copy of it cut to the prefix it shares with the
+        saved prompt. Either way the last prompt token is computed again (its logits are drawn
+        from), and the output is what it would have been without the file.
 
         Returns:
-            A ``PrefixFile``: the tokens saved and the prompt tokens now cached.
+            A ``PrefixFile``: the tokens saved, and those ``prompt`` shares with them that can be
+            reused (paged: in whole pages now cached).
 
         Raises:
-            ValueError: the engine is not paged with prefix caching, or a malformed prompt.
+            ValueError: a paged engine without prefix caching, or a malformed prompt.
             FileNotFoundError: no such file.
             jaxkv.io.CacheFileError: the file is damaged or truncated
-                (``CacheFileCorruptedError``), of a newer layout, or saved for another model,
+                (``CacheFileCorruptedError``), of a newer layout, saved for another model,
                 tokenizer, chat template, dtype, codec or page size
-                (``FingerprintMismatchError``); nothing changes.
+                (``FingerprintMismatchError``) or from another cache layout
+                (``CacheTargetMismatchError``); nothing changes.
         """
         backend = self._prefix_backend("load_prefix")
         ids = None if prompt is None else self._encode(prompt)
-        path = os.fspath(path)
-        return load_prefix_file(backend, backend.fingerprint, path, ids, cache_salt)
+        load = load_prefix_file if backend.kind == "paged" else load_row_prefix
+        return load(backend, backend.fingerprint, os.fspath(path), ids, cache_salt)
 
     def save_prefix(
         self, path: str | os.PathLike[str], prompt: Prompt, *, cache_salt=None
     ) -> PrefixFile:
-        """Save the cached full pages ``prompt`` starts with (after a request ran it, they are
-        all cached) to ``path``, atomically, for ``load_prefix`` in a later run. Saves nothing
-        (and leaves ``path`` alone) when no page is cached.
+        """Save the KV of ``prompt``, computed by a request that ran it, to ``path``
+        (atomically) for ``load_prefix`` in a later run: paged, its cached full pages;
+        contiguous, the row of the last request with that prompt cut to the prompt. Saves
+        nothing (and leaves ``path`` alone) when no such pages or row remain.
 
         Raises:
-            ValueError: the engine is not paged with prefix caching, or a malformed prompt.
+            ValueError: a paged engine without prefix caching, or a malformed prompt.
             OSError: the file cannot be written (``path`` is left as it was).
         """
         backend = self._prefix_backend("save_prefix")
-        path = os.fspath(path)
-        return save_prefix_file(
-            backend, backend.fingerprint, path, self._encode(prompt), cache_salt
-        )
+        save = save_prefix_file if backend.kind == "paged" else save_row_prefix
+        return save(backend, backend.fingerprint, os.fspath(path), self._encode(prompt), cache_salt)
 
     def persist_prefix_cache(self) -> int:
         """With ``CacheConfig(prefix_cache_dir=...)``: write every page of the prefix cache not

@@ -154,13 +154,14 @@ def generate(
             first used, so the first token comes sooner (the decode step compiles after it).
             The prefill and decode times exclude compiling either way; the per-prompt
             ``time_to_first_token`` is the wall time and includes it.
-        prompt_cache: a prompt cache file (llama.cpp's ``--prompt-cache``), for one prompt on
-            the paged cache: if it exists and was saved for this model, tokenizer, chat
-            template, dtype, codec and page size, the prompt's longest saved prefix (whole
-            pages) is loaded and only the rest is prefilled; afterwards the prompt's full pages
-            are saved to it (atomically). A file that cannot be used (damaged, truncated,
-            another model...) gives a ``PromptCacheWarning`` naming it and the reason, and the
-            prompt is prefilled from scratch; the output is the same either way.
+        prompt_cache: a prompt cache file (llama.cpp's ``--prompt-cache``), for one prompt:
+            if it exists and was saved for this model, tokenizer, chat template, cache layout,
+            dtype, codec and page size, the prompt's longest saved prefix (paged: in whole
+            pages) is reused and only the rest is prefilled; afterwards the prompt's cache
+            (paged: its full pages) is saved to it (atomically). A file that cannot be used
+            (damaged, truncated, another model...) gives a ``PromptCacheWarning`` naming it
+            and the reason, and the prompt is prefilled from scratch; the output is the same
+            either way.
 
     Returns:
         A ``GenerationResult`` with one ``Generation`` per prompt and timings (compilation
@@ -181,11 +182,6 @@ def generate(
     SamplingParams(temperature, top_k, top_p, seed)  # validates the sampling values
     prompt_ids = _check_prompts(model, prompts)
     if prompt_cache is not None:
-        if cache != "paged":
-            raise ValueError(
-                f"generate: prompt_cache is kept in the prefix cache of the page pool, so it "
-                f"needs cache='paged', got cache={cache!r}"
-            )
         if len(prompt_ids) != 1:
             raise ValueError(
                 f"generate: prompt_cache holds one prompt, got {len(prompt_ids)} prompts"
@@ -278,6 +274,7 @@ def generate(
         )
     steps = engine.stats().num_steps - steps_before_decode
     if prompt_cache is not None:
+        cached_tokens = finals[ids[0]].num_cached_tokens
         cache_start = time.perf_counter()
         save_prompt_cache(engine, prompt_cache, prompt_ids[0], loaded)
         cache_seconds += time.perf_counter() - cache_start
@@ -320,7 +317,9 @@ def save_prompt_cache(
     """Save the prompt's full pages to ``path`` (``engine.save_prefix``), unless the file it
     was loaded from holds exactly them already; ``None`` (with a ``PromptCacheWarning``) when
     the file cannot be written."""
-    full = len(prompt_ids) // engine.cache_config.page_size * engine.cache_config.page_size
+    full = len(prompt_ids)
+    if engine.cache_config.kind == "paged":
+        full = full // engine.cache_config.page_size * engine.cache_config.page_size
     if loaded is not None and loaded.saved_tokens == loaded.cached_tokens == full:
         return loaded
     try:

@@ -265,6 +265,95 @@ def save_prefix_file(
 
 
 # --------------------------------------------------------------------------------------------
+# A prompt cache file on the contiguous backend
+# --------------------------------------------------------------------------------------------
+
+
+def _common_length(first: Sequence[int], second: Sequence[int]) -> int:
+    length = 0
+    for mine, theirs in zip(first, second, strict=False):
+        if mine != theirs:
+            break
+        length += 1
+    return length
+
+
+@dataclasses.dataclass(frozen=True)
+class RowPrefix:
+    """A saved prompt held on the contiguous backend: ``row`` is a one-row cache of the
+    backend's configuration holding the KV of ``token_ids``; a sequence admitted with the same
+    ``salt`` whose prompt shares a prefix with them starts from a copy of the row cut to that
+    prefix."""
+
+    token_ids: tuple[int, ...]
+    salt: str | None
+    row: Any
+
+    def reusable(self, tokens: Sequence[int], salt: str | None) -> int:
+        """Tokens of a prompt ``tokens`` the row can stand for (never its last one: its
+        logits are drawn from)."""
+        if salt != self.salt:
+            return 0
+        return min(_common_length(tokens, self.token_ids), len(tokens) - 1)
+
+    def take(self, tokens: Sequence[int], salt: str | None) -> tuple[int, Any]:
+        """``(reused tokens, one-row cache holding them)`` for a prompt ``tokens``, or ``(0,
+        None)``. A family that cannot roll a row back (recurrent state) reuses only the whole
+        saved prompt."""
+        length = self.reusable(tokens, salt)
+        if length == 0:
+            return 0, None
+        if length == len(self.token_ids):
+            return length, self.row
+        try:
+            return length, self.row.truncate(jnp.asarray([length], jnp.int32))
+        except (NotImplementedError, ValueError):
+            return 0, None
+
+
+def load_row_prefix(
+    backend: Any,
+    fingerprint: CacheFingerprint,
+    path: str,
+    prompt_ids: Sequence[int] | None,
+    cache_salt: str | None,
+) -> PrefixFile:
+    """Hold the one-row file at ``path`` on the contiguous ``backend`` for the sequences it
+    admits next; see ``Engine.load_prefix``."""
+    info = read_cache_info(path)
+    differences = info.fingerprint.differences(fingerprint)
+    if differences:
+        from jaxkv.errors import FingerprintMismatchError
+
+        raise FingerprintMismatchError(path, differences)
+    saved = info.token_ids
+    common = len(saved) if prompt_ids is None else _common_length(prompt_ids, saved)
+    if common == 0:
+        return PrefixFile(path, len(saved), 0)
+    row = load_cache(path, fingerprint, backend.empty_row(), rows=0).cache
+    backend.row_prefix = RowPrefix(tuple(saved), cache_salt, row)
+    return PrefixFile(path, len(saved), common)
+
+
+def save_row_prefix(
+    backend: Any,
+    fingerprint: CacheFingerprint,
+    path: str,
+    prompt_ids: Sequence[int],
+    cache_salt: str | None,
+) -> PrefixFile:
+    """Save the row of the contiguous ``backend`` that holds ``prompt_ids`` (a running
+    sequence's, or one just released) cut to the prompt; see ``Engine.save_prefix``."""
+    prompt = [int(t) for t in prompt_ids]
+    slot = backend.row_holding(prompt)
+    if slot is None:
+        return PrefixFile(path, 0, 0)
+    row = backend.cache.extract(slot).truncate(jnp.asarray([len(prompt)], jnp.int32))
+    save_cache(path, row, prompt, fingerprint.replace(tokens_sha256=hash_tokens(prompt)), rows=0)
+    return PrefixFile(path, len(prompt), len(prompt))
+
+
+# --------------------------------------------------------------------------------------------
 # A directory of spilled pages
 # --------------------------------------------------------------------------------------------
 
