@@ -233,16 +233,16 @@ def test_a_restarted_engine_serves_the_prefix_from_disk(model, tmp_path):
     prompt = tokens(20, 45)
     first = make_engine(model, prefix_cache_dir=directory)
     cold, cold_ran = computed(first, prompt)
-    # 50 computed tokens (the prompt and 5 drawn ones): 3 full pages.
-    assert first.persist_prefix_cache() == 3 and len(page_files(directory)) == 3
-    assert first.stats().prefix_spilled_pages == 3
+    # 50 computed tokens (the prompt and 5 drawn ones): 3 full pages, one chain, one file.
+    assert first.persist_prefix_cache() == 3 and len(page_files(directory)) == 1
+    assert first.stats().prefix_spilled_pages == 3 and first.backend.directory.num_pages == 3
     assert first.persist_prefix_cache() == 0  # on disk already
     restarted = make_engine(model, prefix_cache_dir=directory)
     warm, warm_ran = computed(restarted, prompt)
     stats = restarted.stats()
     assert warm.num_cached_tokens == 32 and stats.prefix_disk_hit_tokens == 32
     assert warm_ran == cold_ran - 32
-    assert stats.prefix_dir_files == 3 and stats.prefix_dir_bytes > 0
+    assert stats.prefix_dir_files == 1 and stats.prefix_dir_bytes > 0
     assert_same(warm, cold)
     assert oct(os.stat(os.path.join(directory, KEY_FILE)).st_mode & 0o777) == "0o600"
 
@@ -284,15 +284,14 @@ def test_damaged_page_files_are_deleted_and_missed(model, tmp_path, caplog):
     engine = make_engine(model, prefix_cache_dir=directory)
     cold = run(engine, prompt)
     engine.persist_prefix_cache()
-    files = page_files(directory)
-    first = engine.backend.manager.prefix_hashes(prompt)[0].hex() + PAGE_SUFFIX
+    (first,) = page_files(directory)
     with open(os.path.join(directory, first), "r+b") as file:
         file.truncate(100)
     restarted = make_engine(model, prefix_cache_dir=directory)
     with caplog.at_level("WARNING", logger="jaxkv.engine.prefix_store"):
         warm = run(restarted, prompt)
     assert warm.num_cached_tokens == 0 and first in caplog.text and "deleted" in caplog.text
-    assert page_files(directory) == [name for name in files if name != first]
+    assert page_files(directory) == [] and os.listdir(directory) == [KEY_FILE]
     assert_same(warm, cold)
 
 
@@ -301,16 +300,36 @@ def test_the_directory_stays_under_its_bound_least_recently_used_first(model, tm
     engine = make_engine(model, prefix_cache_dir=directory)
     run(engine, tokens(60, 40))
     engine.persist_prefix_cache()
-    page_bytes = engine.stats().prefix_dir_bytes // 2
-    older = set(page_files(directory))
+    (older,) = page_files(directory)
+    chain_bytes = engine.stats().prefix_dir_bytes
     bounded = make_engine(
-        model, prefix_cache_dir=directory, prefix_cache_dir_max_bytes=3 * page_bytes
+        model, prefix_cache_dir=directory, prefix_cache_dir_max_bytes=chain_bytes * 3 // 2
     )
+    assert bounded.stats().prefix_dir_files == 1  # it fits
     run(bounded, tokens(61, 40))
     bounded.persist_prefix_cache()
-    names = set(page_files(directory))
-    assert len(names) == 3 and len(names & older) == 1
-    assert bounded.stats().prefix_dir_bytes <= 3 * page_bytes
+    (newer,) = page_files(directory)
+    assert newer != older and bounded.stats().prefix_dir_bytes <= chain_bytes * 3 // 2
+    small = make_engine(model, prefix_cache_dir=directory, prefix_cache_dir_max_bytes=1)
+    assert small.stats().prefix_dir_files == 0 and page_files(directory) == []
+
+
+def test_chains_of_pages_evicted_one_by_one_are_restored_across_files(model, tmp_path):
+    directory = str(tmp_path / "chains")
+    prompt = tokens(70, 90)
+    engine = make_engine(model, prefix_cache_dir=directory)
+    cold = run(engine, prompt)
+    hashes = engine.backend.manager.prefix_hashes(prompt)
+    entries = {entry.page_hash: entry for entry in engine.backend.manager.cached_pages()}
+    store = engine.backend.directory
+    # Spilled in three batches, tail first as the LRU evicts: three files.
+    for batch in ([hashes[4]], [hashes[2], hashes[3]], [hashes[0], hashes[1]]):
+        store.spill(engine.backend.cache, [entries[h] for h in batch])
+    assert len(page_files(directory)) == 3 and store.num_pages == 5
+    restarted = make_engine(model, prefix_cache_dir=directory)
+    warm = run(restarted, prompt)
+    assert warm.num_cached_tokens == 80 and restarted.stats().prefix_disk_hit_tokens == 80
+    assert_same(warm, cold)
 
 
 def test_the_directory_needs_the_paged_prefix_cache(tmp_path):

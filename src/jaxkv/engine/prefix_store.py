@@ -14,13 +14,14 @@ small *staging* ``PagedCache`` of their own (``save_cache`` then writes from it)
 scatter with the pool donated writes loaded staging pages into their pool pages in place. Both
 pad the page count to a power of two, so few shapes compile.
 
-The directory (``PrefixDirectory``) holds one file per page, named by the page's prefix-cache
-digest (``<digest hex>.jkv``): the digest chains the whole prefix up to the page and the
-request's cache salt, so a page is found only by a prompt with the same prefix and salt
+The directory (``PrefixDirectory``) holds one file per *chain* of pages spilled together
+(consecutive pages of one prefix; a file per page would make a long prefix slow to read back),
+each page named by its prefix-cache digest: the digest chains the whole prefix up to the page
+and the request's cache salt, so a page is found only by a prompt with the same prefix and salt
 (tenants stay apart). The digests are keyed by ``prefix-cache.key``, a random secret kept in the
 directory and mixed with the fingerprint: they stay the same across restarts of the same model
-and differ for another one. Which digests are on disk, and their order of last use, is a plain
-``OrderedDict`` rebuilt from the directory listing (by modification time) at start; the
+and differ for another one. Which digests are on disk, in which file, and the files' order of
+last use are plain dicts rebuilt from the directory listing (by modification time) at start; the
 directory is kept under ``max_bytes`` by removing the least recently used files. A file that
 fails to load (damaged, truncated, another fingerprint) is logged, deleted and treated as a
 miss.
@@ -89,14 +90,27 @@ def model_digest(model: Any) -> str:
     return digest.hexdigest()
 
 
-def prefix_fingerprint(model: Any, pool: PagedCache) -> CacheFingerprint:
-    """The expected fingerprint (any tokens) of prefixes of ``model`` on a pool like ``pool``."""
+_TOKENIZER_IDS: dict[int, tuple[Any, str]] = {}
+
+
+def _tokenizer_id(tokenizer: Any) -> str:
+    """``tokenizer_identity``, once per tokenizer object (it reads the whole vocabulary)."""
+    known = _TOKENIZER_IDS.get(id(tokenizer))
+    if known is None or known[0] is not tokenizer:
+        known = (tokenizer, tokenizer_identity(tokenizer))  # holding it keeps its id unique
+        _TOKENIZER_IDS[id(tokenizer)] = known
+    return known[1]
+
+
+def prefix_fingerprint(model: Any, pool: Any) -> CacheFingerprint:
+    """The expected fingerprint (any tokens) of prefixes of ``model`` in a cache like ``pool``
+    (the paged pool, or the contiguous rows)."""
     tokenizer = model.tokenizer
     return CacheFingerprint.create(
         pool,
         None,
         model_sha256=model_digest(model),
-        tokenizer_id=tokenizer_identity(tokenizer),
+        tokenizer_id=_tokenizer_id(tokenizer),
         chat_template=getattr(tokenizer, "chat_template", None),
     )
 
@@ -172,10 +186,34 @@ def scatter_pages(pool: PagedCache, staged: PagedCache, targets: Sequence[int]) 
     return _scatter(pool, staged, jnp.asarray(ids))
 
 
+def concatenate_pages(pages: Sequence[PagedCache], num_pages: int) -> PagedCache:
+    """Staging caches ``pages`` one after another in a staging cache of ``num_pages`` pages (at
+    least their total; the rest zero)."""
+    first = pages[0]
+    total = sum(_geometry(page).num_pages for page in pages)
+    views = []
+    for layer, view in enumerate(first.views):
+        if view is None:
+            views.append(None)
+            continue
+        fields = {}
+        for name in PAGE_FIELDS:
+            if getattr(view, name) is None:
+                continue
+            parts = [getattr(page.views[layer], name) for page in pages]
+            if num_pages > total:
+                shape = (num_pages - total, *parts[0].shape[1:])
+                parts.append(jnp.zeros(shape, parts[0].dtype))
+            fields[name] = jnp.concatenate(parts)
+        metadata = view.metadata.replace(num_pages=num_pages, max_pages_per_seq=num_pages)
+        views.append(dataclasses.replace(view, metadata=metadata, **fields))
+    return first.with_views(views)
+
+
 def _load_staged(path: str, fingerprint: CacheFingerprint, pool: PagedCache, num_pages: int):
-    """The pages of the file at ``path`` in a fresh staging cache (raises what ``load_cache``
-    raises)."""
-    staged = staging_cache(pool, next_power_of_two(max(num_pages, 1)))
+    """The ``num_pages`` pages of the file at ``path`` as a staging cache of their own (raises
+    what ``load_cache`` raises)."""
+    staged = staging_cache(pool, num_pages)
     return load_cache(path, fingerprint, staged, pages=list(range(num_pages))).cache
 
 
@@ -382,12 +420,19 @@ def directory_stats(directory: PrefixDirectory | None, page_size: int) -> dict[s
 
 
 class PrefixDirectory:
-    """Prefix-cache pages kept in ``directory``, one file per page digest, at most
-    ``max_bytes`` of them (least recently used removed first).
+    """Prefix-cache pages kept in ``directory``, at most ``max_bytes`` of them (least recently
+    used files removed first).
+
+    A file holds a *chain*: consecutive pages of one prefix, spilled or persisted together
+    (``<digest of its last page>.jkv``, a ``save_cache`` file of their tokens), and a sidecar
+    ``<same>.pages`` lists the pages' digests in order (written first, so a file is never
+    without it). Invariants: ``_where[digest] = (stem, position)`` points into ``_chains[stem]``
+    at that digest; every stem of ``_chains`` is in ``_files`` (its bytes, least recently used
+    first) and on disk.
 
     Args:
         directory: created if missing.
-        max_bytes: bound of the page files' total size.
+        max_bytes: bound of the files' total size.
         fingerprint: the expected fingerprint (any tokens) of the engine's prefixes.
 
     Raises:
@@ -407,8 +452,9 @@ class PrefixDirectory:
         secret = self._secret()
         identity = json.dumps(fingerprint.to_dict(), sort_keys=True).encode("utf-8")
         self.hash_key = hashlib.blake2b(identity, key=secret, digest_size=32).digest()
-        # digest hex -> file bytes, least recently used first.
         self._files: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._chains: dict[str, tuple[str, ...]] = {}
+        self._where: dict[str, tuple[str, int]] = {}
         self._scan()
         self._trim()
 
@@ -436,89 +482,147 @@ class PrefixDirectory:
         found = []
         for entry in os.scandir(self.directory):
             name = entry.name
-            if name.endswith(".partial") and name.startswith("."):
+            if name.endswith(".partial"):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)  # a write that died half way
                 continue
             stem = name[: -len(PAGE_SUFFIX)]
             if not name.endswith(PAGE_SUFFIX) or len(stem) != 64 or not entry.is_file():
                 continue
+            digests = self._read_sidecar(stem)
+            if digests is None:
+                self._remove_files(stem, "a page file without its list of pages")
+                continue
             with contextlib.suppress(OSError):
                 status = entry.stat()
-                found.append((status.st_mtime_ns, stem, status.st_size))
-        for _, stem, size in sorted(found):
-            self._files[stem] = size
+                sidecar = os.path.getsize(self._sidecar(stem))
+                found.append((status.st_mtime_ns, stem, status.st_size + sidecar, digests))
+        for _, stem, size, digests in sorted(found):
+            self._register(stem, size, digests)
+        for entry in os.scandir(self.directory):
+            stem = entry.name[: -len(".pages")]
+            if entry.name.endswith(".pages") and stem not in self._files:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)  # its page file was never written
 
-    def _path(self, digest_hex: str) -> str:
-        return os.path.join(self.directory, digest_hex + PAGE_SUFFIX)
+    def _read_sidecar(self, stem: str) -> tuple[str, ...] | None:
+        try:
+            with open(self._sidecar(stem), encoding="ascii") as file:
+                digests = tuple(line.strip() for line in file if line.strip())
+        except (OSError, UnicodeDecodeError):
+            return None
+        valid = digests and digests[-1] == stem
+        valid = valid and all(len(d) == 64 and set(d) <= set("0123456789abcdef") for d in digests)
+        return digests if valid else None
 
-    def _drop(self, digest_hex: str, reason: str | None = None) -> None:
-        self._files.pop(digest_hex, None)
+    def _path(self, stem: str) -> str:
+        return os.path.join(self.directory, stem + PAGE_SUFFIX)
+
+    def _sidecar(self, stem: str) -> str:
+        return os.path.join(self.directory, stem + ".pages")
+
+    def _register(self, stem: str, size: int, digests: tuple[str, ...]) -> None:
+        self._files[stem] = size
+        self._chains[stem] = digests
+        for position, digest in enumerate(digests):
+            self._where[digest] = (stem, position)
+
+    def _remove_files(self, stem: str, reason: str | None = None) -> None:
         if reason is not None:
-            logger.warning("%s: %s; deleted", self._path(digest_hex), reason)
+            logger.warning("%s: %s; deleted", self._path(stem), reason)
             self.counters.dropped_files += 1
-        with contextlib.suppress(OSError):
-            os.unlink(self._path(digest_hex))
+        for path in (self._path(stem), self._sidecar(stem)):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    def _drop(self, stem: str, reason: str | None = None) -> None:
+        self._files.pop(stem, None)
+        for digest in self._chains.pop(stem, ()):
+            if self._where.get(digest, (None,))[0] == stem:
+                del self._where[digest]
+        self._remove_files(stem, reason)
 
     def _trim(self) -> None:
         while self._files and self.num_bytes > self.max_bytes:
             self._drop(next(iter(self._files)))
 
-    def _touch(self, digest_hex: str) -> None:
-        self._files.move_to_end(digest_hex)
+    def _touch(self, stem: str) -> None:
+        self._files.move_to_end(stem)
         with contextlib.suppress(OSError):
-            os.utime(self._path(digest_hex))  # the order of use survives a restart
+            os.utime(self._path(stem))  # the order of use survives a restart
 
     @property
     def num_files(self) -> int:
-        """Page files on disk."""
+        """Chain files on disk."""
         return len(self._files)
 
     @property
+    def num_pages(self) -> int:
+        """Pages on disk."""
+        return len(self._where)
+
+    @property
     def num_bytes(self) -> int:
-        """Their total size."""
+        """The files' total size."""
         return sum(self._files.values())
 
     def __contains__(self, page_hash: object) -> bool:
-        return isinstance(page_hash, bytes) and page_hash.hex() in self._files
+        return isinstance(page_hash, bytes) and page_hash.hex() in self._where
 
-    # -- pages out and in ----------------------------------------------------------------------
+    # -- pages out -----------------------------------------------------------------------------
 
     def spill(self, pool: PagedCache, entries: Sequence[Any]) -> int:
-        """Write the cached pages ``entries`` (``jaxkv.pages.CachedPage``: digest, tokens, pool
-        page, whose contents ``pool`` still holds) to disk, those not there already; returns how
-        many were written. A write that fails is logged and skipped."""
-        fresh = []
+        """Write the cached pages ``entries`` (``jaxkv.pages.CachedPage``: digest, parent
+        digest, tokens, pool page, whose contents ``pool`` still holds) not on disk yet, one
+        file per chain of them; returns the pages written. A write that fails is logged and
+        skipped."""
+        fresh: dict[bytes, Any] = {}
         for entry in entries:
-            name = entry.page_hash.hex()
-            if name in self._files:
-                self._touch(name)
-            elif all(entry.page_hash != other.page_hash for other in fresh):
-                fresh.append(entry)
+            where = self._where.get(entry.page_hash.hex())
+            if where is not None:
+                self._touch(where[0])
+            else:
+                fresh.setdefault(entry.page_hash, entry)
         if not fresh:
             return 0
-        staged = gather_pages(pool, [entry.page for entry in fresh])
-        written = 0
-        for index, entry in enumerate(fresh):
-            name = entry.page_hash.hex()
-            tokens = list(entry.token_ids)
-            try:
-                save_cache(
-                    self._path(name),
-                    staged,
-                    tokens,
-                    self.fingerprint.replace(tokens_sha256=hash_tokens(tokens)),
-                    pages=[index],
-                )
-                self._files[name] = os.path.getsize(self._path(name))
-            except OSError as error:
-                logger.warning("%s: cannot write a page (%s)", self._path(name), error)
-                self.counters.write_errors += 1
-                continue
-            written += 1
+        chains = _chains_of(list(fresh.values()))
+        staged = gather_pages(pool, [entry.page for chain in chains for entry in chain])
+        written, start = 0, 0
+        for chain in chains:
+            slots = list(range(start, start + len(chain)))
+            start += len(chain)
+            if self._write_chain(staged, chain, slots):
+                written += len(chain)
         self.counters.spilled_pages += written
         self._trim()
         return written
+
+    def _write_chain(self, staged: PagedCache, chain: list[Any], slots: list[int]) -> bool:
+        stem = chain[-1].page_hash.hex()
+        digests = tuple(entry.page_hash.hex() for entry in chain)
+        tokens = [token for entry in chain for token in entry.token_ids]
+        try:
+            temporary = f"{self._sidecar(stem)}.{secrets.token_hex(4)}.partial"
+            with open(temporary, "w", encoding="ascii") as file:
+                file.write("\n".join(digests) + "\n")
+            os.replace(temporary, self._sidecar(stem))
+            save_cache(
+                self._path(stem),
+                staged,
+                tokens,
+                self.fingerprint.replace(tokens_sha256=hash_tokens(tokens)),
+                pages=slots,
+            )
+            size = os.path.getsize(self._path(stem)) + os.path.getsize(self._sidecar(stem))
+        except OSError as error:
+            logger.warning("%s: cannot write pages (%s)", self._path(stem), error)
+            self.counters.write_errors += 1
+            self._remove_files(stem)
+            return False
+        self._register(stem, size, digests)
+        return True
+
+    # -- pages in ------------------------------------------------------------------------------
 
     def restore(
         self,
@@ -532,70 +636,88 @@ class PrefixDirectory:
         (whose digests are ``page_hashes``) that the directory holds, into ``backend``'s pool
         as cached prefix pages; returns the pages loaded."""
         size = backend.page_size
-        run = []
-        for index in range(first, len(page_hashes)):
-            if page_hashes[index].hex() not in self._files:
-                break
-            run.append(index)
-        if not run:
-            return 0
-        staged = staging_cache(backend.cache, next_power_of_two(len(run)))
-        loaded = 0
-        for slot, index in enumerate(run):
-            name = page_hashes[index].hex()
-            tokens = list(token_ids[index * size : (index + 1) * size])
-            expected = self.fingerprint.replace(tokens_sha256=hash_tokens(tokens))
+        wanted = [digest.hex() for digest in page_hashes]
+        groups = []  # (staging cache, first prefix page it serves, its position there, pages)
+        index = first
+        while index < len(wanted) and wanted[index] in self._where:
+            stem, position = self._where[wanted[index]]
+            chain = self._chains[stem]
+            count = 0
+            while (
+                position + count < len(chain)
+                and index + count < len(wanted)
+                and chain[position + count] == wanted[index + count]
+            ):
+                count += 1
             try:
-                page = load_cache(self._path(name), expected, staging_cache(backend.cache, 1),
-                                  pages=[0]).cache  # fmt: skip
+                loaded = load_cache(
+                    self._path(stem),
+                    self.fingerprint,
+                    staging_cache(backend.cache, len(chain)),
+                    pages=list(range(len(chain))),
+                )
             except (CacheFileError, OSError) as error:
-                self._drop(name, f"unusable prefix-cache page ({error})")
+                self._drop(stem, f"unusable prefix-cache pages ({error})")
                 break
-            staged = _place(staged, page, slot)
-            self._touch(name)
-            loaded += 1
-        if not loaded:
+            saved = loaded.token_ids[position * size : (position + count) * size]
+            if list(saved) != list(token_ids[index * size : (index + count) * size]):
+                self._drop(stem, "its tokens are not those its digests name")
+                break
+            staged = concatenate_pages([loaded.cache], next_power_of_two(len(chain)))
+            groups.append((staged, index, position, count))
+            self._touch(stem)
+            index += count
+        if not groups:
             return 0
-        end = run[loaded - 1] + 1
 
         def write(indices: list[int], page_ids: list[int]) -> None:
             backend.spill_evictions()
-            targets = [-1] * staged_pages(staged)
-            for index, page in zip(indices, page_ids, strict=True):
-                targets[index - first] = page
-            backend.cache = scatter_pages(backend.cache, staged, targets)
+            for staged, start, position, count in groups:
+                targets = [-1] * staged_pages(staged)
+                for prefix_index, page in zip(indices, page_ids, strict=True):
+                    if start <= prefix_index < start + count:
+                        targets[position + prefix_index - start] = page
+                backend.cache = scatter_pages(backend.cache, staged, targets)
 
         cached = backend.manager.import_prefix(
-            token_ids[: end * size], write, cache_salt=cache_salt
+            token_ids[: index * size], write, cache_salt=cache_salt
         )
         restored = max(0, cached // size - first)
         self.counters.loaded_pages += restored
         return restored
 
 
+def _chains_of(entries: list[Any]) -> list[list[Any]]:
+    """``entries`` (cached pages) as chains, each page followed by its child when the child is
+    among them; every entry in exactly one chain."""
+    by_hash = {entry.page_hash: entry for entry in entries}
+    children: dict[bytes, list[Any]] = collections.defaultdict(list)
+    for entry in entries:
+        if entry.parent_hash in by_hash:
+            children[entry.parent_hash].append(entry)
+    used: set[bytes] = set()
+    chains = []
+
+    def walk(start: Any) -> None:
+        chain = [start]
+        used.add(start.page_hash)
+        while True:
+            following = [c for c in children[chain[-1].page_hash] if c.page_hash not in used]
+            if not following:
+                break
+            chain.append(following[0])
+            used.add(following[0].page_hash)
+        chains.append(chain)
+
+    for entry in entries:
+        if entry.parent_hash not in by_hash and entry.page_hash not in used:
+            walk(entry)
+    for entry in entries:
+        if entry.page_hash not in used:
+            walk(entry)
+    return chains
+
+
 def staged_pages(staged: PagedCache) -> int:
     """Pages of a staging cache."""
     return _geometry(staged).num_pages
-
-
-@jax.jit
-def _place_jit(staged: PagedCache, page: PagedCache, slot: jax.Array) -> PagedCache:
-    views = []
-    for view, source in zip(staged.views, page.views, strict=True):
-        if view is None:
-            views.append(None)
-            continue
-        fields = {
-            name: jax.lax.dynamic_update_index_in_dim(
-                getattr(view, name), getattr(source, name)[0], slot, 0
-            )
-            for name in PAGE_FIELDS
-            if getattr(view, name) is not None
-        }
-        views.append(dataclasses.replace(view, **fields))
-    return staged.with_views(views)
-
-
-def _place(staged: PagedCache, page: PagedCache, slot: int) -> PagedCache:
-    """``staged`` with its page ``slot`` set to the one page of ``page``."""
-    return _place_jit(staged, page, jnp.asarray(slot, jnp.int32))
