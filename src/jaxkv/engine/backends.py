@@ -332,6 +332,7 @@ class ContiguousBackend:
     def fork(self, parent: Any, child: Any) -> None:
         slot = self.free_slots.pop(0)
         self.slot_of[child.seq_id] = slot
+        self.released.pop(slot, None)
         self._flush_resets()
         indices = np.arange(self.rows, dtype=np.int32)
         indices[slot] = self.slot_of[parent.seq_id]
