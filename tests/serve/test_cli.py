@@ -186,7 +186,9 @@ def test_a_restarted_server_serves_prefixes_from_its_prefix_cache_dir(kit, monke
     cold, metrics = _serve_once(kit, monkeypatch, argv, complete)
     assert kit.metric(metrics, "jaxkv_prefix_cache_disk_hits_total") == 0
     files = [name for name in os.listdir(directory) if name.endswith(".jkv")]
-    assert len(files) >= 2  # written when the server stopped
+    assert len(files) == 1  # the prompt's chain of pages, written when the server stopped
+    pages = (directory / files[0].replace(".jkv", ".pages")).read_text().split()
+    assert len(pages) >= 2
     warm, metrics = _serve_once(kit, monkeypatch, argv, complete)
     assert kit.metric(metrics, "jaxkv_prefix_cache_disk_hits_total") >= 32
     assert kit.metric(metrics, "jaxkv_prefix_cache_dir_files") == len(files)
