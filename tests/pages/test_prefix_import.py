@@ -5,6 +5,8 @@ reports evicted cached pages (what a disk tier copies before the pages are overw
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxkv.pages import PageManager, StepPendingError
 
@@ -105,3 +107,53 @@ def test_evictions_are_recorded_with_their_contents_until_taken():
     assert manager().take_evictions() == []
     with pytest.raises(TypeError, match="record_evictions"):
         manager(record_evictions=1)
+
+
+def test_cached_pages_lists_every_cached_page():
+    pages = manager()
+    run_prompt(pages, "a", list(range(1, 10)))
+    cached = pages.cached_pages()
+    assert [entry.page_hash for entry in cached] == pages.prefix_hashes(list(range(1, 10)))
+    assert cached[0].parent_hash == bytes(32) and cached[1].parent_hash == cached[0].page_hash
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["import", "run", "fail"]),
+            st.integers(0, 3),  # which prompt
+            st.integers(1, 14),  # its length
+            st.sampled_from([None, "s"]),
+        ),
+        max_size=12,
+    )
+)
+def test_imports_between_runs_keep_the_invariants(operations):
+    """Imports, failed imports and whole prompts in any order: the manager's invariants hold,
+    and a prompt hits exactly the run of its pages that is cached."""
+    pages = manager(num_pages=6, record_evictions=True)
+    prompts = [list(range(base, base + 14)) for base in (1, 3, 100, 200)]
+
+    def fail(index, ids):
+        raise RuntimeError("write failed")
+
+    for step, (kind, which, length, salt) in enumerate(operations):
+        prompt = prompts[which][:length]
+        if kind == "import":
+            cached = pages.import_prefix(prompt, lambda index, ids: None, cache_salt=salt)
+            assert cached == len(pages.cached_prefix(prompt, cache_salt=salt)) * SIZE
+        elif kind == "fail":
+            try:
+                pages.import_prefix(prompt, fail, cache_salt=salt)
+            except RuntimeError:
+                pass
+        else:
+            expected = len(
+                pages.cached_prefix(prompt[: (length - 1) // SIZE * SIZE], cache_salt=salt)
+            )
+            assert run_prompt(pages, f"s{step}", prompt, salt) == expected * SIZE
+        pages.check_invariants()
+        evicted = pages.take_evictions()
+        assert all(len(entry.token_ids) == SIZE for entry in evicted)
+        assert len(evicted) <= pages.stats().num_evictions
