@@ -301,7 +301,8 @@ class ContiguousBackend:
         return self.model.contiguous_cache(1, self.max_model_len, self.kv_quantization)
 
     def row_holding(self, tokens: Sequence[int]) -> int | None:
-        """A slot whose row holds the KV of at least ``tokens`` (a released row first)."""
+        """A released slot whose row still holds the KV of ``tokens`` (and maybe more), or
+        ``None``."""
         width = len(tokens)
         for slot, held in self.released.items():
             if held[:width] == list(tokens) and len(held) >= width:

@@ -47,7 +47,7 @@ import numpy as np
 
 from jaxkv._sizes import next_power_of_two
 from jaxkv.caches.paged import PagedCache
-from jaxkv.errors import CacheFileError
+from jaxkv.errors import CacheFileError, FingerprintMismatchError
 from jaxkv.io.cache_store import (
     CacheFingerprint,
     hash_model_file,
@@ -238,6 +238,16 @@ class PrefixFile:
     cached_tokens: int
 
 
+def _matching_info(path: str, fingerprint: CacheFingerprint) -> Any:
+    """``read_cache_info(path)``, refused (``FingerprintMismatchError``) unless the file was
+    saved with ``fingerprint`` (any tokens)."""
+    info = read_cache_info(path)
+    differences = info.fingerprint.differences(fingerprint)
+    if differences:
+        raise FingerprintMismatchError(path, differences)
+    return info
+
+
 def load_prefix_file(
     backend: Any,
     fingerprint: CacheFingerprint,
@@ -247,12 +257,7 @@ def load_prefix_file(
 ) -> PrefixFile:
     """Load the pages the file at ``path`` shares with ``prompt_ids`` (all of them for
     ``None``) into ``backend``'s pool as cached prefix pages; see ``Engine.load_prefix``."""
-    info = read_cache_info(path)
-    differences = info.fingerprint.differences(fingerprint)
-    if differences:
-        from jaxkv.errors import FingerprintMismatchError
-
-        raise FingerprintMismatchError(path, differences)
+    info = _matching_info(path, fingerprint)
     saved = list(info.token_ids)
     size = backend.page_size
     usable = len(saved) // size
@@ -358,12 +363,7 @@ def load_row_prefix(
 ) -> PrefixFile:
     """Hold the one-row file at ``path`` on the contiguous ``backend`` for the sequences it
     admits next; see ``Engine.load_prefix``."""
-    info = read_cache_info(path)
-    differences = info.fingerprint.differences(fingerprint)
-    if differences:
-        from jaxkv.errors import FingerprintMismatchError
-
-        raise FingerprintMismatchError(path, differences)
+    info = _matching_info(path, fingerprint)
     saved = info.token_ids
     common = len(saved) if prompt_ids is None else _common_length(prompt_ids, saved)
     if common == 0:
@@ -380,8 +380,9 @@ def save_row_prefix(
     prompt_ids: Sequence[int],
     cache_salt: str | None,
 ) -> PrefixFile:
-    """Save the row of the contiguous ``backend`` that holds ``prompt_ids`` (a running
-    sequence's, or one just released) cut to the prompt; see ``Engine.save_prefix``."""
+    """Save the row of the contiguous ``backend`` that holds ``prompt_ids`` (that of a finished
+    request, which keeps its KV until the slot is reused) cut to the prompt; see
+    ``Engine.save_prefix``."""
     prompt = [int(t) for t in prompt_ids]
     slot = backend.row_holding(prompt)
     if slot is None:
