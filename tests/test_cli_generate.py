@@ -125,3 +125,29 @@ def test_bfloat16_on_cpu_warns(capsys, cached_model):
     )
     assert status == 0
     assert err[0].startswith("jaxkv: warning: --dtype bfloat16 has no native arithmetic")
+
+
+@pytest.mark.parametrize("cache", ["contiguous", "paged"])
+def test_prompt_cache_reuses_the_saved_prompt_and_falls_back_on_a_damaged_file(
+    capsys, tmp_path, cached_model, cache
+):
+    prompt = "Name three colours of the rainbow, then stop."
+    path = tmp_path / "prompt.jkv"
+    argv = ["generate", prompt, "--max-new-tokens", "4", "--cache", cache]
+    argv += ["--prompt-cache", str(path)]
+    status, cold, err = run(capsys, *argv[:-2])
+    assert status == 0, err
+    status, first, err = run(capsys, *argv)
+    assert status == 0 and path.exists(), err
+    assert any("prompt cache" in line and " 0 of " in line for line in err), err
+    status, warm, err = run(capsys, *argv)
+    assert status == 0, err
+    loaded = next(line for line in err if line.startswith("jaxkv: prompt cache"))
+    assert " 0 of " not in loaded and "prompt tokens loaded" in loaded
+    assert cold == first == warm
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    status, fallback, err = run(capsys, *argv)
+    assert status == 0 and fallback == cold
+    warning = next(line for line in err if "warning" in line)
+    assert warning.startswith(f"jaxkv generate: warning: prompt cache '{path}' not used")
+    assert "truncated" in warning or "not a complete" in warning

@@ -4,6 +4,7 @@ is loaded (bad settings, a busy port), and a real run over the tiny model."""
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import subprocess
 import sys
@@ -38,6 +39,7 @@ def test_defaults(monkeypatch):
     assert (args.max_num_seqs, args.max_num_batched_tokens, args.page_size) == (8, 256, 16)
     assert (args.num_pages, args.kv_quantization, args.max_model_len) == (None, "none", None)
     assert (args.max_waiting, args.dtype) == (1024, "float32")
+    assert (args.prefix_cache_dir, args.prefix_cache_dir_max_mb) == (None, 4096)
 
 
 def test_options():
@@ -137,3 +139,57 @@ def test_run_serves_the_api(kit, monkeypatch):
         server.should_exit = True
         thread.join(30)
     assert status == [0]
+
+
+def _serve_once(kit, monkeypatch, argv, work):
+    """Run ``jaxkv serve argv`` in a thread, call ``work(base_url)``, stop it; its result."""
+    monkeypatch.setattr(
+        Model, "load", classmethod(lambda cls, path=None, dtype="float32": kit.model)
+    )
+    servers: list[uvicorn.Server] = []
+
+    class Recorded(uvicorn.Server):
+        def __init__(self, config):
+            super().__init__(config)
+            servers.append(self)
+
+    monkeypatch.setattr(uvicorn, "Server", Recorded)
+    status = []
+    thread = threading.Thread(target=lambda: status.append(cli.run(_parse(*argv))), daemon=True)
+    thread.start()
+    assert kit.wait_until(lambda: servers and servers[0].started, timeout=60)
+    server = servers[0]
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        result = work(f"http://127.0.0.1:{port}")
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert status == [0]
+    return result
+
+
+def test_a_restarted_server_serves_prefixes_from_its_prefix_cache_dir(kit, monkeypatch, tmp_path):
+    directory = tmp_path / "prefixes"
+    argv = (
+        "--port", "0", "--max-num-seqs", "2", "--max-num-batched-tokens", "32",
+        "--max-model-len", "128", "--prefix-cache-dir", str(directory),
+        "--prefix-cache-dir-max-mb", "16",
+    )  # fmt: skip
+    prompt = "The quick brown fox jumps over the lazy dog. " * 4  # > 2 pages of 16 tokens
+
+    def complete(base: str) -> tuple[dict, str]:
+        body = {"prompt": prompt, "max_tokens": 3, "temperature": 0}
+        result = httpx.post(f"{base}/v1/completions", json=body).json()
+        return result, httpx.get(f"{base}/metrics").text
+
+    cold, metrics = _serve_once(kit, monkeypatch, argv, complete)
+    assert kit.metric(metrics, "jaxkv_prefix_cache_disk_hits_total") == 0
+    files = [name for name in os.listdir(directory) if name.endswith(".jkv")]
+    assert len(files) == 1  # the prompt's chain of pages, written when the server stopped
+    pages = (directory / files[0].replace(".jkv", ".pages")).read_text().split()
+    assert len(pages) >= 2
+    warm, metrics = _serve_once(kit, monkeypatch, argv, complete)
+    assert kit.metric(metrics, "jaxkv_prefix_cache_disk_hits_total") >= 32
+    assert kit.metric(metrics, "jaxkv_prefix_cache_dir_files") == len(files)
+    assert warm["choices"][0]["text"] == cold["choices"][0]["text"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Any
 
 from jaxkv._arguments import add_speculative_arguments, integer
@@ -54,6 +55,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="print one JSON object per prompt (text, token ids, finish reason, timings)",
     )
     _common.add_cache_arguments(parser)
+    add_prompt_cache_argument(parser)
     parser.add_argument(
         "--stop",
         action="append",
@@ -69,6 +71,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     _common.add_sampling_arguments(parser, 128)
     _common.add_common_arguments(parser)
     return parser
+
+
+def add_prompt_cache_argument(parser: argparse.ArgumentParser) -> None:
+    """``--prompt-cache FILE``."""
+    parser.add_argument(
+        "--prompt-cache",
+        default=None,
+        metavar="FILE",
+        help="reuse the longest prefix of the prompt saved in FILE (if FILE was saved for this "
+        "model, tokenizer, --cache and --kv-quantization) and save the prompt's cache to FILE "
+        "afterwards",
+    )
 
 
 def usage_error(args: argparse.Namespace) -> str | None:
@@ -123,9 +137,13 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxkv.engine import generate, speculative_config
+    from jaxkv.engine import PromptCacheWarning, speculative_config
 
     prompts = prompts_of(args)
+    if args.prompt_cache is not None and len(prompts) != 1:
+        raise ValueError(
+            f"--prompt-cache: the prompt cache holds one prompt, got {len(prompts)} prompts"
+        )
     model = _common.load(args)
     speculative = speculative_config(
         args.speculative, args.num_draft, args.draft_model, dtype=args.dtype
@@ -140,23 +158,18 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    result = generate(
-        model,
-        inputs,
-        on_progress=_common.progress(args),
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=args.stop,
-        cache=args.cache,
-        on_text=stream if streaming else None,
-        kv_quantization=args.kv_quantization,
-        max_batch=args.parallel,
-        warmup=False,  # the first token before the decode step is compiled
-        speculative=speculative,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", PromptCacheWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if issubclass(category, PromptCacheWarning):  # a plain line, as it happens
+                print(f"jaxkv generate: warning: {message}", file=sys.stderr, flush=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        result = _generate(args, model, inputs, stream if streaming else None, speculative)
     if streaming:
         sys.stdout.write("\n")
     elif args.json:
@@ -172,6 +185,13 @@ def run(args: argparse.Namespace) -> int:
         args,
         f"jaxkv: {args.cache} cache{codec}, {len(prompts)} prompt{'s' if len(prompts) > 1 else ''}",
     )
+    if args.prompt_cache is not None:
+        _common.note(
+            args,
+            f"jaxkv: prompt cache {args.prompt_cache}: {result.cached_tokens} of "
+            f"{result.prompt_tokens} prompt tokens loaded, "
+            f"{1000.0 * result.prompt_cache_seconds:.2f} ms loading and saving",
+        )
     for line in timing_summary(result, getattr(args, "load_seconds", None)):
         _common.note(args, line)
     if speculative is not None:
@@ -187,6 +207,31 @@ def speculation_summary(method: str, stats: Any) -> str:
         f"jaxkv:  speculative {method} = {stats.num_accepted_tokens} of {drafts} drafts "
         f"accepted{share} in {stats.num_verify_steps} verification steps, "
         f"{stats.tokens_per_verification:.2f} tokens per sequence per verification"
+    )
+
+
+def _generate(
+    args: argparse.Namespace, model: Any, inputs: list[Any], on_text: Any, speculative: Any
+) -> Any:
+    from jaxkv.engine import generate
+
+    return generate(
+        model,
+        inputs,
+        on_progress=_common.progress(args),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        cache=args.cache,
+        on_text=on_text,
+        kv_quantization=args.kv_quantization,
+        max_batch=args.parallel,
+        warmup=False,  # the first token before the decode step is compiled
+        prompt_cache=args.prompt_cache,
+        speculative=speculative,
     )
 
 

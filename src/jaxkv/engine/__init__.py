@@ -3,10 +3,11 @@ contiguous cache), sampling, batched generation, chat sessions and perplexity.""
 
 from jaxkv.engine.chat import ChatSession
 from jaxkv.engine.engine import Engine
-from jaxkv.engine.generate import generate
+from jaxkv.engine.generate import PromptCacheWarning, generate
 from jaxkv.engine.model import MODEL_ALIASES, Gemma3Model, HybridModel, Model
 from jaxkv.engine.outputs import Generation, GenerationResult
 from jaxkv.engine.perplexity import PerplexityResult, perplexity
+from jaxkv.engine.prefix_store import PrefixFile
 from jaxkv.engine.requests import (
     CacheConfig,
     CompletionOutput,
@@ -44,6 +45,8 @@ __all__ = [
     "Model",
     "NgramDrafter",
     "PerplexityResult",
+    "PrefixFile",
+    "PromptCacheWarning",
     "QueueFullError",
     "RequestError",
     "RequestMetrics",

@@ -22,9 +22,11 @@ import numpy as np
 from jaxkv._sizes import ceil_div, next_power_of_two
 from jaxkv.caches.paged import PagedCache, PagedCacheMetadata
 from jaxkv.engine.model import Model
+from jaxkv.engine.prefix_store import PrefixDirectory, RowPrefix, prefix_fingerprint
 from jaxkv.engine.requests import CacheConfig, SchedulerConfig
 from jaxkv.engine.step import compiled_forward
 from jaxkv.engine.step_inputs import paged_runtime
+from jaxkv.io.cache_store import CacheFingerprint
 from jaxkv.pages import PageManager
 
 Plan = Sequence[tuple[Any, int]]
@@ -109,22 +111,71 @@ class PagedBackend:
         self.mixed = mixed_buckets(scheduler, self.rows)
         self.verify_width = verify_width
         verify = [b * verify_width for b in self.decode_buckets] if verify_width else []
+        self.cache = PagedCache.init_cache(self.metadata)
+        self.page_size = page_size
+        self.prefix_caching = cache.enable_prefix_caching
+        self._fingerprint = None
+        # Pages evicted from the prefix cache go to disk and come back on a miss.
+        self.directory = None
+        if cache.prefix_cache_dir is not None:
+            self.directory = PrefixDirectory(
+                cache.prefix_cache_dir, cache.prefix_cache_dir_max_bytes, self.fingerprint
+            )
         self.manager = PageManager(
             num_pages,
             page_size,
             self.rows,
             max_pages_per_seq,
             enable_prefix_caching=cache.enable_prefix_caching,
+            hash_key=None if self.directory is None else self.directory.hash_key,
             token_buckets=sorted({*self.decode_buckets, *self.mixed, *verify}),
+            record_evictions=self.directory is not None,
         )
-        self.cache = PagedCache.init_cache(self.metadata)
-        self.page_size = page_size
-        self.prefix_caching = cache.enable_prefix_caching
+
+    @property
+    def fingerprint(self) -> CacheFingerprint:
+        """The expected fingerprint of this pool's prefixes on disk (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = prefix_fingerprint(self.model, self.cache)
+        return self._fingerprint
+
+    # -- prefixes on disk ------------------------------------------------------------------
+
+    def spill_evictions(self) -> None:
+        """Write the pages just evicted from the prefix cache to the directory (before anything
+        overwrites them)."""
+        evicted = self.manager.take_evictions()
+        if evicted and self.directory is not None:
+            self.directory.spill(self.cache, evicted)
+
+    def restore_prefix(self, seq: Any) -> None:
+        """Bring back from the directory the pages of ``seq``'s prompt the pool misses."""
+        size = self.page_size
+        limit = (len(seq.tokens) - 1) // size  # the pages add_sequence may hit
+        if self.directory is None or limit <= 0:
+            return
+        head = seq.tokens[: limit * size]
+        salt = seq.cache_salt
+        first = len(self.manager.cached_prefix(head, cache_salt=salt))
+        if first == limit:
+            return
+        hashes = self.manager.prefix_hashes(head, cache_salt=salt)
+        if hashes[first] in self.directory:
+            self.directory.restore(self, head, hashes, first, salt)
+
+    def persist_prefixes(self) -> int:
+        """Write every page of the prefix cache to the directory; pages written."""
+        if self.directory is None:
+            return 0
+        self.spill_evictions()
+        return self.directory.spill(self.cache, self.manager.cached_pages())
 
     # -- sequences -------------------------------------------------------------------------
 
     def admit(self, seq: Any) -> int:
         """Register a sequence; returns its prompt tokens served by the prefix cache."""
+        if self.directory is not None:
+            self.restore_prefix(seq)
         return self.manager.add_sequence(seq.seq_id, seq.tokens, cache_salt=seq.cache_salt)
 
     def release(self, seq: Any) -> None:
@@ -202,6 +253,7 @@ class PagedBackend:
         manager = self.manager
         step = manager.schedule([(seq.seq_id, count) for seq, count in plan])
         try:
+            self.spill_evictions()  # the step may write into pages it evicted
             shape = self._shape([count for _, count in plan], verify)
             tokens, width, logits_per_row = shape
             runtime = paged_runtime(
@@ -293,29 +345,65 @@ class ContiguousBackend:
         widths = {w for w in widths if 1 < w < self.max_row_tokens} | {self.max_row_tokens}
         self.mixed = tuple(sorted(widths))
         self.cache = model.contiguous_cache(self.rows, max_model_len, cache.kv_quantization)
+        self.max_model_len = max_model_len
+        self.kv_quantization = cache.kv_quantization
         self.page_size = 0
         self.prefix_caching = False
         self.free_slots = list(range(self.rows))
         self.slot_of: dict[Hashable, int] = {}
         self.to_reset: set[int] = set()
         self.to_truncate: dict[int, int] = {}
+        # A saved prompt (Engine.load_prefix) that admitted sequences may start from, and the
+        # tokens each released row still holds (Engine.save_prefix saves one of them).
+        self.row_prefix: RowPrefix | None = None
+        self.released: dict[int, list[int]] = {}
+        self._fingerprint = None
+
+    @property
+    def fingerprint(self) -> CacheFingerprint:
+        """The expected fingerprint of this cache's saved prompts (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = prefix_fingerprint(self.model, self.cache)
+        return self._fingerprint
+
+    def empty_row(self) -> Any:
+        """An empty one-row cache of this backend's configuration."""
+        return self.model.contiguous_cache(1, self.max_model_len, self.kv_quantization)
+
+    def row_holding(self, tokens: Sequence[int]) -> int | None:
+        """A released slot whose row still holds the KV of ``tokens`` (and maybe more), or
+        ``None``."""
+        width = len(tokens)
+        for slot, held in self.released.items():
+            if held[:width] == list(tokens) and len(held) >= width:
+                return slot
+        return None
 
     def admit(self, seq: Any) -> int:
         slot = self.free_slots.pop(0)
         self.slot_of[seq.seq_id] = slot
-        self.to_reset.add(slot)
-        return 0
+        self.released.pop(slot, None)
+        cached, row = 0, None
+        if self.row_prefix is not None:
+            cached, row = self.row_prefix.take(seq.tokens, seq.cache_salt)
+        if row is None:
+            self.to_reset.add(slot)
+            return 0
+        self._flush()
+        self.cache = self.cache.insert(row, slot)
+        return cached
 
     def release(self, seq: Any) -> None:
         slot = self.slot_of.pop(seq.seq_id, None)
         if slot is not None:
-            self.to_truncate.pop(slot, None)  # the next sequence of the slot starts empty
+            self.released[slot] = list(seq.tokens[: seq.num_computed])
             self.free_slots.append(slot)
             self.free_slots.sort()
 
     def fork(self, parent: Any, child: Any) -> None:
         slot = self.free_slots.pop(0)
         self.slot_of[child.seq_id] = slot
+        self.released.pop(slot, None)
         self._flush()
         indices = np.arange(self.rows, dtype=np.int32)
         indices[slot] = self.slot_of[parent.seq_id]

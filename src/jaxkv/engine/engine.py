@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,6 +48,14 @@ from jaxkv.engine.backends import make_backend
 from jaxkv.engine.draft_model import make_drafter
 from jaxkv.engine.model import ENGINE_MODELS, Model
 from jaxkv.engine.outputs import RowProgress
+from jaxkv.engine.prefix_store import (
+    PrefixFile,
+    directory_stats,
+    load_prefix_file,
+    load_row_prefix,
+    save_prefix_file,
+    save_row_prefix,
+)
 from jaxkv.engine.requests import (
     CacheConfig,
     CompletionOutput,
@@ -818,10 +827,76 @@ class Engine:
                 )[0].block_until_ready()
         return time.perf_counter() - start
 
+    # -- prefixes on disk ------------------------------------------------------------------
+
+    def _prefix_backend(self, owner: str) -> Any:
+        backend = self.backend
+        if backend.kind == "paged" and not backend.prefix_caching:
+            raise ValueError(
+                f"{owner}: a saved prompt is loaded into the prefix cache of the paged backend; "
+                "this engine runs CacheConfig(enable_prefix_caching=False)"
+            )
+        return backend
+
+    def load_prefix(
+        self, path: str | os.PathLike[str], prompt: Prompt | None = None, *, cache_salt=None
+    ) -> PrefixFile:
+        """Load a prompt cache file (``save_prefix``) so that requests whose prompt starts like
+        the saved one (with the same ``cache_salt``) prefill only the rest.
+
+        Paged: the file's full pages that ``prompt`` starts with (all of them for ``None``)
+        become cached prefix pages, reused by normal prefix matching; pages already cached are
+        kept, pages the pool cannot take are not loaded. Contiguous: the saved row is held, and
+        a request admitted later starts from a copy of it cut to the prefix it shares with the
+        saved prompt. Either way the last prompt token is computed again (its logits are drawn
+        from), and the output is what it would have been without the file.
+
+        Returns:
+            A ``PrefixFile``: the tokens saved, and those ``prompt`` shares with them that can be
+            reused (paged: in whole pages now cached).
+
+        Raises:
+            ValueError: a paged engine without prefix caching, or a malformed prompt.
+            FileNotFoundError: no such file.
+            jaxkv.io.CacheFileError: the file is damaged or truncated
+                (``CacheFileCorruptedError``), of a newer layout, saved for another model,
+                tokenizer, chat template, dtype, codec or page size
+                (``FingerprintMismatchError``) or from another cache layout
+                (``CacheTargetMismatchError``); nothing changes.
+        """
+        backend = self._prefix_backend("load_prefix")
+        ids = None if prompt is None else self._encode(prompt)
+        load = load_prefix_file if backend.kind == "paged" else load_row_prefix
+        return load(backend, backend.fingerprint, os.fspath(path), ids, cache_salt)
+
+    def save_prefix(
+        self, path: str | os.PathLike[str], prompt: Prompt, *, cache_salt=None
+    ) -> PrefixFile:
+        """Save the KV of ``prompt``, computed by a request that ran it, to ``path``
+        (atomically) for ``load_prefix`` in a later run: paged, its cached full pages;
+        contiguous, the row of the last request with that prompt cut to the prompt. Saves
+        nothing (and leaves ``path`` alone) when no such pages or row remain.
+
+        Raises:
+            ValueError: a paged engine without prefix caching, or a malformed prompt.
+            OSError: the file cannot be written (``path`` is left as it was).
+        """
+        backend = self._prefix_backend("save_prefix")
+        save = save_prefix_file if backend.kind == "paged" else save_row_prefix
+        return save(backend, backend.fingerprint, os.fspath(path), self._encode(prompt), cache_salt)
+
+    def persist_prefix_cache(self) -> int:
+        """With ``CacheConfig(prefix_cache_dir=...)``: write every page of the prefix cache not
+        yet on disk there (a server does this when it stops, so a restart finds them); pages
+        written (0 without a directory)."""
+        persist = getattr(self.backend, "persist_prefixes", None)
+        return 0 if persist is None else persist()
+
     def stats(self) -> EngineStats:
         backend = self.backend
         manager = getattr(backend, "manager", None)
         page_stats = manager.stats() if manager is not None else None
+        directory = getattr(backend, "directory", None)
         return EngineStats(
             num_running=len(self._running),
             num_waiting=self._num_waiting_requests(),
@@ -841,6 +916,8 @@ class Engine:
             num_verified_sequences=self._counters["verified_sequences"],
             num_draft_tokens=self._counters["draft_tokens"],
             num_accepted_tokens=self._counters["accepted_tokens"],
+            num_computed_tokens=self._counters["computed_tokens"],
+            **directory_stats(directory, getattr(backend, "page_size", 0)),
         )
 
 

@@ -9,7 +9,9 @@ timing anything.
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
@@ -20,9 +22,11 @@ from jaxkv._sizes import ceil_div, next_power_of_two, round_up_bucket
 from jaxkv.engine.engine import Engine
 from jaxkv.engine.model import Model
 from jaxkv.engine.outputs import Generation, GenerationResult
+from jaxkv.engine.prefix_store import PrefixFile
 from jaxkv.engine.requests import CacheConfig, SchedulerConfig
 from jaxkv.engine.sampling import SamplingParams
 from jaxkv.engine.speculative import SpeculativeConfig
+from jaxkv.errors import CacheFileError
 from jaxkv.quantization import CODECS
 
 CacheKind = Literal["contiguous", "paged"]
@@ -129,6 +133,7 @@ def generate(
     max_batch: int | None = None,
     warmup: bool = True,
     speculative: SpeculativeConfig | None = None,
+    prompt_cache: str | os.PathLike[str] | None = None,
 ) -> GenerationResult:
     """Generate continuations of a batch of prompts.
 
@@ -158,6 +163,14 @@ def generate(
         speculative: speculative decoding (``jaxkv.engine.SpeculativeConfig``); the output is
             the output without it (token for token), the decode steps fewer when the drafts
             are good.
+        prompt_cache: a prompt cache file (llama.cpp's ``--prompt-cache``), for one prompt:
+            if it exists and was saved for this model, tokenizer, chat template, cache layout,
+            dtype, codec and page size, the prompt's longest saved prefix (paged: in whole
+            pages) is reused and only the rest is prefilled; afterwards the prompt's cache
+            (paged: its full pages) is saved to it (atomically). A file that cannot be used
+            (damaged, truncated, another model...) gives a ``PromptCacheWarning`` naming it
+            and the reason, and the prompt is prefilled from scratch; the output is the same
+            either way.
 
     Returns:
         A ``GenerationResult`` with one ``Generation`` per prompt and timings (compilation
@@ -177,6 +190,12 @@ def generate(
     v.require_int("generate", "seed", seed)
     SamplingParams(temperature, top_k, top_p, seed)  # validates the sampling values
     prompt_ids = _check_prompts(model, prompts)
+    if prompt_cache is not None:
+        if len(prompt_ids) != 1:
+            raise ValueError(
+                f"generate: prompt_cache holds one prompt, got {len(prompt_ids)} prompts"
+            )
+        prompt_cache = os.fspath(prompt_cache)
     longest = max(len(p) for p in prompt_ids) + max_new_tokens
     if longest > model.context_length:
         raise ValueError(
@@ -197,7 +216,13 @@ def generate(
         engine.warmup(on_progress)
     elif on_progress is not None:
         on_progress("compiling each step shape when it is first used")
-    prompt_tokens = sum(len(p) for p in prompt_ids)
+    cache_start = time.perf_counter()
+    loaded = (
+        None if prompt_cache is None else load_prompt_cache(engine, prompt_cache, prompt_ids[0])
+    )
+    cached_tokens = 0 if loaded is None else loaded.cached_tokens
+    cache_seconds = time.perf_counter() - cache_start
+    prompt_tokens = sum(len(p) for p in prompt_ids) - cached_tokens
     if on_progress is not None and prompt_tokens >= _LONG_PREFILL:
         on_progress(f"prefilling {prompt_tokens:,} prompt tokens")
     settings = [
@@ -258,15 +283,61 @@ def generate(
             )
         )
     steps = engine.stats().num_steps - steps_before_decode
+    if prompt_cache is not None:
+        cached_tokens = finals[ids[0]].num_cached_tokens
+        cache_start = time.perf_counter()
+        save_prompt_cache(engine, prompt_cache, prompt_ids[0], loaded)
+        cache_seconds += time.perf_counter() - cache_start
     return GenerationResult(
         generations,
         prefill_seconds,
         total - prefill_seconds,
         steps,
         engine.compile_seconds,
-        sum(len(p) for p in prompt_ids[:first_batch]),
-        engine.stats(),
+        sum(len(p) for p in prompt_ids[:first_batch]) - cached_tokens,
+        cached_tokens,
+        cache_seconds,
+        engine_stats=engine.stats(),
     )
+
+
+class PromptCacheWarning(UserWarning):
+    """A prompt cache file could not be used or written; the run went on without it."""
+
+
+def load_prompt_cache(engine: Engine, path: str, prompt_ids: Sequence[int]) -> PrefixFile | None:
+    """``engine.load_prefix(path, prompt_ids)``, or ``None`` (with a ``PromptCacheWarning``
+    unless there is no file yet) when the file cannot be used."""
+    try:
+        return engine.load_prefix(path, prompt_ids)
+    except FileNotFoundError:
+        return None
+    except (CacheFileError, OSError) as error:
+        warnings.warn(
+            PromptCacheWarning(
+                f"prompt cache {path!r} not used, prefilling the whole prompt: {error}"
+            ),
+            stacklevel=3,
+        )
+        return None
+
+
+def save_prompt_cache(
+    engine: Engine, path: str, prompt_ids: Sequence[int], loaded: PrefixFile | None
+) -> PrefixFile | None:
+    """Save the prompt's full pages to ``path`` (``engine.save_prefix``), unless the file it
+    was loaded from holds exactly them already; ``None`` (with a ``PromptCacheWarning``) when
+    the file cannot be written."""
+    full = len(prompt_ids)
+    if engine.cache_config.kind == "paged":
+        full = full // engine.cache_config.page_size * engine.cache_config.page_size
+    if loaded is not None and loaded.saved_tokens == loaded.cached_tokens == full:
+        return loaded
+    try:
+        return engine.save_prefix(path, prompt_ids)
+    except OSError as error:
+        warnings.warn(PromptCacheWarning(f"prompt cache {path!r} not saved: {error}"), stacklevel=3)
+        return None
 
 
 def _since(start: float, moment: float | None) -> float | None:

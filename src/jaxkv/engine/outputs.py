@@ -46,6 +46,10 @@ class GenerationResult:
         decode_steps: engine steps in ``decode_seconds``.
         compile_seconds: compilation before the run (not in the other times).
         prefill_tokens: prompt tokens of the first batch (those ``prefill_seconds`` covers).
+        cached_tokens: prompt tokens loaded from ``generate``'s ``prompt_cache`` (not
+            prefilled).
+        prompt_cache_seconds: time spent loading and saving the prompt cache (not in the
+            other times).
         engine_stats: the engine's counters at the end (steps, speculative drafts accepted).
     """
 
@@ -55,6 +59,8 @@ class GenerationResult:
     decode_steps: int
     compile_seconds: float = 0.0
     prefill_tokens: int | None = None
+    cached_tokens: int = 0
+    prompt_cache_seconds: float = 0.0
     engine_stats: Any = None
 
     @property

@@ -4,12 +4,15 @@ request, and the errors a bad request gets."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Literal
 
 from jaxkv import _validation as v
 from jaxkv.quantization import CODECS
 
 CacheKind = Literal["paged", "contiguous"]
+DEFAULT_PREFIX_DIR_MAX_BYTES = 4 << 30
+"""Default bound of ``CacheConfig.prefix_cache_dir`` (4 GiB)."""
 CACHE_KINDS = ("paged", "contiguous")
 
 
@@ -42,6 +45,10 @@ class CacheConfig:
         memory_bytes: KV memory the default pool may take (paged).
         enable_prefix_caching: reuse the computed pages of identical prompt prefixes (paged).
         kv_quantization: KV storage codec, one of ``jaxkv.quantization.CODECS``.
+        prefix_cache_dir: a directory the prefix cache spills evicted pages to and loads them
+            back from on a miss, across restarts (paged, with prefix caching); ``None``: none.
+        prefix_cache_dir_max_bytes: most bytes of page files kept there (least recently used
+            removed first).
     """
 
     kind: CacheKind = "paged"
@@ -50,6 +57,8 @@ class CacheConfig:
     memory_bytes: int = 1 << 30
     enable_prefix_caching: bool = True
     kv_quantization: str = "none"
+    prefix_cache_dir: str | None = None
+    prefix_cache_dir_max_bytes: int = DEFAULT_PREFIX_DIR_MAX_BYTES
 
     def __post_init__(self) -> None:
         owner = "CacheConfig"
@@ -62,6 +71,25 @@ class CacheConfig:
                 f"{owner}: enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}"
             )
         v.require_choice(owner, "kv_quantization", self.kv_quantization, CODECS)
+        v.require_int(
+            owner, "prefix_cache_dir_max_bytes", self.prefix_cache_dir_max_bytes, minimum=1
+        )
+        if self.prefix_cache_dir is not None:
+            directory = self.prefix_cache_dir
+            if isinstance(directory, os.PathLike):
+                directory = os.fspath(directory)
+                object.__setattr__(self, "prefix_cache_dir", directory)
+            if not isinstance(directory, str) or not directory:
+                raise TypeError(
+                    f"{owner}: prefix_cache_dir must be a directory path or None, got "
+                    f"{self.prefix_cache_dir!r}"
+                )
+            if self.kind != "paged" or not self.enable_prefix_caching:
+                raise ValueError(
+                    f"{owner}: prefix_cache_dir keeps pages of the prefix cache, so it needs "
+                    f"kind='paged' and enable_prefix_caching=True, got kind={self.kind!r}, "
+                    f"enable_prefix_caching={self.enable_prefix_caching}"
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +234,13 @@ class RequestOutput:
 
 @dataclasses.dataclass(frozen=True)
 class EngineStats:
-    """A snapshot of the engine's counters (the server's ``/metrics`` reads these)."""
+    """A snapshot of the engine's counters (the server's ``/metrics`` reads these).
+
+    ``num_computed_tokens`` counts the tokens the model ran (prefill and decode; a prefix hit
+    is not run). The ``prefix_disk``/``prefix_dir`` counters describe
+    ``CacheConfig.prefix_cache_dir``: prompt tokens loaded back from it, pages written to it,
+    and the files and bytes it holds now.
+    """
 
     num_running: int
     num_waiting: int
@@ -226,6 +260,11 @@ class EngineStats:
     num_verified_sequences: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_computed_tokens: int = 0
+    prefix_disk_hit_tokens: int = 0
+    prefix_spilled_pages: int = 0
+    prefix_dir_files: int = 0
+    prefix_dir_bytes: int = 0
 
     @property
     def draft_acceptance_rate(self) -> float:

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -1237,9 +1238,8 @@ class _Target:
                 f"cache layer {index} is a {type(view).__name__} ({_family(view)}), but the file "
                 f"holds a {spec['view']} ({spec['family']}) layer"
             )
-        metadata_type = _METADATA_TYPES.get(spec["metadata_class"])
         try:
-            stored = metadata_type.from_json(spec["metadata"])
+            stored = _stored_metadata(spec["metadata_class"], spec["metadata"])
         except (AttributeError, TypeError, ValueError) as error:
             raise CacheFileCorruptedError(
                 self.path, f"{self.path}: layer {index} has malformed metadata ({error})"
@@ -1341,6 +1341,16 @@ class _Target:
         return ids
 
 
+@functools.lru_cache(maxsize=256)
+def _stored_metadata(class_name: str, text: str) -> Any:
+    """A layer's metadata from its JSON in a header (parsed once per distinct text: a directory
+    of page files repeats the same few)."""
+    metadata_type = _METADATA_TYPES.get(class_name)
+    if metadata_type is None:
+        raise ValueError(f"unknown metadata class {class_name!r}")
+    return metadata_type.from_json(text)
+
+
 def _show(value: Any) -> str:
     return value.name if isinstance(value, np.dtype) else repr(value)
 
@@ -1371,6 +1381,10 @@ def _write_pages(view: PagedCacheView, saved: dict[str, np.ndarray], page_table:
     keep = page_table >= 0
     if not keep.any():
         return view
+    if np.array_equal(page_table, np.arange(view.metadata.num_pages)):
+        # The file fills the whole pool, in order: its arrays become the pool's.
+        fields = {name: jnp.asarray(array) for name, array in saved.items()}
+        return dataclasses.replace(view, **fields)
     index = jnp.asarray(page_table[keep], jnp.int32)
     fields = {
         name: getattr(view, name).at[index].set(jnp.asarray(array[keep]))

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import Hashable, Iterator, Sequence, Sized
+from collections.abc import Callable, Hashable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,7 +74,7 @@ from jaxkv.pages.errors import (
     StepPendingError,
     UnknownSequenceError,
 )
-from jaxkv.pages.prefix_cache import ROOT_HASH, PrefixCache
+from jaxkv.pages.prefix_cache import ROOT_HASH, CachedPage, PrefixCache
 from jaxkv.pages.step import (
     StepMetadata,
     StepRow,
@@ -268,9 +268,14 @@ class PageManager:
         max_pages_per_seq: most pages one sequence may hold; a sequence holds at most
             `max_pages_per_seq * page_size` tokens.
         enable_prefix_caching: share identical full prompt pages between sequences.
-        hash_key: key of the page digests (1 to 64 bytes); a fresh random key when None.
+        hash_key: key of the page digests (1 to 64 bytes); a fresh random key when None. A key
+            kept across processes gives the same prefix the same digests (pages kept outside the
+            pool can then be found again by digest).
         token_buckets: increasing sizes the packed token axis is padded to; by default powers of two
             from 8 up to the first one >= `max_num_seqs * max_pages_per_seq * page_size`.
+        record_evictions: remember every cached page evicted from the prefix cache until
+            `take_evictions` hands them out (to copy their contents elsewhere before they are
+            overwritten).
     """
 
     def __init__(
@@ -282,6 +287,7 @@ class PageManager:
         enable_prefix_caching: bool = True,
         hash_key: bytes | None = None,
         token_buckets: Sequence[int] | None = None,
+        record_evictions: bool = False,
     ) -> None:
         self._num_pages = positive_int("num_pages", num_pages)
         self._page_size = positive_int("page_size", page_size)
@@ -299,6 +305,8 @@ class PageManager:
             )
         if not isinstance(enable_prefix_caching, bool):
             raise TypeError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
+        if not isinstance(record_evictions, bool):
+            raise TypeError(f"record_evictions must be a bool, got {record_evictions!r}")
         if hash_key is None:
             hash_key = secrets.token_bytes(32)
         elif not isinstance(hash_key, bytes) or not 1 <= len(hash_key) <= 64:
@@ -315,6 +323,9 @@ class PageManager:
         self._seqs: dict[Hashable, _Sequence] = {}
         self._pending: _PendingStep | None = None
         self._counters = _Counters()
+        # Cached pages evicted since the last `take_evictions` (only with record_evictions): their
+        # device contents stay valid until the step or import that took them writes.
+        self._evicted: list[CachedPage] | None = [] if record_evictions else None
 
     # -- configuration and reads -----------------------------------------------------------------
 
@@ -636,6 +647,157 @@ class PageManager:
         del seq.pages[keep:]
         del seq.page_hashes[seq.num_computed // self._page_size :]
         self._release_pages(dropped)
+
+    # -- prefixes kept outside the pool ----------------------------------------------------------
+
+    def prefix_hashes(
+        self, token_ids: Sequence[int], *, cache_salt: str | bytes | None = None
+    ) -> list[bytes]:
+        """The chained digests of the full pages of `token_ids` (`len // page_size` of them), as
+        the prefix cache names them under this manager's key and `cache_salt`.
+
+        Raises:
+            TypeError, ValueError: malformed token ids or salt (as in `add_sequence`).
+        """
+        tokens = _token_list("token_ids", token_ids, allow_empty=True, limit=self.max_seq_len)
+        salt = _salt_bytes(cache_salt)
+        size = self._page_size
+        digests: list[bytes] = []
+        parent = ROOT_HASH
+        for index in range(len(tokens) // size):
+            parent = self._prefix_cache.hash_page(
+                parent, salt, tokens[index * size : (index + 1) * size]
+            )
+            digests.append(parent)
+        return digests
+
+    def cached_prefix(
+        self, token_ids: Sequence[int], *, cache_salt: str | bytes | None = None
+    ) -> tuple[int, ...]:
+        """The pool pages holding the longest cached run of full pages that `token_ids` starts
+        with (every full page counts, the last one too). Reads only: nothing is held, so the
+        pages stay as evictable as they were.
+
+        Raises:
+            TypeError, ValueError: malformed token ids or salt.
+        """
+        tokens = _token_list("token_ids", token_ids, allow_empty=True, limit=self.max_seq_len)
+        salt = _salt_bytes(cache_salt)
+        if not self._enable_prefix_caching:
+            return ()
+        return tuple(self._match_run(tokens, salt, len(tokens) // self._page_size))
+
+    def _match_run(self, tokens: list[int], salt: bytes, limit: int) -> list[int]:
+        pages: list[int] = []
+        parent = ROOT_HASH
+        size = self._page_size
+        for index in range(limit):
+            page_tokens = tokens[index * size : (index + 1) * size]
+            page_hash = self._prefix_cache.hash_page(parent, salt, page_tokens)
+            page = self._prefix_cache.match(page_hash, parent, salt, page_tokens)
+            if page is None:
+                break
+            pages.append(page)
+            parent = page_hash
+        return pages
+
+    def import_prefix(
+        self,
+        token_ids: Sequence[int],
+        write: Callable[[list[int], list[int]], None],
+        *,
+        cache_salt: str | bytes | None = None,
+    ) -> int:
+        """Make the full pages of `token_ids` cached prefix pages, their contents supplied by
+        `write` (e.g. read from a file), so that a later `add_sequence` of a prompt starting with
+        them hits them.
+
+        Pages already cached are kept. For each of the others a page is taken (free first, else
+        the least recently used evictable cached page), while any is available; the run stops
+        at the first page that finds none. Then `write(indices, page_ids)` is called once with
+        the position of each taken page in the prefix and its page id; it must fill those pages
+        on the device. On success they enter the prefix cache (unreferenced and evictable, the
+        prefix's head most recently used); if `write` raises, they go back to the free pool and
+        the error propagates. Either way nothing stays held.
+
+        ::
+
+            token_ids   | page 0 | page 1 | page 2 | pa  <- partial page: not imported
+            cached?       yes      no       no
+            write(...)             ([1, 2], [p1, p2])
+
+        Args:
+            token_ids: the prefix; its first `len // page_size` pages are imported.
+            write: `write(indices, page_ids)`, called only when at least one page was taken.
+            cache_salt: the salt of the requests that may hit these pages.
+
+        Returns:
+            How many leading tokens of `token_ids` are now cached (a multiple of `page_size`).
+
+        Raises:
+            TypeError, ValueError: malformed arguments (nothing changes).
+            StepPendingError: a step is pending (its pages must not change owners under it).
+            Whatever `write` raises (the taken pages are freed).
+        """
+        tokens = _token_list("token_ids", token_ids, allow_empty=True, limit=self.max_seq_len)
+        salt = _salt_bytes(cache_salt)
+        if not callable(write):
+            raise TypeError(f"write must be callable, got {write!r:.80}")
+        if not self._enable_prefix_caching:
+            raise ValueError("import_prefix needs a manager with enable_prefix_caching=True")
+        if self._pending is not None:
+            raise StepPendingError("import_prefix() called while a step is pending")
+        size = self._page_size
+        held: list[int] = []
+        taken: list[tuple[int, int, bytes, bytes]] = []  # (index, page, digest, parent)
+        parent = ROOT_HASH
+        for index in range(min(len(tokens) // size, self._max_pages_per_seq)):
+            page_tokens = tokens[index * size : (index + 1) * size]
+            page_hash = self._prefix_cache.hash_page(parent, salt, page_tokens)
+            page = self._prefix_cache.match(page_hash, parent, salt, page_tokens)
+            if page is not None:
+                if self._prefix_cache.is_evictable(page):
+                    self._prefix_cache.unpark(page)
+                self._allocator.incref(page)
+            elif self._allocator.num_free or self._prefix_cache.num_evictable:
+                page = self._take_page()
+                taken.append((index, page, page_hash, parent))
+            else:
+                break
+            held.append(page)
+            parent = page_hash
+        if taken:
+            try:
+                write([index for index, *_ in taken], [page for _, page, *_ in taken])
+            except BaseException:
+                fresh = {page for _, page, *_ in taken}
+                for page in reversed(held):
+                    if self._allocator.decref(page) == 0:
+                        if page in fresh:
+                            self._allocator.release(page)
+                        else:
+                            self._prefix_cache.park(page)
+                raise
+            for index, page, page_hash, page_parent in taken:
+                page_tokens = tokens[index * size : (index + 1) * size]
+                # False only if the digest is cached already (not possible here: it missed).
+                self._prefix_cache.insert(page, page_hash, page_parent, salt, page_tokens)
+        self._release_pages(held)
+        return len(held) * size
+
+    def cached_pages(self) -> list[CachedPage]:
+        """Every page of the prefix cache (held or evictable), in the order they were cached."""
+        return list(self._prefix_cache.entries())
+
+    def take_evictions(self) -> list[CachedPage]:
+        """The cached pages evicted since the last call, oldest first (their digests, salts and
+        token ids; the pages themselves now belong to whoever took them, and their device
+        contents are intact until that owner's step or import writes them). Empty unless the
+        manager was made with `record_evictions=True`."""
+        if self._evicted is None:
+            return []
+        evicted, self._evicted = self._evicted, []
+        return evicted
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -991,10 +1153,15 @@ class PageManager:
         cached page (its digest is forgotten). The caller has checked that one exists."""
         if self._allocator.num_free:
             return self._allocator.allocate()
+        if self._evicted is not None:
+            self._evicted.append(self._prefix_cache.entry(self._lru_head()))
         page = self._prefix_cache.evict()
         self._allocator.incref(page)
         self._counters.num_evictions += 1
         return page
+
+    def _lru_head(self) -> int:
+        return next(self._prefix_cache.evictable_pages())
 
     def _register_full_pages(self, seq: _Sequence) -> None:
         size = self._page_size

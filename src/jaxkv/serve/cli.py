@@ -77,11 +77,30 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=1024,
         help="requests that may wait for admission; more get 429",
     )
+    add_prefix_dir_arguments(engine)
     add_speculative_arguments(engine)
     parser.add_argument(
         "--debug", action="store_true", help="on an error, print the full traceback"
     )
     return parser
+
+
+def add_prefix_dir_arguments(group: Any) -> None:
+    """``--prefix-cache-dir DIR`` and ``--prefix-cache-dir-max-mb N``."""
+    group.add_argument(
+        "--prefix-cache-dir",
+        default=None,
+        metavar="DIR",
+        help="spill prefix-cache pages evicted from the pool to DIR and load them back on a "
+        "miss; a restart on the same DIR reuses them (paged cache)",
+    )
+    group.add_argument(
+        "--prefix-cache-dir-max-mb",
+        type=integer(1),
+        default=4096,
+        metavar="N",
+        help="most MiB of pages kept in --prefix-cache-dir (least recently used removed first)",
+    )
 
 
 def _configs(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -94,6 +113,8 @@ def _configs(args: argparse.Namespace) -> tuple[Any, Any]:
         page_size=args.page_size,
         num_pages=args.num_pages,
         kv_quantization=args.kv_quantization,
+        prefix_cache_dir=args.prefix_cache_dir,
+        prefix_cache_dir_max_bytes=args.prefix_cache_dir_max_mb << 20,
     )
     scheduler = SchedulerConfig(
         max_num_seqs=args.max_num_seqs,
@@ -120,6 +141,13 @@ def _model_name(path: str) -> str:
 
 def _say(message: str) -> None:
     print(f"jaxkv serve: {message}", file=sys.stderr, flush=True)
+
+
+def _persist_prefixes(engine: Any) -> None:
+    """Write the prefix cache's pages to ``--prefix-cache-dir`` once the engine has stopped."""
+    if engine.cache_config.prefix_cache_dir is not None:
+        written = engine.persist_prefix_cache()
+        _say(f"wrote {written} prefix-cache page(s) to {engine.cache_config.prefix_cache_dir}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -158,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         _say(f"serving {name!r} on http://{args.host}:{port}/v1 (metrics at /metrics)")
         config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10)
         uvicorn.Server(config).run(sockets=[listener])
+        _persist_prefixes(engine)
     finally:
         listener.close()
     return 0

@@ -45,6 +45,12 @@ class _EngineCollector(Collector):
             ("kv_pages_used", "KV-cache pages held by a sequence.", "num_pages_used"),
             ("kv_pages_free", "KV-cache pages free or evictable.", "num_pages_free"),
             ("kv_pages_peak_used", "Most KV-cache pages held at once.", "peak_pages_used"),
+            ("prefix_cache_dir_files", "Page files in --prefix-cache-dir.", "prefix_dir_files"),
+            (
+                "prefix_cache_dir_bytes",
+                "Bytes of page files in --prefix-cache-dir.",
+                "prefix_dir_bytes",
+            ),
         )
         for name, documentation, field in gauges:
             yield GaugeMetricFamily(f"{PREFIX}_{name}", documentation, getattr(stats, field))
@@ -61,6 +67,10 @@ class _EngineCollector(Collector):
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
              "prefix_query_tokens"),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_hit_tokens"),
+            ("prefix_cache_disk_hits", "Prompt tokens loaded back from --prefix-cache-dir.",
+             "prefix_disk_hit_tokens"),
+            ("prefix_cache_spilled_pages", "Prefix-cache pages written to --prefix-cache-dir.",
+             "prefix_spilled_pages"),
             ("spec_verify_steps", "Speculative verification steps run.", "num_verify_steps"),
             ("spec_draft_tokens", "Draft tokens proposed for verification.", "num_draft_tokens"),
             ("spec_accepted_tokens", "Draft tokens the model accepted.", "num_accepted_tokens"),
