@@ -7,7 +7,7 @@
 
 On top of them, the protocols every family speaks: ``AttentionCacheView`` (keys and values),
 ``StateCacheView`` (recurrent state) and ``RowOperations`` (``reset_rows``, ``truncate``,
-``select``, ``reorder``, ``repeat``, ``insert``, ``extract``, ``overflow_rows``,
+``rollback``, ``select``, ``reorder``, ``repeat``, ``insert``, ``extract``, ``overflow_rows``,
 ``check_overflow``). Models and the engine are written against these, never against a family.
 
 ``pytree_dataclass`` turns a subclass into a frozen dataclass registered as a JAX PyTree;
@@ -459,7 +459,15 @@ class RowOperations(abc.ABC):
     @abc.abstractmethod
     def truncate(self, lengths: Any) -> Any:
         """Each row keeps only its first ``lengths[b]`` tokens (``lengths: [batch]`` ints, each
-        at most the row's length): rollback."""
+        at most the row's length): rollback. Rings and recurrent states can go back only as far
+        as their metadata's ``rollback_depth`` keeps; past it, eagerly a ``ValueError``, under
+        ``jit`` the row keeps its tokens and is flagged (``overflow_rows``)."""
+
+    @abc.abstractmethod
+    def rollback(self, n: Any) -> Any:
+        """Each row forgets its last ``n`` tokens (``n``: an int or ``[batch]`` ints ``>= 0``):
+        ``truncate(lengths - n)``, e.g. the draft tokens a speculative-decoding verifier
+        rejected."""
 
     @abc.abstractmethod
     def select(self, rows: Sequence[int]) -> Any:
