@@ -33,6 +33,7 @@ from jaxkv.errors import CacheOverflowError, UnsupportedOperationError
 from jaxkv.io import CacheFingerprint, hash_text, load_cache, save_cache
 from jaxkv.models import hybrid, mamba, mamba2
 from jaxkv.models import linear_attention as linear
+from jaxkv.models.gemma3 import Gemma3Config
 from jaxkv.ops import attention
 from jaxkv.ops.reference import naive_attention
 from jaxkv.pages import PagedRows, PageManager
@@ -101,12 +102,13 @@ class RingFamily(Family):
             BATCH, CAPACITY, 1, HEADS, DIM, sliding_window=window, rollback_depth=depth
         )
         self.reference_metadata = self.metadata.replace(rollback_depth=0)
-        self._append = jax.jit(self._step, compiler_options=FAST_COMPILE)
+        self._append = jax.jit(self._step, static_argnames="side", compiler_options=FAST_COMPILE)
 
     @staticmethod
-    def _step(cache, ids, counts):
+    def _step(cache, ids, counts, side="right"):
         q, k, v = (jnp.asarray(KV_TABLES[name])[ids] for name in ("q", "k", "v"))
-        kv, view = cache[0].concatenate_to_cache(k, v, TransformerRuntimeMetadata.create(counts))
+        runtime = TransformerRuntimeMetadata.create(counts, side)
+        kv, view = cache[0].concatenate_to_cache(k, v, runtime)
         return attention(q, kv, block_size=4), cache.replace_view(0, view)
 
     def init(self):
@@ -115,8 +117,8 @@ class RingFamily(Family):
     def init_reference(self):
         return TransformerCache.init_cache(self.reference_metadata)
 
-    def append(self, cache, ids, counts):
-        return self._append(cache, ids, counts)
+    def append(self, cache, ids, counts, side="right"):
+        return self._append(cache, ids, counts, side=side)
 
 
 class StateFamily(Family):
@@ -145,20 +147,18 @@ class StateFamily(Family):
         self.metadata = config.cache_metadata(BATCH, rollback_depth=DEPTH)
         params = init(jax.random.PRNGKey(3), config)
 
-        def step(view, ids, counts):
+        def step(view, ids, counts, side="right"):
             hidden = jnp.asarray(EMBED)[ids]
-            out, view = cached(
-                params, config, hidden, view, RecurrentRuntimeMetadata.create(counts)
-            )
-            return out, view
+            runtime = RecurrentRuntimeMetadata.create(counts, side)
+            return cached(params, config, hidden, view, runtime)
 
-        self._append = jax.jit(step, compiler_options=FAST_COMPILE)
+        self._append = jax.jit(step, static_argnames="side", compiler_options=FAST_COMPILE)
 
     def init(self):
         return self.metadata.view_type.init(self.metadata, 0)
 
-    def append(self, cache, ids, counts):
-        return self._append(cache, ids, counts)
+    def append(self, cache, ids, counts, side="right"):
+        return self._append(cache, ids, counts, side=side)
 
     def states(self, cache):
         fields = ["lengths", "state" if self.name == "linear_attention" else "ssm_state"]
@@ -582,3 +582,50 @@ def test_a_saved_row_keeps_its_checkpoints(tmp_path):
     want = cache.rollback(np.asarray([3, 0], np.int32)).extract(0)
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("name", ["ring", "mamba2", "linear_attention"])
+def test_left_padded_writes_roll_back_like_right_padded_ones(name):
+    family = _family(name)
+    rows = [[3, 1, 4, 1, 5, 9, 2], [6, 5, 3]]
+    cache = family.init()
+    for start, width in ((0, 3), (3, 4)):
+        chunk = [tokens[start : start + width] for tokens in rows]
+        ids = np.zeros((BATCH, WIDTH), np.int32)
+        for row, tokens in enumerate(chunk):
+            ids[row, WIDTH - len(tokens) :] = tokens  # left padding: real tokens last
+        counts = np.asarray([len(tokens) for tokens in chunk], np.int32)
+        _, cache = family.append(cache, ids, counts, side="left")
+    back = np.asarray([3, 2], np.int32)
+    cache = cache.rollback(back)
+    kept = [tokens[: len(tokens) - int(n)] for tokens, n in zip(rows, back, strict=True)]
+    reference = _replay(family, kept)
+    for got, want in zip(family.states(cache), family.states(reference), strict=True):
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=ATOL)
+    ids, counts = _pad(PROBE)
+    got, _ = family.append(cache, ids, counts)
+    want, _ = family.append_reference(reference, ids, counts)
+    _assert_outputs_close(got, want, counts)
+
+
+def test_gemma3_rings_take_the_rollback_depth():
+    config = Gemma3Config(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=16,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+        sliding_window=WINDOW,
+        layer_kinds=("sliding_attention", "attention"),
+    )
+    metadata = config.cache_metadata(BATCH, CAPACITY, rollback_depth=DEPTH)
+    assert metadata.sliding_attention.num_slots == WINDOW + DEPTH
+    assert metadata.attention.rollback_depth == 0
+    cache = HybridCache.init_cache(metadata).rollback(0)
+    np.testing.assert_array_equal(np.asarray(cache.lengths()), [0, 0])
+    paged = config.cache_metadata(BATCH, CAPACITY, attention_backend="paged", rollback_depth=2)
+    assert paged.sliding_attention.sliding_window == WINDOW  # page pools need no spare slots
+    with pytest.raises(ValueError, match="rollback_depth must be >= 0"):
+        config.cache_metadata(BATCH, CAPACITY, rollback_depth=-1)

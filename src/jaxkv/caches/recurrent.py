@@ -670,7 +670,8 @@ class _StateView(RowView, StateCacheView):
         new_lengths: jax.Array,
     ) -> dict[str, jax.Array]:
         """The checkpoint fields after a step: the state (and conv state) *before* each of a
-        row's last ``rollback_depth`` real tokens, at slot ``position % rollback_depth``."""
+        row's last ``rollback_depth`` real tokens, at slot ``position % rollback_depth`` (only
+        those ``rollback_depth`` are gathered: the cost does not grow with ``T``)."""
         m = self.metadata
         depth = m.rollback_depth
         new_tokens = step.token_mask.shape[1]
@@ -683,18 +684,22 @@ class _StateView(RowView, StateCacheView):
         v.check_array(owner, "token_states", token_states, (shape[0], new_tokens, *shape[1:]))
         _check_float(owner, "token_states", token_states)
         cached = getattr(self, self._state_field)
-        # rank of each token among its row's real ones (-1 .. for padding, masked below).
-        rank = step.positions - self.lengths[:, None]
-        real = step.positions >= 0
-        # The state before token t: the cached one for a row's first real token, else the
-        # state after the token before it (real tokens of a row are contiguous).
-        after_previous = jnp.concatenate(
-            [cached[:, None].astype(m.dtype), token_states[:, :-1].astype(m.dtype)], axis=1
-        )
-        first = (rank == 0).reshape(rank.shape + (1,) * (cached.ndim - 1))
-        before = jnp.where(first, cached[:, None], after_previous)
-        keep = real & (rank >= step.counts[:, None] - depth)
-        slots = jnp.where(keep, step.positions % depth, depth)
+        real = step.token_mask
+        counts = step.counts
+        # A row's real tokens are contiguous from its first one (either padding side). The
+        # last `depth` of them have ranks counts - depth + j (j < depth; negative: none).
+        first = jnp.argmax(real, axis=1).astype(jnp.int32)  # [batch]
+        rank = counts[:, None] - depth + jnp.arange(depth, dtype=jnp.int32)[None, :]
+        token = first[:, None] + rank  # [batch, depth] index into the T tokens
+        # The state before a token: the cached one before a row's first real token, else the
+        # state after the token before it.
+        previous = jnp.clip(token - 1, 0, new_tokens - 1)
+        after_previous = jnp.take_along_axis(
+            token_states, previous.reshape(previous.shape + (1,) * (cached.ndim - 1)), axis=1
+        ).astype(m.dtype)
+        at_start = (rank == 0).reshape(rank.shape + (1,) * (cached.ndim - 1))
+        before = jnp.where(at_start, cached[:, None], after_previous)  # [batch, depth, ...]
+        slots = jnp.where(rank >= 0, (self.lengths[:, None] + rank) % depth, depth)
         rows = jnp.broadcast_to(jnp.arange(m.batch_size)[:, None], slots.shape)
         fields = {
             "state_checkpoints": self.state_checkpoints.at[rows, slots].set(before, mode="drop"),
@@ -702,14 +707,15 @@ class _StateView(RowView, StateCacheView):
             "rollback_floor": jnp.maximum(self.rollback_floor, new_lengths - depth),
         }
         if self._conv:
-            history = m.conv_kernel - 1
+            # Conv state before a token t: the K - 1 inputs before it, window[t : t + K - 1].
             window = step.conv_window  # [batch, K - 1 + T, conv_dim]
-            # Conv state before token t: the K - 1 inputs before it, window[t : t + K - 1].
-            conv_before = jnp.stack(
-                [window[:, j : j + new_tokens] for j in range(history)], axis=-1
-            )  # [batch, T, conv_dim, K - 1]
+            taps = jnp.arange(m.conv_kernel - 1, dtype=jnp.int32)
+            index = jnp.clip(token, 0, new_tokens - 1)[:, :, None] + taps  # [batch, depth, K-1]
+            conv_before = jnp.take_along_axis(
+                window, index.reshape(m.batch_size, -1)[:, :, None], axis=1
+            ).reshape(m.batch_size, depth, m.conv_kernel - 1, -1)
             fields["conv_checkpoints"] = self.conv_checkpoints.at[rows, slots].set(
-                conv_before.astype(m.dtype), mode="drop"
+                jnp.swapaxes(conv_before, -1, -2).astype(m.dtype), mode="drop"
             )
         return fields
 

@@ -224,7 +224,7 @@ def require_count(owner: str, n: Any) -> int:
     return v.require_int(owner, "n", n, minimum=1)
 
 
-def _rollback_counts(owner: str, n: Any, batch_size: int) -> jax.Array:
+def rollback_counts(owner: str, n: Any, batch_size: int) -> jax.Array:
     """``rollback``'s ``n`` as ``[batch]`` int32 (an int is broadcast; negatives refused when
     concrete, and under ``jit`` a negative count asks for a length past the current one, which
     ``truncate`` refuses)."""
@@ -238,11 +238,6 @@ def _rollback_counts(owner: str, n: Any, batch_size: int) -> jax.Array:
     if not v.is_traced(counts) and bool(jnp.any(counts < 0)):
         raise ValueError(f"{owner}: n must be >= 0 tokens per row, got {np.asarray(counts)}")
     return jnp.broadcast_to(counts.astype(jnp.int32), (batch_size,))
-
-
-def rollback_counts(owner: str, n: Any, batch_size: int) -> jax.Array:
-    """``rollback``'s ``n`` as ``[batch]`` int32 (for families without ``RowView``)."""
-    return _rollback_counts(owner, n, batch_size)
 
 
 def _rows_first(array: jax.Array, rows: jax.Array) -> jax.Array:
@@ -369,7 +364,7 @@ class RowView(RowOperations):
         ``[batch]`` ints, each ``>= 0``). A speculative-decoding verifier calls it with the
         number of rejected draft tokens per row."""
         owner = self._owner("rollback")
-        counts = _rollback_counts(owner, n, self.batch_size)
+        counts = rollback_counts(owner, n, self.batch_size)
         return self.truncate(self.lengths - counts)
 
     def overflow_rows(self) -> jax.Array:

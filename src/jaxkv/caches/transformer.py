@@ -28,8 +28,8 @@ with ``rollback_depth=D`` it keeps ``W + D`` slots per row instead of ``W`` and 
 its last ``D`` tokens (speculative decoding: the verifier rolls back the rejected drafts)::
 
     ring slots (W=4, D=2), after 9 tokens:   [6 7 8 | 3 4 5]   positions held: 3 .. 8
-    attention of the next query (9) reads positions 5 .. 8 only (masked by position)
-    truncate to 7 (within D): slots of 7, 8 emptied; the next query (7) sees 3 .. 6
+    the next query (position 9) sees 6 .. 9: the ring's 6 .. 8 (masked by position) and itself
+    truncate to 7 (within D): the slots of 7 and 8 are emptied; the next query (7) sees 4 .. 7
 
 Attention masks by position, so a ring with ``rollback_depth`` gives exactly the outputs of one
 without. Every write keeps the invariant that a row can go back to any length in
