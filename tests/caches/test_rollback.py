@@ -28,7 +28,7 @@ from jaxkv.caches import (
     TransformerCacheMetadata,
     TransformerRuntimeMetadata,
 )
-from jaxkv.engine.step_inputs import paged_runtime
+from jaxkv.engine.step_inputs import hybrid_paged_runtime, paged_runtime
 from jaxkv.errors import CacheOverflowError, UnsupportedOperationError
 from jaxkv.io import CacheFingerprint, hash_text, load_cache, save_cache
 from jaxkv.models import hybrid, mamba, mamba2
@@ -544,6 +544,12 @@ def test_rollback_depth_is_validated_serialised_and_counted():
         assert metadata.bytes_total() - none.bytes_total() == BATCH * (DEPTH * state + 5)
         with pytest.raises(ValueError, match="rollback_depth must be >= 0"):
             metadata.replace(rollback_depth=-1)
+    for metadata, cache in (
+        (ring, TransformerCache.init_cache(ring)),
+        (_family("hybrid").metadata, _family("hybrid").init()),
+    ):
+        allocated = sum(leaf.nbytes for leaf in jax.tree.leaves(cache))
+        assert allocated == metadata.bytes_total()
 
 
 @pytest.mark.parametrize("name", ["ring", "mamba2"])
@@ -629,3 +635,69 @@ def test_gemma3_rings_take_the_rollback_depth():
     assert paged.sliding_attention.sliding_window == WINDOW  # page pools need no spare slots
     with pytest.raises(ValueError, match="rollback_depth must be >= 0"):
         config.cache_metadata(BATCH, CAPACITY, rollback_depth=-1)
+
+
+def test_paged_hybrid_stack_rolls_back_with_its_page_tables():
+    """A speculative verifier on the paged backend: the page tables roll back on the host
+    (``PagedRows.rollback``), the recurrent rows in the ``HybridCache``; the next step's logits
+    equal the whole-sequence forward of the kept tokens."""
+    config = hybrid.HybridConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+        mlp_size=16,
+        layer_kinds=("attention", "mamba2", "sliding_attention", "linear_attention"),
+        sliding_window=WINDOW,
+        mamba2=HybridFamily.CONFIG.mamba2,
+        linear_attention=HybridFamily.CONFIG.linear_attention,
+        attention_block_size=4,
+    )
+    metadata = config.cache_metadata(
+        BATCH, 16, attention_backend="paged", page_size=4, rollback_depth=DEPTH
+    )
+    params = jax.jit(hybrid.init_hybrid, static_argnums=1, compiler_options=FAST_COMPILE)(
+        jax.random.PRNGKey(7), config
+    )
+    forward = jax.jit(
+        functools.partial(hybrid.hybrid_forward_cached, params, config),
+        compiler_options=FAST_COMPILE,
+    )
+    manager = PageManager(
+        **metadata.paged_geometry(), enable_prefix_caching=False, token_buckets=(8,)
+    )
+    cache = HybridCache.init_cache(metadata)
+    sequences = {0: [3, 1, 4, 1, 5], 1: [9, 2, 6]}
+    for seq_id, prompt in sequences.items():
+        manager.add_sequence(seq_id, prompt)
+    rows = PagedRows(manager, [0, 1])
+
+    def run(batch):
+        step = manager.schedule(batch)
+        runtime = hybrid_paged_runtime(step, slots={0: 0, 1: 1}, width=WIDTH)
+        logits, new_cache = forward(runtime.batch_token_ids(), cache, runtime)
+        manager.commit_step(step)
+        return np.asarray(logits), new_cache
+
+    _, cache = run([(0, 4), (1, 3)])
+    _, cache = run([(0, 1)])
+    drafts = {0: [7, 8, 9], 1: [10, 11, 12]}  # a verifier's three draft tokens per row
+    for seq_id, tokens in drafts.items():
+        manager.append_tokens(seq_id, tokens)
+    _, cache = run([(0, 3), (1, 3)])
+    rejected = [2, 3]
+    rows = rows.rollback(rejected)
+    cache = cache.rollback(np.asarray(rejected, np.int32))
+    kept = {
+        seq: sequences[seq] + drafts[seq][: 3 - n] for seq, n in zip((0, 1), rejected, strict=True)
+    }
+    np.testing.assert_array_equal(np.asarray(cache.lengths()), [6, 3])
+    for seq_id in (0, 1):
+        manager.append_tokens(seq_id, [13])
+    logits, cache = run([(0, 1), (1, 1)])
+    full = jax.jit(functools.partial(hybrid.hybrid_forward, params, config))
+    for seq_id in (0, 1):
+        want = np.asarray(full(jnp.asarray([kept[seq_id] + [13]])))[0, -1]
+        np.testing.assert_allclose(logits[seq_id, 0], want, atol=ATOL, rtol=ATOL)
+    manager.check_invariants()
