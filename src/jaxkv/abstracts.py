@@ -541,7 +541,11 @@ class StateCacheView(BaseCacheView):
     window travels in the step), so ``concatenate_to_cache`` only stores the step's conv state
     and the given ``state`` for rows with at least one real token, and advances the row lengths.
     It returns the step it was given, so that every view's ``concatenate_to_cache`` has the same
-    ``(what the layer reads, new view)`` shape.
+    ``(what the layer reads, new view)`` shape. A view whose metadata has ``rollback_depth > 0``
+    also takes ``token_states: [batch, T, ...]``, the state after every token, and keeps the last
+    ``rollback_depth`` of them as checkpoints for ``truncate``::
+
+        step, view = view.concatenate_to_cache(step, state, token_states)
     """
 
     @abc.abstractmethod
@@ -549,8 +553,9 @@ class StateCacheView(BaseCacheView):
         """What the layer needs to run ``num_tokens`` tokens per row (nothing is written)."""
 
     @abc.abstractmethod
-    def concatenate_to_cache(self, step: Any, state: Any) -> Any:
-        """Store ``step``'s conv state and ``state``; return ``(step, new_view)``."""
+    def concatenate_to_cache(self, step: Any, state: Any, token_states: Any = None) -> Any:
+        """Store ``step``'s conv state and ``state`` (and, with ``rollback_depth``, checkpoints
+        from ``token_states``); return ``(step, new_view)``."""
 
 
 class BaseCache(abc.ABC):
