@@ -7,7 +7,7 @@
 
 On top of them, the protocols every family speaks: ``AttentionCacheView`` (keys and values),
 ``StateCacheView`` (recurrent state) and ``RowOperations`` (``reset_rows``, ``truncate``,
-``select``, ``reorder``, ``repeat``, ``insert``, ``extract``, ``overflow_rows``,
+``rollback``, ``select``, ``reorder``, ``repeat``, ``insert``, ``extract``, ``overflow_rows``,
 ``check_overflow``). Models and the engine are written against these, never against a family.
 
 ``pytree_dataclass`` turns a subclass into a frozen dataclass registered as a JAX PyTree;
@@ -459,7 +459,15 @@ class RowOperations(abc.ABC):
     @abc.abstractmethod
     def truncate(self, lengths: Any) -> Any:
         """Each row keeps only its first ``lengths[b]`` tokens (``lengths: [batch]`` ints, each
-        at most the row's length): rollback."""
+        at most the row's length): rollback. Rings and recurrent states can go back only as far
+        as their metadata's ``rollback_depth`` keeps; past it, eagerly a ``ValueError``, under
+        ``jit`` the row keeps its tokens and is flagged (``overflow_rows``)."""
+
+    @abc.abstractmethod
+    def rollback(self, n: Any) -> Any:
+        """Each row forgets its last ``n`` tokens (``n``: an int or ``[batch]`` ints ``>= 0``):
+        ``truncate(lengths - n)``, e.g. the draft tokens a speculative-decoding verifier
+        rejected."""
 
     @abc.abstractmethod
     def select(self, rows: Sequence[int]) -> Any:
@@ -533,7 +541,11 @@ class StateCacheView(BaseCacheView):
     window travels in the step), so ``concatenate_to_cache`` only stores the step's conv state
     and the given ``state`` for rows with at least one real token, and advances the row lengths.
     It returns the step it was given, so that every view's ``concatenate_to_cache`` has the same
-    ``(what the layer reads, new view)`` shape.
+    ``(what the layer reads, new view)`` shape. A view whose metadata has ``rollback_depth > 0``
+    also takes ``token_states: [batch, T, ...]``, the state after every token, and keeps the last
+    ``rollback_depth`` of them as checkpoints for ``truncate``::
+
+        step, view = view.concatenate_to_cache(step, state, token_states)
     """
 
     @abc.abstractmethod
@@ -541,8 +553,9 @@ class StateCacheView(BaseCacheView):
         """What the layer needs to run ``num_tokens`` tokens per row (nothing is written)."""
 
     @abc.abstractmethod
-    def concatenate_to_cache(self, step: Any, state: Any) -> Any:
-        """Store ``step``'s conv state and ``state``; return ``(step, new_view)``."""
+    def concatenate_to_cache(self, step: Any, state: Any, token_states: Any = None) -> Any:
+        """Store ``step``'s conv state and ``state`` (and, with ``rollback_depth``, checkpoints
+        from ``token_states``); return ``(step, new_view)``."""
 
 
 class BaseCache(abc.ABC):

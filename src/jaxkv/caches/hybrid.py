@@ -48,6 +48,7 @@ never fork (a stack of attention layers only may use both).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -81,7 +82,13 @@ from jaxkv.caches.recurrent import (
     Mamba2CacheMetadata,
     MambaCacheMetadata,
 )
-from jaxkv.caches.rows import LayerCache, raise_if_overflowed
+from jaxkv.caches.rows import (
+    LayerCache,
+    raise_if_overflowed,
+    rollback_counts,
+    rollback_targets,
+    truncate_lengths,
+)
 from jaxkv.caches.transformer import TransformerCacheMetadata
 from jaxkv.errors import CacheOverflowError, UnsupportedOperationError
 
@@ -420,16 +427,96 @@ class HybridCache(LayerCache):
     def _map(self, operation: str, *args: Any) -> HybridCache:
         if operation in ("select", "repeat", "extract"):
             self._check_rows_can_change(operation)
-        if operation == "truncate" and self._recurrent_kinds():
-            raise UnsupportedOperationError(
-                "hybrid",
-                "truncate",
-                f"its {', '.join(self._recurrent_kinds())} layers keep one state per row, not one "
-                f"per token, and every layer rolls back together or none does (nothing was "
-                f"changed)",
-            )
         cache = super()._map(operation, *args)
         return cache._with_rows_of_views()
+
+    def truncate(self, lengths: Any) -> HybridCache:
+        """Every row goes back to its first ``lengths[b]`` tokens in every layer together, or
+        in none: a row that some layer cannot restore (a ring or recurrent layer asked to go
+        back further than its ``rollback_depth`` keeps) keeps its tokens in every layer.
+        Eagerly that raises ``ValueError`` and nothing changes; under ``jit`` the row is left
+        untouched everywhere and flagged in every layer that keeps rollback flags
+        (``overflow_rows``/``check_overflow`` report it). Paged attention layers change nothing
+        on the device (shorten the page tables with ``PagedRows.truncate``).
+
+        Raises:
+            UnsupportedOperationError: a recurrent layer or a sliding-window ring without
+                ``rollback_depth`` (create the cache with ``rollback_depth > 0``); nothing
+                changes.
+            ValueError: (eager calls only) a length some layer cannot restore.
+        """
+        owner = "HybridCache.truncate"
+        self._check_can_truncate()
+        live = [view for view in self.views if getattr(view, "lengths", None) is not None]
+        if not live:  # paged attention only: the host's page tables hold every length
+            return self._map("truncate", lengths)
+        batch = live[0].metadata.batch_size
+        lengths = truncate_lengths(owner, lengths, batch)
+        floors = [view.rollback_floor for view in live if view.rollback_floor is not None]
+        floor = functools.reduce(jnp.maximum, floors, jnp.zeros((batch,), jnp.int32))
+        current = functools.reduce(jnp.minimum, [view.lengths for view in live])
+        depths = "/".join(
+            str(depth) for depth in sorted({view.metadata.rollback_depth for view in live} - {0})
+        )
+        _, ok = rollback_targets(
+            owner,
+            lengths,
+            floor,
+            current,
+            limit=f" (the lengths every layer can restore: rollback_depth={depths} bounds the "
+            f"rings and recurrent layers; every layer truncates together or none does)",
+        )
+        views = []
+        for view in self.views:
+            if getattr(view, "lengths", None) is not None:
+                view = view.truncate(jnp.where(ok, lengths, view.lengths))
+                view = view.mark_rollback_refused(~ok)
+            elif view is not None:
+                view = view.truncate(lengths)
+            views.append(view)
+        return self.with_views(views)
+
+    def rollback(self, n: Any) -> HybridCache:
+        """Every row forgets its last ``n`` tokens (an int or ``[batch]`` ints) in every layer
+        together or in none (``truncate(lengths - n)``, see ``truncate``)."""
+        self._check_can_truncate()
+        lengths = self._row_lengths()
+        if lengths is None:  # paged attention only: nothing on the device
+            return self._map("rollback", n)
+        counts = rollback_counts("HybridCache.rollback", n, lengths.shape[0])
+        return self.truncate(lengths - counts)
+
+    def _check_can_truncate(self) -> None:
+        """``UnsupportedOperationError`` unless every layer can roll back at all."""
+        states, rings = [], []
+        for view, kind in zip(self.views, self.metadata.layer_kinds, strict=True):
+            depth = getattr(getattr(view, "metadata", None), "rollback_depth", None)
+            if view is None or depth is None or depth > 0:
+                continue
+            if kind in RECURRENT_KINDS and kind not in states:
+                states.append(kind)
+            elif kind in ATTENTION_KINDS and view.metadata.is_ring and kind not in rings:
+                rings.append(kind)
+        if not states and not rings:
+            return
+        reasons = []
+        if states:
+            reasons.append(
+                f"its {', '.join(k for k in RECURRENT_KINDS if k in states)} layers keep one "
+                f"state per row, not one per token"
+            )
+        if rings:
+            reasons.append(
+                f"its {', '.join(rings)} layers are rings that have overwritten the slots "
+                f"before their window"
+            )
+        raise UnsupportedOperationError(
+            "hybrid",
+            "truncate",
+            f"{' and '.join(reasons)}; create the cache with rollback_depth=D "
+            f"(HybridConfig.cache_metadata(..., rollback_depth=D)) to roll back up to D tokens. "
+            f"Every layer rolls back together or none does (nothing was changed)",
+        )
 
     def _check_rows_can_change(self, operation: str) -> None:
         if self.metadata.attention_backend == "paged" and self._recurrent_kinds():
@@ -585,12 +672,16 @@ class HybridCache(LayerCache):
 
     def overflow_rows(self) -> jax.Array:
         """``[batch]`` bool: rows where an attention write did not fit (recurrent layers never
-        overflow; paged capacity is checked on the host by the page manager)."""
+        overflow; paged capacity is checked on the host by the page manager), or whose rollback
+        was refused (layers with ``rollback_depth``)."""
         flags = [view.overflow_rows() for view in self.views if view is not None]
         if not flags:
             return jnp.zeros((self.metadata.batch_size or 0,), jnp.bool_)
         return jnp.any(jnp.stack(flags), axis=0)
 
     def check_overflow(self) -> None:
-        """Raise ``CacheOverflowError`` if any row overflowed (call after a jitted step)."""
-        raise_if_overflowed(self.overflow_rows(), "an attention layer's max_length")
+        """Raise ``CacheOverflowError`` if any row overflowed or had a rollback refused (call
+        after a jitted step)."""
+        raise_if_overflowed(
+            self.overflow_rows(), "an attention layer's max_length", self.refused_rollbacks()
+        )

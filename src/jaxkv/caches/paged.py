@@ -18,7 +18,8 @@ every step has ``batch_size`` (the page manager's ``max_num_seqs``) page-table r
 the batch holds. The row operations of ``jaxkv.abstracts.RowOperations`` on paged views and
 caches therefore check their arguments and move nothing on the device;
 ``jaxkv.pages.PagedRows`` does the same operations on the page tables (fork with copy-on-write
-for ``repeat`` and duplicated ``reorder`` rows, frees, rollback), which is all they take.
+for ``repeat`` and duplicated ``reorder`` rows, frees, ``truncate``/``rollback``), which is all
+they take.
 
 Storage goes through the metadata's storage codec (``jaxkv.quantization``): floats, 16-bit ones
 held as ``uint16`` words so that XLA's CPU backend scatters into the pool in place; or with
@@ -53,6 +54,7 @@ from jaxkv.caches.kv_storage import KVStorageMetadata, decode_states
 from jaxkv.caches.rows import (
     LayerCache,
     require_count,
+    rollback_counts,
     row_mask,
     slot_index,
     static_row_ids,
@@ -699,6 +701,13 @@ class PagedCacheView(AttentionCacheView, RowOperations):
             raise TypeError(
                 f"{self._owner('truncate')}: lengths must be a [rows] int array, got {lengths!r}"
             )
+        return self
+
+    def rollback(self, n: Any) -> PagedCacheView:
+        """Nothing to change on the device: ``PagedRows.rollback`` forgets the last ``n`` tokens
+        of each row's sequence (pages that become empty go back to the pool). ``n``: an int or
+        ``[rows]`` ints ``>= 0``."""
+        rollback_counts(self._owner("rollback"), n, self.batch_size)
         return self
 
     def select(self, rows: Any) -> PagedCacheView:

@@ -30,9 +30,21 @@ nothing is computed twice. ``RecurrentRuntimeMetadata`` says how many of the ``T
 row are real and on which side the padding is; a padding token never changes a row's state, and
 a row with no real token keeps its state exactly.
 
-Rows: every row operation of ``jaxkv.abstracts.RowOperations`` except ``truncate`` (a row keeps
-one state, not one per token, so an earlier length cannot be restored) works on views and caches
-(``jaxkv.caches.rows.RowView``).
+Rows: every row operation of ``jaxkv.abstracts.RowOperations`` works on views and caches
+(``jaxkv.caches.rows.RowView``). ``truncate`` / ``rollback`` need ``rollback_depth=D > 0`` in the
+metadata: a row keeps one state, not one per token, so by default an earlier length cannot be
+restored. With ``D`` the view also keeps a ring of per-token checkpoints per row --
+``state_checkpoints: [batch, D, *state]`` (slot ``p % D`` holds the state *before* the token at
+position ``p``, i.e. the state at length ``p``) and for Mamba/Mamba2 ``conv_checkpoints:
+[batch, D, conv_dim, K - 1]`` alike -- so a row can go back to any length in
+``[rollback_floor, lengths]`` (``rollback_floor >= lengths - D``; it never moves down, since a
+truncate does not bring back checkpoints that later writes overwrote). The layer hands the cache
+the state after every token (``concatenate_to_cache(step, state, token_states)``); the conv
+checkpoints come from the step's conv window. Outside the range ``truncate`` raises
+``ValueError`` eagerly; under ``jax.jit`` the row keeps its state and its ``rollback_refused``
+flag turns ``True`` (``overflow_rows``/``check_overflow``). Cost: ``D`` copies of a row's states
+per layer (``D * state_bytes_per_sequence()`` per sequence, in ``bytes_per_sequence`` and
+``bytes_total``) plus 5 bytes per row and layer; with ``D = 0`` none of these arrays exists.
 
 States are kept in float32 by default (``dtype`` is configurable: float32, bfloat16, float16).
 """
@@ -58,7 +70,9 @@ from jaxkv.caches.rows import (
     RaggedRuntimeMetadata,
     RowView,
     check_ragged_runtime,
+    rollback_targets,
     token_layout,
+    truncate_lengths,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -79,6 +93,12 @@ class _StateMetadata(BaseCacheMetadata):
         owner = type(self).__name__
         for name in ("batch_size", "num_layers", *int_fields):
             v.require_size(owner, name, getattr(self, name))
+        v.require_int(owner, "rollback_depth", self.rollback_depth, minimum=0)
+        if self.rollback_depth > _MAX_ROLLBACK_DEPTH:
+            raise ValueError(
+                f"{owner}: rollback_depth must be <= {_MAX_ROLLBACK_DEPTH} (checkpoints are "
+                f"kept per token), got {self.rollback_depth}"
+            )
         if not isinstance(self.dtype, np.dtype):
             raise TypeError(f"{owner}: dtype must be a numpy dtype, got {self.dtype!r}")
         v.require_float_dtype(owner, "dtype", self.dtype)
@@ -90,19 +110,31 @@ class _StateMetadata(BaseCacheMetadata):
         """Bytes one sequence's states take across all layers (independent of its length)."""
         return self.num_layers * self._state_elements_per_layer() * self.dtype.itemsize
 
+    def checkpoint_bytes_per_sequence(self) -> int:
+        """Bytes of one sequence's ``rollback_depth`` state checkpoints across all layers
+        (``0`` without rollback)."""
+        return self.rollback_depth * self.state_bytes_per_sequence()
+
     def bytes_per_token(self) -> int:
-        """``0``: the state does not grow with the sequence."""
+        """``0``: the state (and its ``rollback_depth`` checkpoints) does not grow with the
+        sequence."""
         return 0
 
     def bytes_per_sequence(self, length: int) -> int:
         """Bytes of one sequence's states whatever its ``length``: the
-        ``state_bytes_per_sequence``."""
+        ``state_bytes_per_sequence`` plus the ``checkpoint_bytes_per_sequence``."""
         v.require_int(f"{type(self).__name__}.bytes_per_sequence", "length", length, minimum=0)
-        return self.state_bytes_per_sequence()
+        return self.state_bytes_per_sequence() + self.checkpoint_bytes_per_sequence()
 
     def bytes_total(self) -> int:
-        """Bytes the whole cache allocates (states and the per-row lengths)."""
-        return self.batch_size * (self.state_bytes_per_sequence() + 4 * self.num_layers)
+        """Bytes the whole cache allocates (states, checkpoints, the per-row lengths and, with
+        ``rollback_depth``, the per-row floors and flags)."""
+        bookkeeping = 4 + (4 + 1 if self.rollback_depth else 0)
+        return self.batch_size * (
+            self.state_bytes_per_sequence()
+            + self.checkpoint_bytes_per_sequence()
+            + bookkeeping * self.num_layers
+        )
 
 
 class _ConvStateMetadata(_StateMetadata):
@@ -116,6 +148,10 @@ class _ConvStateMetadata(_StateMetadata):
 
     def _state_elements_per_layer(self) -> int:
         return self.conv_dim * (self.conv_kernel - 1) + self.d_inner * self.state_size
+
+
+_MAX_ROLLBACK_DEPTH = 2**16
+"""Most tokens a recurrent row can roll back (each one keeps a copy of the row's states)."""
 
 
 def _check_conv_kernel(owner: str, conv_kernel: Any) -> None:
@@ -133,6 +169,9 @@ class MambaCacheMetadata(_ConvStateMetadata):
         state_size: SSM state per channel (``N``).
         conv_kernel: width ``K`` of the causal depthwise conv (>= 2); ``K - 1`` inputs are kept.
         dtype: storage dtype of both states (float32 by default).
+        rollback_depth: how many of its last tokens a row can forget (``truncate`` /
+            ``rollback``); that many checkpoints of both states are kept per row. ``0`` (the
+            default) keeps none.
     """
 
     batch_size: int
@@ -141,6 +180,7 @@ class MambaCacheMetadata(_ConvStateMetadata):
     state_size: int
     conv_kernel: int
     dtype: np.dtype = np.dtype(np.float32)
+    rollback_depth: int = 0
 
     @classmethod
     def create(
@@ -152,6 +192,7 @@ class MambaCacheMetadata(_ConvStateMetadata):
         conv_kernel: int = 4,
         *,
         dtype: Any = jnp.float32,
+        rollback_depth: int = 0,
     ) -> MambaCacheMetadata:
         """Validated metadata; raises ``ValueError``/``TypeError`` naming the field."""
         return cls._construct(
@@ -162,6 +203,7 @@ class MambaCacheMetadata(_ConvStateMetadata):
                 state_size=state_size,
                 conv_kernel=conv_kernel,
                 dtype=dtype,
+                rollback_depth=rollback_depth,
             )
         )
 
@@ -192,6 +234,7 @@ class Mamba2CacheMetadata(_ConvStateMetadata):
         n_groups: groups sharing ``B``/``C`` (divides ``num_heads``).
         conv_kernel: width ``K`` of the conv over ``x``, ``B`` and ``C`` (>= 2).
         dtype: storage dtype of both states (float32 by default).
+        rollback_depth: as for ``MambaCacheMetadata``.
     """
 
     batch_size: int
@@ -202,6 +245,7 @@ class Mamba2CacheMetadata(_ConvStateMetadata):
     n_groups: int
     conv_kernel: int
     dtype: np.dtype = np.dtype(np.float32)
+    rollback_depth: int = 0
 
     @classmethod
     def create(
@@ -215,6 +259,7 @@ class Mamba2CacheMetadata(_ConvStateMetadata):
         conv_kernel: int = 4,
         *,
         dtype: Any = jnp.float32,
+        rollback_depth: int = 0,
     ) -> Mamba2CacheMetadata:
         """Validated metadata; raises ``ValueError``/``TypeError`` naming the field."""
         return cls._construct(
@@ -227,6 +272,7 @@ class Mamba2CacheMetadata(_ConvStateMetadata):
                 n_groups=n_groups,
                 conv_kernel=conv_kernel,
                 dtype=dtype,
+                rollback_depth=rollback_depth,
             )
         )
 
@@ -269,6 +315,9 @@ class LinearAttentionCacheMetadata(_StateMetadata):
         decay: ``None`` or one factor per head in ``(0, 1]`` (lightning attention's
             ``exp(-slope)``), applied to the state once per real token.
         dtype: storage dtype of the state (float32 by default).
+        rollback_depth: how many of its last tokens a row can forget (``truncate`` /
+            ``rollback``); that many checkpoints of the state are kept per row. ``0`` (the
+            default) keeps none.
     """
 
     batch_size: int
@@ -278,6 +327,7 @@ class LinearAttentionCacheMetadata(_StateMetadata):
     value_dim: int
     decay: tuple[float, ...] | None = None
     dtype: np.dtype = np.dtype(np.float32)
+    rollback_depth: int = 0
 
     @classmethod
     def create(
@@ -290,6 +340,7 @@ class LinearAttentionCacheMetadata(_StateMetadata):
         *,
         decay: Any = None,
         dtype: Any = jnp.float32,
+        rollback_depth: int = 0,
     ) -> LinearAttentionCacheMetadata:
         """Validated metadata (``value_dim`` defaults to ``key_dim``; ``decay`` may be any
         sequence or 1-D array of floats). Raises ``ValueError``/``TypeError`` naming the field."""
@@ -308,6 +359,7 @@ class LinearAttentionCacheMetadata(_StateMetadata):
                 value_dim=key_dim if value_dim is None else value_dim,
                 decay=decay,
                 dtype=dtype,
+                rollback_depth=rollback_depth,
             )
         )
 
@@ -452,8 +504,8 @@ def shift_conv_window(
 
 
 class _StateView(RowView, StateCacheView):
-    """What every recurrent view shares: the step checks, the write, and the row operations
-    (``truncate`` excepted)."""
+    """What every recurrent view shares: the step checks, the write (with its rollback
+    checkpoints), ``truncate`` and the row operations."""
 
     _metadata_type: ClassVar[type] = BaseCacheMetadata  # pinned by each family
     _state_field: ClassVar[str] = "state"
@@ -463,9 +515,35 @@ class _StateView(RowView, StateCacheView):
         return self.metadata.state_shape
 
     def _empty_fields(self) -> dict[str, Any]:
-        fields = {self._state_field: 0, "lengths": 0}
+        fields = {
+            self._state_field: 0,
+            "lengths": 0,
+            "rollback_floor": 0,
+            "rollback_refused": False,
+        }
         if self._conv:
             fields["conv_state"] = 0
+        return fields
+
+    @classmethod
+    def _rollback_arrays(cls, metadata: Any, state_shape: tuple[int, ...]) -> dict[str, Any]:
+        """The checkpoint fields of an empty view: arrays with ``rollback_depth``, else ``None``
+        (no cost)."""
+        depth = metadata.rollback_depth
+        if not depth:
+            fields = {"state_checkpoints": None, "rollback_floor": None, "rollback_refused": None}
+            if cls._conv:
+                fields["conv_checkpoints"] = None
+            return fields
+        batch = metadata.batch_size
+        fields = {
+            "state_checkpoints": jnp.zeros((batch, depth, *state_shape[1:]), metadata.dtype),
+            "rollback_floor": jnp.zeros((batch,), jnp.int32),
+            "rollback_refused": jnp.zeros((batch,), jnp.bool_),
+        }
+        if cls._conv:
+            conv = metadata.conv_state_shape
+            fields["conv_checkpoints"] = jnp.zeros((batch, depth, *conv[1:]), metadata.dtype)
         return fields
 
     @classmethod
@@ -533,7 +611,7 @@ class _StateView(RowView, StateCacheView):
         return RecurrentStep(state, mask, positions, window, conv_state)
 
     def concatenate_to_cache(
-        self, step: RecurrentStep, state: jax.Array
+        self, step: RecurrentStep, state: jax.Array, token_states: jax.Array | None = None
     ) -> tuple[RecurrentStep, Any]:
         """Store one step of ``T`` tokens per row.
 
@@ -542,13 +620,19 @@ class _StateView(RowView, StateCacheView):
             state: the state after each row's last real token, in the shape of the view's state
                 field, any float dtype (cast to ``metadata.dtype``). Rows with no real token keep
                 their cached state whatever is passed here.
+            token_states: with ``rollback_depth > 0`` (required then; ignored otherwise): the
+                state after *each* of the ``T`` tokens, ``[batch, T, *state shape without the
+                batch]``, any float dtype; entries at padding tokens are ignored. The view keeps
+                the states before each row's last ``rollback_depth`` real tokens as
+                checkpoints (and, for Mamba/Mamba2, the conv states from the step's window).
 
         Returns:
             ``(step, new_view)``: the same ``step``, and the view holding the new states and
             ``lengths + real tokens``. ``self`` is unchanged.
 
         Raises:
-            ValueError/TypeError: a step or state whose shape or dtype does not fit the view.
+            ValueError/TypeError: a step or state whose shape or dtype does not fit the view, or
+                ``token_states`` missing with ``rollback_depth > 0``.
         """
         m = self.metadata
         owner = self._owner("concatenate_to_cache")
@@ -562,27 +646,128 @@ class _StateView(RowView, StateCacheView):
         _check_float(owner, self._state_field, state)
         moved = step.counts > 0
         cached = getattr(self, self._state_field)
+        new_lengths = self.lengths + step.counts
         fields = {
             self._state_field: jnp.where(
                 moved.reshape((-1,) + (1,) * (cached.ndim - 1)), state.astype(m.dtype), cached
             ),
-            "lengths": self.lengths + step.counts,
+            "lengths": new_lengths,
         }
         if self._conv:
             if step.conv_state is None:
                 raise ValueError(f"{owner}: step has no conv_state; pass what read() returned")
             v.check_array(owner, "step.conv_state", step.conv_state, m.conv_state_shape)
             fields["conv_state"] = step.conv_state.astype(m.dtype)
+        if m.rollback_depth:
+            fields.update(self._checkpoint(owner, step, token_states, new_lengths))
         return step, self._with_rows(fields, m.batch_size)
 
+    def _checkpoint(
+        self,
+        owner: str,
+        step: RecurrentStep,
+        token_states: Any,
+        new_lengths: jax.Array,
+    ) -> dict[str, jax.Array]:
+        """The checkpoint fields after a step: the state (and conv state) *before* each of a
+        row's last ``rollback_depth`` real tokens, at slot ``position % rollback_depth`` (only
+        those ``rollback_depth`` are gathered: the cost does not grow with ``T``)."""
+        m = self.metadata
+        depth = m.rollback_depth
+        new_tokens = step.token_mask.shape[1]
+        if token_states is None:
+            raise ValueError(
+                f"{owner}: rollback_depth={depth} keeps per-token checkpoints, so token_states "
+                f"(the state after each of the T tokens, [batch, T, ...]) is required"
+            )
+        shape = self._state_shape()
+        v.check_array(owner, "token_states", token_states, (shape[0], new_tokens, *shape[1:]))
+        _check_float(owner, "token_states", token_states)
+        cached = getattr(self, self._state_field)
+        real = step.token_mask
+        counts = step.counts
+        # A row's real tokens are contiguous from its first one (either padding side). The
+        # last `depth` of them have ranks counts - depth + j (j < depth; negative: none).
+        first = jnp.argmax(real, axis=1).astype(jnp.int32)  # [batch]
+        rank = counts[:, None] - depth + jnp.arange(depth, dtype=jnp.int32)[None, :]
+        token = first[:, None] + rank  # [batch, depth] index into the T tokens
+        # The state before a token: the cached one before a row's first real token, else the
+        # state after the token before it.
+        previous = jnp.clip(token - 1, 0, new_tokens - 1)
+        after_previous = jnp.take_along_axis(
+            token_states, previous.reshape(previous.shape + (1,) * (cached.ndim - 1)), axis=1
+        ).astype(m.dtype)
+        at_start = (rank == 0).reshape(rank.shape + (1,) * (cached.ndim - 1))
+        before = jnp.where(at_start, cached[:, None], after_previous)  # [batch, depth, ...]
+        slots = jnp.where(rank >= 0, (self.lengths[:, None] + rank) % depth, depth)
+        rows = jnp.broadcast_to(jnp.arange(m.batch_size)[:, None], slots.shape)
+        fields = {
+            "state_checkpoints": self.state_checkpoints.at[rows, slots].set(before, mode="drop"),
+            # Checkpoints of lengths before new_lengths - depth were overwritten.
+            "rollback_floor": jnp.maximum(self.rollback_floor, new_lengths - depth),
+        }
+        if self._conv:
+            # Conv state before a token t: the K - 1 inputs before it, window[t : t + K - 1].
+            window = step.conv_window  # [batch, K - 1 + T, conv_dim]
+            taps = jnp.arange(m.conv_kernel - 1, dtype=jnp.int32)
+            index = jnp.clip(token, 0, new_tokens - 1)[:, :, None] + taps  # [batch, depth, K-1]
+            conv_before = jnp.take_along_axis(
+                window, index.reshape(m.batch_size, -1)[:, :, None], axis=1
+            ).reshape(m.batch_size, depth, m.conv_kernel - 1, -1)
+            fields["conv_checkpoints"] = self.conv_checkpoints.at[rows, slots].set(
+                jnp.swapaxes(conv_before, -1, -2).astype(m.dtype), mode="drop"
+            )
+        return fields
+
     def truncate(self, lengths: Any) -> Any:
-        """Not possible: a row keeps one state, not one per token."""
-        raise self._unsupported(
-            "truncate",
-            "a row keeps one recurrent state, not one per token, so the state at an earlier "
-            "length is gone (rollback needs per-token state checkpoints); reset_rows empties a "
-            "row instead",
+        """A view whose rows go back to their first ``lengths[b]`` tokens (``lengths: [batch]``
+        ints), restoring the states saved at those lengths.
+
+        Each row takes any length in ``[rollback_floor, current length]`` (``rollback_floor`` is
+        at least ``current - rollback_depth``). Under ``jit`` a row given a length out of its
+        range keeps its state and its ``rollback_refused`` flag is set.
+
+        Raises:
+            UnsupportedOperationError: ``rollback_depth=0`` (no checkpoints are kept).
+            ValueError: (eager calls only) a length out of its row's range; nothing changes.
+        """
+        owner = self._owner("truncate")
+        m = self.metadata
+        if not m.rollback_depth:
+            raise self._unsupported(
+                "truncate",
+                "a row keeps one recurrent state, not one per token, so the state at an earlier "
+                "length is gone; create the cache with rollback_depth=D to keep per-token "
+                "checkpoints of the last D tokens (reset_rows empties a row instead)",
+            )
+        lengths = truncate_lengths(owner, lengths, m.batch_size)
+        targets, ok = rollback_targets(
+            owner,
+            lengths,
+            self.rollback_floor,
+            self.lengths,
+            limit=f" (rollback_depth={m.rollback_depth}: at most that many tokens back, and not "
+            f"past the checkpoints later writes overwrote)",
         )
+        back = targets != self.lengths
+        slots = targets % m.rollback_depth
+        rows = jnp.arange(m.batch_size)
+
+        def restore(current: jax.Array, checkpoints: jax.Array) -> jax.Array:
+            saved = checkpoints[rows, slots]
+            return jnp.where(back.reshape((-1,) + (1,) * (current.ndim - 1)), saved, current)
+
+        fields = {
+            self._state_field: restore(getattr(self, self._state_field), self.state_checkpoints),
+            "lengths": targets,
+            "rollback_refused": self.rollback_refused | ~ok,
+        }
+        if self._conv:
+            fields["conv_state"] = restore(self.conv_state, self.conv_checkpoints)
+        return self._with_rows(fields, m.batch_size)
+
+    def _overflow_limit(self) -> str:
+        return f"rollback_depth={self.metadata.rollback_depth}"
 
 
 @pytree_dataclass
@@ -597,6 +782,13 @@ class _ConvSSMCacheView(_StateView):
         lengths: ``[batch]`` int32, tokens seen per row (its sequence offset).
         metadata: the cache's metadata (static).
         layer_index: which layer this view belongs to (static).
+        state_checkpoints: with ``rollback_depth = D > 0`` (else ``None``): ``[batch, D,
+            *ssm_state.shape[1:]]``, slot ``p % D`` the SSM state at length ``p``.
+        conv_checkpoints: likewise ``[batch, D, conv_dim, K - 1]``, the conv states.
+        rollback_floor: with ``D > 0``: ``[batch]`` int32, the shortest length each row can
+            still be truncated to.
+        rollback_refused: with ``D > 0``: ``[batch]`` bool, sticky: a truncate under ``jit``
+            went past ``rollback_floor`` and was refused.
     """
 
     conv_state: jax.Array
@@ -604,6 +796,10 @@ class _ConvSSMCacheView(_StateView):
     lengths: jax.Array
     metadata: Any = static_field()
     layer_index: int | None = static_field(None)
+    state_checkpoints: jax.Array | None = None
+    conv_checkpoints: jax.Array | None = None
+    rollback_floor: jax.Array | None = None
+    rollback_refused: jax.Array | None = None
 
     _state_field = "ssm_state"
     _conv = True
@@ -622,6 +818,7 @@ class _ConvSSMCacheView(_StateView):
             lengths=jnp.zeros((m.batch_size,), jnp.int32),
             metadata=m,
             layer_index=layer_index,
+            **cls._rollback_arrays(m, m.ssm_state_shape),
         )
 
 
@@ -657,12 +854,21 @@ class LinearAttentionCacheView(_StateView):
         lengths: ``[batch]`` int32, tokens seen per row.
         metadata: the cache's ``LinearAttentionCacheMetadata`` (static).
         layer_index: which layer this view belongs to (static).
+        state_checkpoints: with ``rollback_depth = D > 0`` (else ``None``): ``[batch, D,
+            num_heads, key_dim, value_dim]``, slot ``p % D`` the state at length ``p``.
+        rollback_floor: with ``D > 0``: ``[batch]`` int32, the shortest length each row can
+            still be truncated to.
+        rollback_refused: with ``D > 0``: ``[batch]`` bool, sticky: a truncate under ``jit``
+            went past ``rollback_floor`` and was refused.
     """
 
     state: jax.Array
     lengths: jax.Array
     metadata: LinearAttentionCacheMetadata = static_field()
     layer_index: int | None = static_field(None)
+    state_checkpoints: jax.Array | None = None
+    rollback_floor: jax.Array | None = None
+    rollback_refused: jax.Array | None = None
 
     _metadata_type = LinearAttentionCacheMetadata
     family = "linear-attention"
@@ -678,6 +884,7 @@ class LinearAttentionCacheView(_StateView):
             lengths=jnp.zeros((metadata.batch_size,), jnp.int32),
             metadata=metadata,
             layer_index=layer_index,
+            **cls._rollback_arrays(metadata, metadata.state_shape),
         )
 
 

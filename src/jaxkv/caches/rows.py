@@ -224,6 +224,22 @@ def require_count(owner: str, n: Any) -> int:
     return v.require_int(owner, "n", n, minimum=1)
 
 
+def rollback_counts(owner: str, n: Any, batch_size: int) -> jax.Array:
+    """``rollback``'s ``n`` as ``[batch]`` int32 (an int is broadcast; negatives refused when
+    concrete, and under ``jit`` a negative count asks for a length past the current one, which
+    ``truncate`` refuses)."""
+    if isinstance(n, bool | np.bool_):
+        raise TypeError(f"{owner}: n must be an int or a [batch] int array, got {n!r}")
+    counts = _as_array(owner, "n", n, "an int or a [batch] int array")
+    if not jnp.issubdtype(counts.dtype, jnp.integer) or counts.ndim > 1:
+        raise TypeError(f"{owner}: n must be an int or a [batch] int array, got {n!r:.80}")
+    if counts.ndim == 1:
+        v.check_array(owner, "n", counts, (batch_size,))
+    if not v.is_traced(counts) and bool(jnp.any(counts < 0)):
+        raise ValueError(f"{owner}: n must be >= 0 tokens per row, got {np.asarray(counts)}")
+    return jnp.broadcast_to(counts.astype(jnp.int32), (batch_size,))
+
+
 def _rows_first(array: jax.Array, rows: jax.Array) -> jax.Array:
     """``rows`` (``[n]`` bool or per-row values) broadcast against ``array: [n, ...]``."""
     return rows.reshape(rows.shape + (1,) * (array.ndim - rows.ndim))
@@ -343,14 +359,35 @@ class RowView(RowOperations):
         index = slot_index(self._owner("extract"), slot, self.batch_size)
         return self._gather(index[None], 1)
 
+    def rollback(self, n: Any) -> Any:
+        """Forget the last ``n`` tokens of each row: ``truncate(lengths - n)`` (``n``: an int, or
+        ``[batch]`` ints, each ``>= 0``). A speculative-decoding verifier calls it with the
+        number of rejected draft tokens per row."""
+        owner = self._owner("rollback")
+        counts = rollback_counts(owner, n, self.batch_size)
+        return self.truncate(self.lengths - counts)
+
     def overflow_rows(self) -> jax.Array:
         """``[batch]`` bool: rows where a write was dropped (none, unless the family keeps
-        overflow flags)."""
+        overflow flags) or, with ``rollback_depth``, whose rollback was refused."""
+        refused = getattr(self, "rollback_refused", None)
+        if refused is not None:
+            return refused
         return jnp.zeros((self.batch_size,), jnp.bool_)
 
     def check_overflow(self) -> None:
-        """Raise ``CacheOverflowError`` if a row's write was dropped."""
-        raise_if_overflowed(self.overflow_rows(), self._overflow_limit())
+        """Raise ``CacheOverflowError`` if a row's write was dropped (or its rollback refused)."""
+        raise_if_overflowed(
+            self.overflow_rows(), self._overflow_limit(), getattr(self, "rollback_refused", None)
+        )
+
+    def mark_rollback_refused(self, rows: jax.Array) -> Any:
+        """A view whose rows where ``rows: [batch]`` bool is true are flagged as having had a
+        rollback refused (a stack refusing a row in every layer flags it here); a view without
+        ``rollback_depth`` keeps no such flag and is returned as is."""
+        if getattr(self, "rollback_refused", None) is None:
+            return self
+        return dataclasses.replace(self, rollback_refused=self.rollback_refused | rows)
 
     def _overflow_limit(self) -> str:
         return "its capacity"
@@ -359,14 +396,78 @@ class RowView(RowOperations):
         return UnsupportedOperationError(self._family(), operation, reason)
 
 
-def raise_if_overflowed(flags: jax.Array, limit: str) -> None:
-    """``CacheOverflowError`` naming the rows whose flag is set."""
+def raise_if_overflowed(flags: jax.Array, limit: str, refused: jax.Array | None = None) -> None:
+    """``CacheOverflowError`` naming the rows whose flag is set.
+
+    Args:
+        flags: ``[batch]`` bool, rows whose write was dropped (or whose rollback was refused).
+        limit: what the rows overflowed, for the message.
+        refused: ``[batch]`` bool or ``None``: the rows among ``flags`` whose ``truncate`` /
+            ``rollback`` under ``jit`` went past ``rollback_depth`` and was refused.
+    """
     rows = np.flatnonzero(np.asarray(flags)).tolist()
-    if rows:
-        raise CacheOverflowError(
-            f"rows {rows} overflowed {limit}: their last write was dropped (cached tokens are "
+    if not rows:
+        return
+    refused_rows = [] if refused is None else np.flatnonzero(np.asarray(refused)).tolist()
+    dropped = [row for row in rows if row not in refused_rows]
+    parts = []
+    if dropped:
+        parts.append(
+            f"rows {dropped} overflowed {limit}: their last write was dropped (cached tokens are "
             f"intact)"
         )
+    if refused_rows:
+        parts.append(
+            f"rows {refused_rows} were asked to truncate past what rollback_depth keeps: the "
+            f"truncate was refused and those rows kept their tokens"
+        )
+    raise CacheOverflowError("; ".join(parts))
+
+
+def truncate_lengths(owner: str, lengths: Any, batch_size: int) -> jax.Array:
+    """``truncate``'s ``lengths`` as a ``[batch]`` int32 array (shape and dtype checked)."""
+    lengths = _as_array(owner, "lengths", lengths, "a [batch] int array")
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"{owner}: lengths must be a [batch] int array, got {lengths.dtype}")
+    v.check_array(owner, "lengths", lengths, (batch_size,))
+    return lengths.astype(jnp.int32)
+
+
+def rollback_targets(
+    owner: str,
+    lengths: jax.Array,
+    floor: jax.Array | int,
+    current: jax.Array,
+    *,
+    limit: str = "",
+) -> tuple[jax.Array, jax.Array]:
+    """Where each row lands after ``truncate(lengths)``, given that a row may go back to any
+    length in ``[floor[b], current[b]]``.
+
+    Args:
+        lengths: ``[batch]`` int32 wanted lengths (see ``truncate_lengths``).
+        floor: ``[batch]`` int32 (or ``0``), the shortest length each row can still restore.
+        current: ``[batch]`` int32 lengths now.
+        limit: why the floor is where it is, for the message (e.g. the ``rollback_depth``).
+
+    Returns:
+        ``(targets, ok)``: ``[batch]`` int32 new lengths (a row whose wanted length is out of
+        range keeps its length) and ``[batch]`` bool, which rows were in range.
+
+    Raises:
+        ValueError: (eager calls only) a wanted length outside its row's range; nothing changes.
+    """
+    ok = (lengths >= floor) & (lengths <= current)
+    if not v.is_traced(lengths, current, floor) and not bool(jnp.all(ok)):
+        lows = np.broadcast_to(np.asarray(floor), np.shape(current)).tolist()
+        highs = np.asarray(current).tolist()
+        bad = np.flatnonzero(~np.asarray(ok)).tolist()
+        ranges = ", ".join(f"row {row}: [{lows[row]}, {highs[row]}]" for row in bad)
+        raise ValueError(
+            f"{owner}: lengths must lie in [shortest restorable length, current length] per row"
+            f"{limit}; got {np.asarray(lengths).tolist()}, allowed {ranges}; nothing was changed"
+        )
+    return jnp.where(ok, lengths, current), ok
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,6 +529,11 @@ class LayerCache(BaseCache, RowOperations):
         """Keep only the first ``lengths[b]`` tokens of each row in every layer."""
         return self._map("truncate", lengths)
 
+    def rollback(self, n: Any) -> Any:
+        """Forget the last ``n`` tokens (an int or ``[batch]`` ints) of each row in every layer
+        (``truncate(lengths - n)``)."""
+        return self._map("rollback", n)
+
     def select(self, rows: Sequence[int]) -> Any:
         """Only ``rows`` (distinct, in this order) in every layer."""
         return self._map("select", rows)
@@ -467,5 +573,18 @@ class LayerCache(BaseCache, RowOperations):
         return jnp.any(jnp.stack([view.overflow_rows() for view in self._live_views()]), axis=0)
 
     def check_overflow(self) -> None:
-        """Raise ``CacheOverflowError`` if any row overflowed (call after a jitted step)."""
-        raise_if_overflowed(self.overflow_rows(), self._live_views()[0]._overflow_limit())
+        """Raise ``CacheOverflowError`` if any row overflowed or had a rollback refused (call
+        after a jitted step)."""
+        raise_if_overflowed(
+            self.overflow_rows(), self._live_views()[0]._overflow_limit(), self.refused_rollbacks()
+        )
+
+    def refused_rollbacks(self) -> jax.Array | None:
+        """``[batch]`` bool: rows of any layer whose rollback under ``jit`` went past
+        ``rollback_depth`` and was refused; ``None`` when no layer keeps the flag."""
+        flags = [
+            view.rollback_refused
+            for view in self.views
+            if getattr(view, "rollback_refused", None) is not None
+        ]
+        return None if not flags else jnp.any(jnp.stack(flags), axis=0)

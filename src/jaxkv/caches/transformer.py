@@ -22,8 +22,23 @@ raise, so the returned view's ``overflow: [batch]`` flag turns (and stays) ``Tru
 check it with ``TransformerCache.check_overflow`` (or ``overflow_rows``) after the step.
 
 Rows: every row operation of ``jaxkv.abstracts.RowOperations`` works on views and caches
-(``jaxkv.caches.rows.RowView``); ``truncate`` is for full caches only, since a ring has already
-overwritten the slots a rollback would need.
+(``jaxkv.caches.rows.RowView``). A full cache truncates to any shorter length. A ring has
+overwritten the slots of the tokens before its window, so by default it cannot truncate at all;
+with ``rollback_depth=D`` it keeps ``W + D`` slots per row instead of ``W`` and can forget up to
+its last ``D`` tokens (speculative decoding: the verifier rolls back the rejected drafts)::
+
+    ring slots (W=4, D=2), after 9 tokens:   [6 7 8 | 3 4 5]   positions held: 3 .. 8
+    the next query (position 9) sees 6 .. 9: the ring's 6 .. 8 (masked by position) and itself
+    truncate to 7 (within D): the slots of 7 and 8 are emptied; the next query (7) sees 4 .. 7
+
+Attention masks by position, so a ring with ``rollback_depth`` gives exactly the outputs of one
+without. Every write keeps the invariant that a row can go back to any length in
+``[rollback_floor, lengths]``, where ``rollback_floor`` is at least ``lengths - D`` (and never
+moves down: a truncate does not bring back the slots that later writes overwrote). A truncate
+outside that range raises ``ValueError`` eagerly; under ``jax.jit`` the row keeps its tokens and
+its ``rollback_refused`` flag turns ``True`` (``overflow_rows``/``check_overflow`` report it).
+Cost: ``D`` more slots of keys and values per row and layer (``D * bytes_per_token()`` per
+sequence once it passes ``W`` tokens) plus 5 bytes of bookkeeping per row and layer.
 
 Storage: keys and values go through the metadata's storage codec (``jaxkv.quantization``):
 floats of ``dtype`` (16-bit ones held as ``uint16`` words so that XLA's CPU backend writes them
@@ -54,7 +69,9 @@ from jaxkv.caches.rows import (
     RaggedRuntimeMetadata,
     RowView,
     check_ragged_runtime,
+    rollback_targets,
     token_layout,
+    truncate_lengths,
 )
 from jaxkv.errors import CacheOverflowError
 from jaxkv.kv import CachedKV, KVSegment
@@ -86,6 +103,9 @@ class TransformerCacheMetadata(KVStorageMetadata, BaseCacheMetadata):
             plain ``dtype`` floats).
         quantization_group_size: int4 only: channels per scale (must divide ``head_dim`` and
             ``value_dim``); ``None`` for the other codecs.
+        rollback_depth: rings only: how many of its last tokens a row can forget (``truncate``
+            / ``rollback``); the ring keeps ``W + rollback_depth`` slots. ``0`` (the default): a
+            ring cannot truncate.
     """
 
     batch_size: int
@@ -99,6 +119,7 @@ class TransformerCacheMetadata(KVStorageMetadata, BaseCacheMetadata):
     dtype: np.dtype = np.dtype(np.float32)
     kv_quantization: str = "none"
     quantization_group_size: int | None = None
+    rollback_depth: int = 0
 
     @classmethod
     def create(
@@ -115,6 +136,7 @@ class TransformerCacheMetadata(KVStorageMetadata, BaseCacheMetadata):
         dtype: Any = jnp.float32,
         kv_quantization: str = "none",
         quantization_group_size: int | None = None,
+        rollback_depth: int = 0,
         key_heads: int | None = None,
         key_dim: int | None = None,
     ) -> TransformerCacheMetadata:
@@ -124,7 +146,9 @@ class TransformerCacheMetadata(KVStorageMetadata, BaseCacheMetadata):
         (``key_heads``/``key_dim`` are accepted as the former names of ``num_kv_heads`` and
         ``head_dim``). ``kv_quantization`` picks the storage codec (``"none"``, ``"int8"``,
         ``"int4"``, ``"fp8"``); int4's ``quantization_group_size`` defaults to
-        ``min(64, head_dim, value_dim)``. Raises ``ValueError``/``TypeError`` naming the field.
+        ``min(64, head_dim, value_dim)``. ``rollback_depth`` (rings only) gives the ring that
+        many extra slots so ``truncate`` can forget up to that many of its last tokens. Raises
+        ``ValueError``/``TypeError`` naming the field.
         """
         owner = "TransformerCacheMetadata.create"
         return cls._construct(
@@ -140,6 +164,7 @@ class TransformerCacheMetadata(KVStorageMetadata, BaseCacheMetadata):
                 dtype=dtype,
                 kv_quantization=kv_quantization,
                 quantization_group_size=quantization_group_size,
+                rollback_depth=rollback_depth,
             )
         )
 
@@ -175,31 +200,51 @@ class TransformerCacheMetadata(KVStorageMetadata, BaseCacheMetadata):
                 f"with room for any write), got {self.max_length}"
             )
         v.require_optional_int(owner, "sliding_window", self.sliding_window, minimum=1)
+        v.require_int(owner, "rollback_depth", self.rollback_depth, minimum=0)
+        if self.rollback_depth and self.sliding_window is None:
+            raise ValueError(
+                f"{owner}: rollback_depth={self.rollback_depth} needs a sliding_window (a full "
+                f"cache truncates to any length without spare slots); give rollback_depth=0"
+            )
+        if self.rollback_depth > MAX_LENGTH:
+            raise ValueError(
+                f"{owner}: rollback_depth must be <= {MAX_LENGTH}, got {self.rollback_depth}"
+            )
 
     @property
     def num_slots(self) -> int:
-        """Slots stored per row: ``max_length``, or the window when it is smaller."""
+        """Slots stored per row: ``max_length``, or the window plus ``rollback_depth`` when that
+        is smaller."""
         if self.sliding_window is None:
             return self.max_length
-        return min(self.sliding_window, self.max_length)
+        return min(self.sliding_window + self.rollback_depth, self.max_length)
 
     @property
     def is_ring(self) -> bool:
         """Whether rows are rings (a window smaller than ``max_length``)."""
         return self.sliding_window is not None and self.sliding_window < self.max_length
 
+    @property
+    def keeps_rollback(self) -> bool:
+        """Whether rows are rings with ``rollback_depth > 0`` (and so keep ``rollback_floor``
+        and ``rollback_refused``)."""
+        return self.is_ring and self.rollback_depth > 0
+
     def bytes_per_sequence(self, length: int) -> int:
         """Bytes of keys and values a sequence of ``length`` tokens occupies across all layers:
-        ``min(length, slots)`` slots (a ring holds at most its window)."""
+        ``min(length, slots)`` slots (a ring holds at most its window plus ``rollback_depth``)."""
         length = v.require_int(
             f"{type(self).__name__}.bytes_per_sequence", "length", length, minimum=0
         )
         return min(length, self.num_slots) * self.bytes_per_token()
 
     def bytes_total(self) -> int:
-        """Bytes the whole cache allocates (keys, values and bookkeeping)."""
+        """Bytes the whole cache allocates (keys, values and bookkeeping: lengths, overflow
+        flags, a ring's slot positions and, with ``rollback_depth``, its floors and flags)."""
         per_row = self.num_slots * self.bytes_per_token()
-        bookkeeping = self.num_layers * (4 + 1 + (4 * self.num_slots if self.is_ring else 0))
+        ring = 4 * self.num_slots if self.is_ring else 0
+        rollback = 4 + 1 if self.keeps_rollback else 0
+        bookkeeping = self.num_layers * (4 + 1 + ring + rollback)
         return self.batch_size * (per_row + bookkeeping)
 
 
@@ -241,6 +286,10 @@ class TransformerCacheView(RowView, AttentionCacheView):
             (float16 bits), one scale per token per head (per channel group for int4); ``None``
             unquantised.
         value_scales: ``[batch, slots, value_heads, groups]``, likewise.
+        rollback_floor: rings with ``rollback_depth`` only (else ``None``): ``[batch]`` int32,
+            the shortest length each row can still be truncated to.
+        rollback_refused: rings with ``rollback_depth`` only (else ``None``): ``[batch]`` bool,
+            sticky: a truncate under ``jit`` went past ``rollback_floor`` and was refused.
     """
 
     keys: jax.Array
@@ -252,12 +301,20 @@ class TransformerCacheView(RowView, AttentionCacheView):
     layer_index: int | None = static_field(None)
     key_scales: jax.Array | None = None
     value_scales: jax.Array | None = None
+    rollback_floor: jax.Array | None = None
+    rollback_refused: jax.Array | None = None
 
     def _family(self) -> str:
         return "sliding-window ring" if self.metadata.is_ring else "contiguous"
 
     def _empty_fields(self) -> dict[str, Any]:
-        return {"lengths": 0, "positions": -1, "overflow": False}
+        return {
+            "lengths": 0,
+            "positions": -1,
+            "overflow": False,
+            "rollback_floor": 0,
+            "rollback_refused": False,
+        }
 
     def _overflow_limit(self) -> str:
         return f"max_length={self.metadata.max_length}"
@@ -276,6 +333,7 @@ class TransformerCacheView(RowView, AttentionCacheView):
         slots = m.num_slots
         keys, key_scales = m.storage.allocate((m.batch_size, slots, m.num_kv_heads), m.head_dim)
         values, value_scales = m.storage.allocate((m.batch_size, slots, m.value_heads), m.value_dim)
+        rollback = m.keeps_rollback
         return cls(
             keys=keys,
             values=values,
@@ -286,6 +344,8 @@ class TransformerCacheView(RowView, AttentionCacheView):
             layer_index=layer_index,
             key_scales=key_scales,
             value_scales=value_scales,
+            rollback_floor=jnp.zeros((m.batch_size,), jnp.int32) if rollback else None,
+            rollback_refused=jnp.zeros((m.batch_size,), jnp.bool_) if rollback else None,
         )
 
     def key_states(self) -> jax.Array:
@@ -408,6 +468,10 @@ class TransformerCacheView(RowView, AttentionCacheView):
             overflow=overflow,
             sliding_window=m.sliding_window,
         )
+        rollback_floor = self.rollback_floor
+        if rollback_floor is not None:
+            # Slots of positions before new_lengths - D now hold newer tokens.
+            rollback_floor = jnp.maximum(rollback_floor, new_lengths - m.rollback_depth)
         new_view = dataclasses.replace(
             self,
             keys=keys,
@@ -417,45 +481,61 @@ class TransformerCacheView(RowView, AttentionCacheView):
             overflow=self.overflow | overflow,
             key_scales=key_scales,
             value_scales=value_scales,
+            rollback_floor=rollback_floor,
         )
         return kv, new_view
 
     def truncate(self, lengths: Any) -> TransformerCacheView:
-        """A view whose rows keep only their first ``lengths[b]`` tokens (``lengths: [batch]``,
-        each in ``[0, current length]``), e.g. to roll a conversation back to the longest prefix
-        it shares with a new prompt. Under ``jit`` a row given an out-of-range length keeps its
-        tokens.
+        """A view whose rows keep only their first ``lengths[b]`` tokens (``lengths: [batch]``
+        ints), e.g. to roll a conversation back to the longest prefix it shares with a new
+        prompt, or to forget a speculative decoder's rejected drafts.
+
+        A full cache takes any length in ``[0, current length]``. A ring with ``rollback_depth``
+        takes any length in ``[rollback_floor, current length]`` (``rollback_floor`` is at least
+        ``current - rollback_depth``); the slots of the forgotten tokens are emptied. Under
+        ``jit`` a row given an out-of-range length keeps its tokens (a ring also sets its
+        ``rollback_refused`` flag).
 
         Raises:
-            UnsupportedOperationError: on a sliding-window ring, whose slots past the window
-                already hold newer tokens.
+            UnsupportedOperationError: on a ring with ``rollback_depth=0``, whose slots before
+                the window already hold newer tokens.
+            ValueError: (eager calls only) a length out of its row's range; nothing changes.
         """
         owner = self._owner("truncate")
-        if self.metadata.is_ring:
+        m = self.metadata
+        if m.is_ring and not m.rollback_depth:
             raise self._unsupported(
                 "truncate",
                 "a ring has overwritten the slots of the tokens before its window, so the "
-                "state at an earlier length is gone (rollback of rings needs spare slots)",
+                "state at an earlier length is gone; create the cache with rollback_depth=D to "
+                "keep D spare slots per row and truncate up to D tokens back",
             )
-        lengths = jnp.asarray(lengths)
-        if not jnp.issubdtype(lengths.dtype, jnp.integer):
-            raise TypeError(f"{owner}: lengths must be a [batch] int array, got {lengths.dtype}")
-        v.check_array(owner, "lengths", lengths, (self.metadata.batch_size,))
-        lengths = lengths.astype(jnp.int32)
-        if not v.is_traced(lengths, self.lengths):
-            current = np.asarray(self.lengths)
-            wanted = np.asarray(lengths)
-            if (wanted < 0).any() or (wanted > current).any():
-                raise ValueError(
-                    f"{owner}: lengths must lie in [0, current lengths {current.tolist()}], "
-                    f"got {wanted.tolist()}"
-                )
-        valid = (lengths >= 0) & (lengths <= self.lengths)
-        return dataclasses.replace(self, lengths=jnp.where(valid, lengths, self.lengths))
+        lengths = truncate_lengths(owner, lengths, m.batch_size)
+        if not m.is_ring:
+            targets, _ = rollback_targets(owner, lengths, 0, self.lengths)
+            return dataclasses.replace(self, lengths=targets)
+        targets, ok = rollback_targets(
+            owner,
+            lengths,
+            self.rollback_floor,
+            self.lengths,
+            limit=f" (rollback_depth={m.rollback_depth}: at most that many tokens back, and not "
+            f"past the slots later writes overwrote)",
+        )
+        positions = jnp.where(self.positions >= targets[:, None], -1, self.positions)
+        return dataclasses.replace(
+            self,
+            lengths=targets,
+            positions=positions,
+            rollback_refused=self.rollback_refused | ~ok,
+        )
 
     def overflow_rows(self) -> jax.Array:
-        """``[batch]`` bool: rows where a write did not fit and was dropped (sticky)."""
-        return self.overflow
+        """``[batch]`` bool: rows where a write did not fit and was dropped, or (rings with
+        ``rollback_depth``) a truncate was refused (sticky)."""
+        if self.rollback_refused is None:
+            return self.overflow
+        return self.overflow | self.rollback_refused
 
     def mark_overflow(self, rows: jax.Array) -> TransformerCacheView:
         """A view whose rows where ``rows: [batch]`` bool is true are flagged as having had a

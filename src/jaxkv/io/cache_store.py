@@ -23,6 +23,9 @@ pages for the attention layers). Loading writes the saved rows into rows of a ta
 ``jaxkv.pages.PageManager``); the target must have the file's configuration except its number of
 rows, its capacity (``max_length``; a ring's slots must match) and its pool size. Arrays come back
 bit-identical; a contiguous row's slots past the saved tokens are zeroed, overflow flags clear.
+A ring or recurrent layer with ``rollback_depth`` also saves its rollback checkpoints and
+``rollback_floor`` per row, so a loaded row can roll back as far as the saved one could (the
+target's ``rollback_depth`` must match the file's; files of caches without it load as before).
 
 The engine restores a saved prompt into a paged cache like this (a page id of ``-1`` in
 ``pages`` keeps the target's page: here the full pages a prefix-cache hit already holds)::
@@ -138,7 +141,7 @@ _FREE_FIELDS = {
 _ROW, _ROW_TOKENS, _PAGE = "row", "row_tokens", "page"
 _TOKEN_FIELDS = ("keys", "values", "key_scales", "value_scales")
 _PAGE_FIELDS = ("key_pages", "value_pages", "key_scales", "value_scales")
-_RESET_FIELDS = {"overflow": False}
+_RESET_FIELDS = {"overflow": False, "rollback_refused": False}
 """Per-row flags that are not saved; a loaded row gets this value."""
 
 _NATIVE_DTYPES = frozenset(

@@ -274,6 +274,7 @@ class Gemma3Config:
         kv_quantization: str = "none",
         page_size: int = 16,
         num_pages: int | None = None,
+        rollback_depth: int = 0,
     ) -> HybridCacheMetadata:
         """Metadata of a ``HybridCache`` for this stack.
 
@@ -288,6 +289,9 @@ class Gemma3Config:
             page_size: paged only: tokens per page.
             num_pages: paged only: pages per layer's pool (default ``batch_size *
                 ceil(max_length / page_size)``, every row's worst case).
+            rollback_depth: contiguous only: spare ring slots of the sliding layers, so the
+                cache can ``truncate`` / ``rollback`` up to that many of its last tokens (a
+                speculative-decoding verifier); global layers and page pools roll back anyway.
 
         Returns:
             the validated ``HybridCacheMetadata``.
@@ -316,13 +320,19 @@ class Gemma3Config:
         else:
             settings.update(max_length=max_length)
         kinds = self.layer_kinds
+        v.require_int(owner, "rollback_depth", rollback_depth, minimum=0)
+        ring_settings = (
+            {"rollback_depth": rollback_depth} if attention_backend == "contiguous" else {}
+        )
         return HybridCacheMetadata.create(
             kinds,
             batch_size=batch_size,
             attention_backend=attention_backend,
             attention=dict(settings) if GLOBAL in kinds else None,
             sliding_attention=(
-                dict(settings, sliding_window=self.sliding_window) if SLIDING in kinds else None
+                dict(settings, sliding_window=self.sliding_window, **ring_settings)
+                if SLIDING in kinds
+                else None
             ),
         )
 

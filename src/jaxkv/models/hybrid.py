@@ -116,9 +116,13 @@ class HybridConfig:
         attention_backend: str = "contiguous",
         page_size: int = 16,
         num_pages: int | None = None,
+        rollback_depth: int = 0,
     ) -> HybridCacheMetadata:
         """Cache metadata for this stack: attention layers hold up to ``max_length`` tokens per
-        row; every cache (KV and recurrent states) is stored in ``dtype``.
+        row; every cache (KV and recurrent states) is stored in ``dtype``. ``rollback_depth``
+        goes to the layers that need it to ``truncate`` (sliding-window rings of the contiguous
+        backend and the recurrent layers): the whole stack can then forget up to that many of
+        its last tokens.
 
         With ``attention_backend="paged"``, ``batch_size`` is also the ``max_num_seqs`` of every
         step; each attention layer gets a pool of ``num_pages`` pages of ``page_size`` tokens
@@ -142,26 +146,24 @@ class HybridConfig:
         else:
             attention_settings = dict(heads, max_length=max_length)
         count = kinds.count
+        sliding_settings = dict(attention_settings, sliding_window=self.sliding_window, dtype=dtype)
+        if attention_backend == "contiguous":
+            sliding_settings["rollback_depth"] = rollback_depth
+        depth = dict(dtype=dtype, rollback_depth=rollback_depth)
         return HybridCacheMetadata.create(
             kinds,
             batch_size=batch_size,
             attention_backend=attention_backend,
             attention=dict(attention_settings, dtype=dtype) if "attention" in kinds else None,
-            sliding_attention=(
-                dict(attention_settings, sliding_window=self.sliding_window, dtype=dtype)
-                if "sliding_attention" in kinds
-                else None
-            ),
-            mamba=self.mamba.cache_metadata(batch_size, count("mamba"), dtype=dtype)
+            sliding_attention=sliding_settings if "sliding_attention" in kinds else None,
+            mamba=self.mamba.cache_metadata(batch_size, count("mamba"), **depth)
             if "mamba" in kinds
             else None,
-            mamba2=self.mamba2.cache_metadata(batch_size, count("mamba2"), dtype=dtype)
+            mamba2=self.mamba2.cache_metadata(batch_size, count("mamba2"), **depth)
             if "mamba2" in kinds
             else None,
             linear_attention=(
-                self.linear_attention.cache_metadata(
-                    batch_size, count("linear_attention"), dtype=dtype
-                )
+                self.linear_attention.cache_metadata(batch_size, count("linear_attention"), **depth)
                 if "linear_attention" in kinds
                 else None
             ),

@@ -59,7 +59,9 @@ def scan_recurrence(
     log_decay: jax.Array,
     state: jax.Array,
     mask: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
+    *,
+    token_states: bool = False,
+) -> tuple[jax.Array, ...]:
     """``S_t = exp(a_t) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``, one token at a time.
 
     Args:
@@ -67,20 +69,27 @@ def scan_recurrence(
         log_decay: ``[batch, T, heads]`` (``a_t <= 0``).
         state: ``[batch, heads, key_dim, value_dim]``.
         mask: ``[batch, T]`` bool; the state stays put where ``False``.
+        token_states: also return the state after every token (for a cache that keeps
+            rollback checkpoints).
 
     Returns:
-        ``o: [batch, T, heads, value_dim]`` and the final state.
+        ``o: [batch, T, heads, value_dim]`` and the final state; with ``token_states`` also
+        ``[batch, T, heads, key_dim, value_dim]``, the state after each token.
     """
 
     def step(s, inputs):
         q_t, k_t, v_t, a_t, real = inputs
         advanced = jnp.exp(a_t)[..., None, None] * s + jnp.einsum("bhk,bhv->bhkv", k_t, v_t)
         s = jnp.where(real[:, None, None, None], advanced, s)
-        return s, jnp.einsum("bhk,bhkv->bhv", q_t, s)
+        o_t = jnp.einsum("bhk,bhkv->bhv", q_t, s)
+        return s, (o_t, s) if token_states else o_t
 
     time_major = [jnp.swapaxes(t, 0, 1) for t in (q, k, v, log_decay, mask)]
-    state, out = lax.scan(step, state, time_major)
-    return jnp.swapaxes(out, 0, 1), state
+    state, outputs = lax.scan(step, state, time_major)
+    if not token_states:
+        return jnp.swapaxes(outputs, 0, 1), state
+    out, states = outputs
+    return jnp.swapaxes(out, 0, 1), state, jnp.swapaxes(states, 0, 1)
 
 
 def _segment_sums(a: jax.Array) -> jax.Array:
@@ -182,9 +191,15 @@ class LinearAttentionConfig:
         object.__setattr__(self, "decay", self.cache_metadata(1).decay)
 
     def cache_metadata(
-        self, batch_size: int, num_layers: int = 1, *, dtype: Any = jnp.float32
+        self,
+        batch_size: int,
+        num_layers: int = 1,
+        *,
+        dtype: Any = jnp.float32,
+        rollback_depth: int = 0,
     ) -> LinearAttentionCacheMetadata:
-        """The cache metadata matching this layer."""
+        """The cache metadata matching this layer (``rollback_depth``: tokens a row can roll
+        back, see ``jaxkv.caches.recurrent``)."""
         return LinearAttentionCacheMetadata.create(
             batch_size,
             num_layers,
@@ -193,6 +208,7 @@ class LinearAttentionConfig:
             self.value_dim,
             decay=self.decay,
             dtype=dtype,
+            rollback_depth=rollback_depth,
         )
 
 
@@ -287,7 +303,10 @@ def linear_attention_cached(
         runtime: which tokens are real (default: all).
 
     Returns:
-        ``(out, new_view)``: ``out: [batch, T, hidden_size]`` (zeros at padding tokens).
+        ``(out, new_view)``: ``out: [batch, T, hidden_size]`` (zeros at padding tokens). With the
+        view's ``rollback_depth > 0`` the layer runs the token-by-token scan instead of the
+        block-parallel form, to hand the cache the state after every token (its rollback
+        checkpoints): ``T`` sequential steps, fine for the short chunks a verifier rolls back.
     """
     owner = "linear_attention_cached"
     check_hidden(owner, hidden, config.hidden_size)
@@ -295,9 +314,15 @@ def linear_attention_cached(
     check_layer_view(owner, view, expected)
     step = view.read(runtime, hidden.shape[1])
     q, k, v_, log_decay = _project(params, config, hidden)
-    out, state = chunked_recurrence(
-        q, k, v_, log_decay, step.state, step.token_mask, config.block_size
-    )
-    step, view = view.concatenate_to_cache(step, state)
+    if view.metadata.rollback_depth:
+        out, state, token_states = scan_recurrence(
+            q, k, v_, log_decay, step.state, step.token_mask, token_states=True
+        )
+        step, view = view.concatenate_to_cache(step, state, token_states)
+    else:
+        out, state = chunked_recurrence(
+            q, k, v_, log_decay, step.state, step.token_mask, config.block_size
+        )
+        step, view = view.concatenate_to_cache(step, state)
     out = _output(params, config, out)
     return jnp.where(step.token_mask[..., None], out, 0), view

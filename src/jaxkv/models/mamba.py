@@ -63,11 +63,23 @@ class MambaConfig:
             object.__setattr__(self, "dt_rank", math.ceil(self.hidden_size / 16))
 
     def cache_metadata(
-        self, batch_size: int, num_layers: int = 1, *, dtype: Any = jnp.float32
+        self,
+        batch_size: int,
+        num_layers: int = 1,
+        *,
+        dtype: Any = jnp.float32,
+        rollback_depth: int = 0,
     ) -> MambaCacheMetadata:
-        """The cache metadata matching this mixer."""
+        """The cache metadata matching this mixer (``rollback_depth``: tokens a row can roll
+        back, see ``jaxkv.caches.recurrent``)."""
         return MambaCacheMetadata.create(
-            batch_size, num_layers, self.d_inner, self.state_size, self.conv_kernel, dtype=dtype
+            batch_size,
+            num_layers,
+            self.d_inner,
+            self.state_size,
+            self.conv_kernel,
+            dtype=dtype,
+            rollback_depth=rollback_depth,
         )
 
 
@@ -203,27 +215,36 @@ def selective_scan(
     d: jax.Array,
     state: jax.Array,
     mask: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
+    *,
+    token_states: bool = False,
+) -> tuple[jax.Array, ...]:
     """Mamba's selective scan, one token at a time.
 
     Args:
         x, dt: ``[batch, T, d_inner]``; b, c: ``[batch, T, N]``; a: ``[d_inner, N]`` (negative);
         d: ``[d_inner]``; state: ``[batch, d_inner, N]``; mask: ``[batch, T]`` bool, the state
         stays put where ``False``.
+        token_states: also return the state after every token (for a cache that keeps
+            rollback checkpoints).
 
     Returns:
-        ``y: [batch, T, d_inner]`` and the final state ``[batch, d_inner, N]``.
+        ``y: [batch, T, d_inner]`` and the final state ``[batch, d_inner, N]``; with
+        ``token_states`` also ``[batch, T, d_inner, N]``, the state after each token.
     """
 
     def step(h, inputs):
         x_t, dt_t, b_t, c_t, real = inputs
         advanced = jnp.exp(dt_t[..., None] * a) * h + (dt_t * x_t)[..., None] * b_t[:, None, :]
         h = jnp.where(real[:, None, None], advanced, h)
-        return h, jnp.einsum("bdn,bn->bd", h, c_t) + d * x_t
+        y_t = jnp.einsum("bdn,bn->bd", h, c_t) + d * x_t
+        return h, (y_t, h) if token_states else y_t
 
     time_major = [jnp.swapaxes(t, 0, 1) for t in (x, dt, b, c, mask)]
-    state, y = lax.scan(step, state, time_major)
-    return jnp.swapaxes(y, 0, 1), state
+    state, outputs = lax.scan(step, state, time_major)
+    if not token_states:
+        return jnp.swapaxes(outputs, 0, 1), state
+    y, states = outputs
+    return jnp.swapaxes(y, 0, 1), state, jnp.swapaxes(states, 0, 1)
 
 
 def _mixer_inputs(params: dict[str, jax.Array], config: MambaConfig, hidden: jax.Array):
@@ -231,13 +252,14 @@ def _mixer_inputs(params: dict[str, jax.Array], config: MambaConfig, hidden: jax
     return jnp.split(projected, 2, axis=-1)  # x, z: [batch, T, d_inner]
 
 
-def _ssm(params, config, x, state, mask):
-    """``x``: conv output after silu ``[batch, T, d_inner]`` -> ``(y, final state)``."""
+def _ssm(params, config, x, state, mask, token_states=False):
+    """``x``: conv output after silu ``[batch, T, d_inner]`` -> ``(y, final state)`` (and the
+    per-token states with ``token_states``)."""
     n, rank = config.state_size, config.dt_rank
     dt, b, c = jnp.split(x @ params["x_proj"], [rank, rank + n], axis=-1)
     dt = jax.nn.softplus(dt @ params["dt_proj"] + params["dt_bias"])
     a = -jnp.exp(params["A_log"])
-    return selective_scan(x, dt, b, c, a, params["D"], state, mask)
+    return selective_scan(x, dt, b, c, a, params["D"], state, mask, token_states=token_states)
 
 
 def mamba_forward(
@@ -275,7 +297,9 @@ def mamba_cached(
         runtime: which tokens are real (default: all).
 
     Returns:
-        ``(out, new_view)``: ``out: [batch, T, hidden_size]`` (zeros at padding tokens).
+        ``(out, new_view)``: ``out: [batch, T, hidden_size]`` (zeros at padding tokens). With the
+        view's ``rollback_depth > 0`` the scan also hands the cache the state after every token
+        (its rollback checkpoints).
     """
     owner = "mamba_cached"
     check_hidden(owner, hidden, config.hidden_size)
@@ -283,21 +307,30 @@ def mamba_cached(
     x_in, z = _mixer_inputs(params, config, hidden)
     step = view.read(runtime, hidden.shape[1], x_in)
     x = jax.nn.silu(windowed_conv(step.conv_window, params["conv_weight"], params["conv_bias"]))
-    y, state = _ssm(params, config, x, step.state, step.token_mask)
-    step, view = view.concatenate_to_cache(step, state)
+    if view.metadata.rollback_depth:
+        y, state, token_states = _ssm(params, config, x, step.state, step.token_mask, True)
+        step, view = view.concatenate_to_cache(step, state, token_states)
+    else:
+        y, state = _ssm(params, config, x, step.state, step.token_mask)
+        step, view = view.concatenate_to_cache(step, state)
     out = (y * jax.nn.silu(z)) @ params["out_proj"]
     return jnp.where(step.token_mask[..., None], out, 0), view
 
 
 def check_layer_view(owner: str, view: Any, expected: Any) -> None:
-    """``view``'s metadata has the sizes of ``expected`` (any layers, any dtype): the view is a
-    state view of the layer's family and shape (checked by its metadata, not its class)."""
+    """``view``'s metadata has the sizes of ``expected`` (any layers, any dtype, any
+    ``rollback_depth``): the view is a state view of the layer's family and shape (checked by its
+    metadata, not its class)."""
     metadata = getattr(view, "metadata", None)
     if type(metadata) is not type(expected):
         raise TypeError(
             f"{owner}: view must be {expected.view_type.__name__}, got {type(view).__name__}"
         )
-    got = metadata.replace(num_layers=expected.num_layers, dtype=expected.dtype)
+    got = metadata.replace(
+        num_layers=expected.num_layers,
+        dtype=expected.dtype,
+        rollback_depth=expected.rollback_depth,
+    )
     if got != expected:
         raise ValueError(
             f"{owner}: the view's metadata {view.metadata} does not match the layer's sizes "

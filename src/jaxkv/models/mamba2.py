@@ -88,9 +88,15 @@ class Mamba2Config:
         return self.d_inner + 2 * self.n_groups * self.state_size
 
     def cache_metadata(
-        self, batch_size: int, num_layers: int = 1, *, dtype: Any = jnp.float32
+        self,
+        batch_size: int,
+        num_layers: int = 1,
+        *,
+        dtype: Any = jnp.float32,
+        rollback_depth: int = 0,
     ) -> Mamba2CacheMetadata:
-        """The cache metadata matching this mixer."""
+        """The cache metadata matching this mixer (``rollback_depth``: tokens a row can roll
+        back, see ``jaxkv.caches.recurrent``)."""
         return Mamba2CacheMetadata.create(
             batch_size,
             num_layers,
@@ -100,6 +106,7 @@ class Mamba2Config:
             self.n_groups,
             self.conv_kernel,
             dtype=dtype,
+            rollback_depth=rollback_depth,
         )
 
 
@@ -208,7 +215,9 @@ def mamba2_cached(
         runtime: which tokens are real (default: all).
 
     Returns:
-        ``(out, new_view)``: ``out: [batch, T, hidden_size]`` (zeros at padding tokens).
+        ``(out, new_view)``: ``out: [batch, T, hidden_size]`` (zeros at padding tokens). With the
+        view's ``rollback_depth > 0`` the layer runs the token-by-token scan instead, to hand
+        the cache the state after every token (its rollback checkpoints).
     """
     owner = "mamba2_cached"
     check_hidden(owner, hidden, config.hidden_size)
@@ -220,7 +229,15 @@ def mamba2_cached(
     q, k, v_, log_decay, x = _recurrence_inputs(params, c, xbc, dt)
     # The cache holds the state as [H, P, N]; the recurrence as [H, N (key), P (value)].
     state = jnp.swapaxes(step.state, -1, -2)
-    y, state = chunked_recurrence(q, k, v_, log_decay, state, step.token_mask, c.block_size)
-    step, view = view.concatenate_to_cache(step, jnp.swapaxes(state, -1, -2))
+    if view.metadata.rollback_depth:
+        y, state, token_states = scan_recurrence(
+            q, k, v_, log_decay, state, step.token_mask, token_states=True
+        )
+        step, view = view.concatenate_to_cache(
+            step, jnp.swapaxes(state, -1, -2), jnp.swapaxes(token_states, -1, -2)
+        )
+    else:
+        y, state = chunked_recurrence(q, k, v_, log_decay, state, step.token_mask, c.block_size)
+        step, view = view.concatenate_to_cache(step, jnp.swapaxes(state, -1, -2))
     out = _output(params, c, y, x, z)
     return jnp.where(step.token_mask[..., None], out, 0), view

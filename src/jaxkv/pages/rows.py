@@ -1,7 +1,7 @@
 """`PagedRows`: the batch row operations of the paged cache family, done on the host.
 
-Every cache family offers the same row operations (`reset_rows`, `truncate`, `select`, `reorder`,
-`repeat`, `insert`, `extract`, `overflow_rows`, `check_overflow`; see
+Every cache family offers the same row operations (`reset_rows`, `truncate`, `rollback`,
+`select`, `reorder`, `repeat`, `insert`, `extract`, `overflow_rows`, `check_overflow`; see
 `jaxkv.abstracts.RowOperations`). Contiguous caches gather and scatter rows of device arrays. A
 paged pool has no rows on the device: a row is a sequence of the `PageManager`, and its tokens are
 wherever that sequence's page table points. So the paged family moves page-table rows instead:
@@ -276,6 +276,40 @@ class PagedRows:
         for seq_id, length in changes:
             self._manager.truncate(seq_id, length)
         return self._successor("truncate", list(self._seq_ids))
+
+    def rollback(self, n: Any) -> PagedRows:
+        """Row `b` forgets the last `n[b]` known tokens of its sequence: `truncate` to
+        `len(token_ids) - n[b]` (a speculative-decoding verifier passes the rejected drafts).
+        Pages that become empty go back to the pool (cached ones stay in the prefix cache as
+        evictable pages, their digests intact).
+
+        Args:
+            n: an int (every row) or `[batch]` ints, each `0 <= n[b] <= len(token_ids)` of row
+                b's sequence (an empty row needs 0).
+
+        Returns:
+            The new rows; this object is consumed.
+
+        Raises:
+            TypeError, ValueError: malformed or out-of-range `n`.
+            StepPendingError: a row to shorten is in the pending step.
+        """
+        owner = self._owner("rollback")
+        if _is_int(n):
+            counts = [int(n)] * len(self._seq_ids)
+        else:
+            counts = self._per_row(owner, "n", n, "one int")
+        lengths = []
+        for row, (seq_id, count) in enumerate(zip(self._seq_ids, counts, strict=True)):
+            known = 0 if seq_id is None else len(self._manager.get_sequence(seq_id).token_ids)
+            if not 0 <= count <= known:
+                what = "an empty row" if seq_id is None else f"seq_id={seq_id!r}"
+                raise ValueError(
+                    f"{owner}: n[{row}]={count} is out of range; row {row} ({what}) holds "
+                    f"{known} token(s), expected 0 <= n[{row}] <= {known}"
+                )
+            lengths.append(known - count)
+        return self.truncate(lengths)
 
     def select(self, rows: Sequence[int]) -> PagedRows:
         """Only the given rows, in this order; the other rows' sequences are freed.
