@@ -27,6 +27,7 @@ from jaxkv.engine import (
     Gemma3Model,
     Model,
     SchedulerConfig,
+    SpeculativeConfig,
     generate,
     perplexity,
 )
@@ -64,6 +65,25 @@ def test_batched_greedy_generation_matches_hf(gemma):
     for name, generation in zip(names, result.generations, strict=True):
         assert generation.token_ids == PROMPTS[name]["generated_ids"][:STEPS], name
         assert generation.finish_reason == "length"
+
+
+def test_speculative_greedy_generation_matches_hf(gemma):
+    """Prompt lookup on rings with spare slots: rejected drafts are forgotten by the sliding
+    layers' rings (the long prompt's rings have wrapped) and the global layers alike, and the
+    tokens stay HF's."""
+    names = ("code", "long")
+    result = generate(
+        gemma,
+        [PROMPTS[name]["prompt_ids"] for name in names],
+        max_new_tokens=STEPS,
+        ignore_eos=True,
+        speculative=SpeculativeConfig(num_draft_tokens=4),
+    )
+    for name, generation in zip(names, result.generations, strict=True):
+        assert generation.token_ids == PROMPTS[name]["generated_ids"][:STEPS], name
+    stats = result.engine_stats
+    assert stats.num_verify_steps > 0
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
 
 
 def test_int8_kv_agrees_with_greedy_on_the_code_prompt(gemma):

@@ -220,6 +220,23 @@ def test_draft_model_speculation_equals_plain_decoding(kind):
     assert 0 < cut_stats.num_accepted_tokens < cut_stats.num_draft_tokens
 
 
+def test_hybrid_stacks_roll_back_their_recurrent_states():
+    """A hybrid stack (attention, Mamba2, linear attention) verifies drafts on its contiguous
+    cache: its recurrent layers keep per-token checkpoints and go back to the accepted prefix.
+    Drafts from the stack itself are all accepted; from another stack, (almost) all rejected;
+    the tokens are plain decoding's either way."""
+    target = HybridModel.tiny()
+    sampling = SamplingParams(max_tokens=16, ignore_eos=True)
+    plain, _ = _run(target, "contiguous", None, sampling)
+    expected = [r.outputs[0].token_ids for r in plain]
+    for draft in (target, HybridModel.tiny(seed=1)):
+        config = SpeculativeConfig("draft", 3, draft_model=draft)
+        fast, stats = _run(target, "contiguous", config, sampling)
+        assert [r.outputs[0].token_ids for r in fast] == expected
+        assert stats.num_verify_steps > 0
+    assert stats.num_accepted_tokens < stats.num_draft_tokens
+
+
 def test_the_draft_model_follows_rollbacks():
     """After a rejection the draft row keeps only the shared prefix and recomputes the rest:
     its proposals equal a fresh drafter's on the same tokens."""
@@ -271,13 +288,7 @@ def test_the_acceptance_rule_keeps_the_target_distribution():
         assert abs(kept.mean() - probs[draft]) < 4 * np.sqrt(probs[draft] / rows)
 
 
-def test_speculation_is_refused_where_it_cannot_roll_back(tiny):
-    with pytest.raises(ValueError, match="recurrent"):
-        Engine(
-            HybridModel.tiny(),
-            CacheConfig(kind="contiguous"),
-            speculative=SpeculativeConfig(),
-        )
+def test_speculation_is_refused_where_it_cannot_run(tiny):
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         Engine(
             tiny,

@@ -306,13 +306,12 @@ def _copy_rows(cache: Any, indices: jax.Array) -> Any:
     return cache.reorder(indices)
 
 
-_KEEP_ROW = 2**30
-"""A ``truncate`` length past any row's length: under ``jit`` such a row keeps its tokens."""
-
-
 @jax.jit
-def _truncate_rows(cache: Any, lengths: jax.Array) -> Any:
-    return cache.truncate(lengths)
+def _truncate_rows(cache: Any, rows: jax.Array, lengths: jax.Array) -> Any:
+    """Rows where ``rows: [batch]`` bool is set keep their first ``lengths[b]`` tokens; the
+    others keep their current length (every layer of a stack holds the same tokens per row)."""
+    current = next(view for view in cache if view is not None).lengths
+    return cache.truncate(jnp.where(rows, lengths, current))
 
 
 class ContiguousBackend:
@@ -344,7 +343,12 @@ class ContiguousBackend:
         widths = {b // self.rows for b in mixed_buckets(scheduler, 0)}
         widths = {w for w in widths if 1 < w < self.max_row_tokens} | {self.max_row_tokens}
         self.mixed = tuple(sorted(widths))
-        self.cache = model.contiguous_cache(self.rows, max_model_len, cache.kv_quantization)
+        # A verification step writes a row's drafts; rings and recurrent layers keep enough
+        # spare slots and state checkpoints to forget all of them.
+        self.rollback_depth = max(verify_width - 1, 0)
+        self.cache = model.contiguous_cache(
+            self.rows, max_model_len, cache.kv_quantization, rollback_depth=self.rollback_depth
+        )
         self.max_model_len = max_model_len
         self.kv_quantization = cache.kv_quantization
         self.page_size = 0
@@ -368,7 +372,9 @@ class ContiguousBackend:
 
     def empty_row(self) -> Any:
         """An empty one-row cache of this backend's configuration."""
-        return self.model.contiguous_cache(1, self.max_model_len, self.kv_quantization)
+        return self.model.contiguous_cache(
+            1, self.max_model_len, self.kv_quantization, rollback_depth=self.rollback_depth
+        )
 
     def row_holding(self, tokens: Sequence[int]) -> int | None:
         """A released slot whose row still holds the KV of ``tokens`` (and maybe more), or
@@ -434,10 +440,11 @@ class ContiguousBackend:
             self.cache = _reset_rows(self.cache, jnp.asarray(mask))
             self.to_reset.clear()
         if self.to_truncate:
-            lengths = np.full((self.rows,), _KEEP_ROW, np.int32)
+            rows = np.zeros((self.rows,), bool)
+            lengths = np.zeros((self.rows,), np.int32)
             for slot, length in self.to_truncate.items():
-                lengths[slot] = length
-            self.cache = _truncate_rows(self.cache, jnp.asarray(lengths))
+                rows[slot], lengths[slot] = True, length
+            self.cache = _truncate_rows(self.cache, jnp.asarray(rows), jnp.asarray(lengths))
             self.to_truncate.clear()
 
     def shapes(self) -> list[Shape]:

@@ -64,8 +64,10 @@ class DraftModelDrafter(Drafter):
             max_num_batched_tokens=max(16, max_num_seqs * _CHUNK),
             max_model_len=max_model_len,
         )
+        # Its own rollbacks reach back fewer than num_draft_tokens tokens: rings and recurrent
+        # layers of a draft stack keep that many spare slots and checkpoints.
         self.backend = ContiguousBackend(
-            model, CacheConfig(kind="contiguous"), scheduler, max_model_len
+            model, CacheConfig(kind="contiguous"), scheduler, max_model_len, num_draft_tokens + 1
         )
         self._sequences: dict[Hashable, _DraftSequence] = {}
         self.compile_seconds = 0.0

@@ -219,12 +219,6 @@ class Engine:
                 f"Engine: speculative must be a SpeculativeConfig or None, got "
                 f"{type(speculative).__name__}"
             )
-        if not getattr(self.model, "supports_rollback", False):
-            raise ValueError(
-                f"Engine: speculative decoding needs a cache that can roll rejected drafts "
-                f"back; {type(self.model).__name__} cannot yet "
-                f"({getattr(self.model, 'rollback_refusal', 'no rollback')})"
-            )
         width = speculative.verify_width
         if (
             self.scheduler_config.max_num_seqs * width

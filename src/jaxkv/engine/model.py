@@ -76,8 +76,6 @@ class Model:
     forward_function = staticmethod(forward)
     supports_paged = True
     paged_refusal = ""
-    supports_rollback = True  # speculative decoding: rejected drafts are rolled back
-    rollback_refusal = ""
 
     @property
     def vocab_size(self) -> int:
@@ -92,10 +90,16 @@ class Model:
         return frozenset(self.tokenizer.eos_token_ids) | frozenset(self.config.eos_token_ids)
 
     def contiguous_cache(
-        self, rows: int, max_length: int, kv_quantization: str = "none", dtype: Any = None
+        self,
+        rows: int,
+        max_length: int,
+        kv_quantization: str = "none",
+        dtype: Any = None,
+        rollback_depth: int = 0,
     ):
         """A ``TransformerCache`` of ``rows`` rows of ``max_length`` tokens (keys and values of
-        ``dtype``, default the model's)."""
+        ``dtype``, default the model's). Every layer keeps its whole context, so a row rolls
+        back any number of tokens whatever ``rollback_depth`` says."""
         c = self.config
         metadata = TransformerCacheMetadata.create(
             rows,
@@ -244,8 +248,6 @@ class Gemma3Model:
     forward_function = staticmethod(gemma3_forward)
     supports_paged = False
     paged_refusal = "its sliding-window layers keep rings, which the paged backend does not drive"
-    supports_rollback = False
-    rollback_refusal = "its sliding-window rings overwrite the slots a rollback would need"
 
     @property
     def vocab_size(self) -> int:
@@ -260,16 +262,23 @@ class Gemma3Model:
         return frozenset(self.tokenizer.eos_token_ids) | frozenset(self.config.eos_token_ids)
 
     def contiguous_cache(
-        self, rows: int, max_length: int, kv_quantization: str = "none", dtype: Any = None
+        self,
+        rows: int,
+        max_length: int,
+        kv_quantization: str = "none",
+        dtype: Any = None,
+        rollback_depth: int = 0,
     ) -> HybridCache:
         """A ``HybridCache`` of ``rows`` rows: rings of ``sliding_window`` slots in the sliding
-        layers, ``max_length`` tokens in the global ones (keys and values of ``dtype``, default
-        the model's)."""
+        layers (plus ``rollback_depth`` spare ones, so a row can forget its last
+        ``rollback_depth`` tokens), ``max_length`` tokens in the global ones (keys and values of
+        ``dtype``, default the model's)."""
         metadata = self.config.cache_metadata(
             rows,
             max_length,
             dtype=self.dtype if dtype is None else dtype,
             kv_quantization=kv_quantization,
+            rollback_depth=rollback_depth,
         )
         return HybridCache.init_cache(metadata)
 
@@ -331,8 +340,6 @@ class HybridModel:
         "its recurrent states live one per row and a prefix-cache hit would skip tokens they "
         "never saw"
     )
-    supports_rollback = False
-    rollback_refusal = "its recurrent layers keep one state per row, not one per token"
 
     @property
     def vocab_size(self) -> int:
@@ -343,9 +350,16 @@ class HybridModel:
         return frozenset(self.tokenizer.eos_token_ids)
 
     def contiguous_cache(
-        self, rows: int, max_length: int, kv_quantization: str = "none", dtype: Any = None
+        self,
+        rows: int,
+        max_length: int,
+        kv_quantization: str = "none",
+        dtype: Any = None,
+        rollback_depth: int = 0,
     ):
-        """A ``HybridCache`` of ``rows`` rows (attention layers hold ``max_length`` tokens)."""
+        """A ``HybridCache`` of ``rows`` rows (attention layers hold ``max_length`` tokens;
+        rings and recurrent layers keep ``rollback_depth`` tokens of spare slots and state
+        checkpoints, so a row can forget its last ``rollback_depth`` tokens)."""
         if dtype is not None and np.dtype(dtype) != self.dtype:
             raise ValueError(
                 f"HybridModel: dtype={np.dtype(dtype).name} is not available; the stack's cache "
@@ -356,7 +370,8 @@ class HybridModel:
                 f"HybridModel: kv_quantization={kv_quantization!r} is not available for hybrid "
                 "stacks; expected 'none'"
             )
-        return HybridCache.init_cache(self.config.cache_metadata(rows, max_length))
+        metadata = self.config.cache_metadata(rows, max_length, rollback_depth=rollback_depth)
+        return HybridCache.init_cache(metadata)
 
     @staticmethod
     def rows_runtime(counts: Any) -> HybridRuntimeMetadata:
