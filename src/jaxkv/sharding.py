@@ -186,6 +186,8 @@ VIEW_AXES: Mapping[type, Mapping[str, LogicalAxes]] = types.MappingProxyType(
                 "lengths": _ROWS,
                 "positions": ("batch", "sequence"),  # [batch, slots] (rings only)
                 "overflow": _ROWS,
+                "rollback_floor": _ROWS,  # rings with rollback_depth only
+                "rollback_refused": _ROWS,
             }
         ),
         PagedCacheView: types.MappingProxyType(
@@ -201,6 +203,11 @@ VIEW_AXES: Mapping[type, Mapping[str, LogicalAxes]] = types.MappingProxyType(
                 "conv_state": ("batch", "channels", None),  # [batch, d_inner, K - 1]
                 "ssm_state": ("batch", "channels", "state"),  # [batch, d_inner, N]
                 "lengths": _ROWS,
+                # With rollback_depth D: [batch, D, *state] checkpoints follow their states.
+                "conv_checkpoints": ("batch", None, "channels", None),
+                "state_checkpoints": ("batch", None, "channels", "state"),
+                "rollback_floor": _ROWS,
+                "rollback_refused": _ROWS,
             }
         ),
         Mamba2CacheView: types.MappingProxyType(
@@ -208,12 +215,19 @@ VIEW_AXES: Mapping[type, Mapping[str, LogicalAxes]] = types.MappingProxyType(
                 "conv_state": ("batch", "channels", None),  # [batch, d_inner + 2GN, K - 1]
                 "ssm_state": ("batch", "heads", None, "state"),  # [batch, H, P, N]
                 "lengths": _ROWS,
+                "conv_checkpoints": ("batch", None, "channels", None),
+                "state_checkpoints": ("batch", None, "heads", None, "state"),
+                "rollback_floor": _ROWS,
+                "rollback_refused": _ROWS,
             }
         ),
         LinearAttentionCacheView: types.MappingProxyType(
             {
                 "state": ("batch", "heads", None, None),  # [batch, H, key_dim, value_dim]
                 "lengths": _ROWS,
+                "state_checkpoints": ("batch", None, "heads", None, None),
+                "rollback_floor": _ROWS,
+                "rollback_refused": _ROWS,
             }
         ),
     }
