@@ -15,7 +15,7 @@ import json
 import sys
 from typing import Any
 
-from jaxkv._arguments import add_speculative_arguments, integer
+from jaxkv._arguments import add_mesh_arguments, add_speculative_arguments, integer
 from jaxkv.cli import _common
 
 DEFAULT_PROMPT = "Write a haiku about caches."
@@ -66,6 +66,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     _common.add_model_arguments(parser)
     add_speculative_arguments(parser)
+    add_mesh_arguments(parser)
     _common.add_sampling_arguments(parser, 128)
     _common.add_common_arguments(parser)
     return parser
@@ -124,8 +125,10 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from jaxkv.engine import generate, speculative_config
+    from jaxkv.engine.placement import command_mesh
 
     prompts = prompts_of(args)
+    mesh = command_mesh(args.mesh)  # a mesh that does not fit the devices: before loading
     model = _common.load(args)
     speculative = speculative_config(
         args.speculative, args.num_draft, args.draft_model, dtype=args.dtype
@@ -156,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.parallel,
         warmup=False,  # the first token before the decode step is compiled
         speculative=speculative,
+        mesh=mesh,
+        indivisible=args.mesh_indivisible,
     )
     if streaming:
         sys.stdout.write("\n")
@@ -168,15 +173,18 @@ def run(args: argparse.Namespace) -> int:
             print(generation.text)
     sys.stdout.flush()
     codec = "" if args.kv_quantization == "none" else f", {args.kv_quantization} KV"
-    _common.note(
-        args,
-        f"jaxkv: {args.cache} cache{codec}, {len(prompts)} prompt{'s' if len(prompts) > 1 else ''}",
-    )
+    where = "" if mesh is None else f", mesh {_mesh_name(mesh)}"
+    plural = "s" if len(prompts) > 1 else ""
+    _common.note(args, f"jaxkv: {args.cache} cache{codec}{where}, {len(prompts)} prompt{plural}")
     for line in timing_summary(result, getattr(args, "load_seconds", None)):
         _common.note(args, line)
     if speculative is not None:
         _common.note(args, speculation_summary(args.speculative, result.engine_stats))
     return 0
+
+
+def _mesh_name(mesh: Any) -> str:
+    return "x".join(f"{name}={size}" for name, size in mesh.shape.items())
 
 
 def speculation_summary(method: str, stats: Any) -> str:

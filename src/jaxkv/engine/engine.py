@@ -24,6 +24,13 @@ tokens its drafter proposes, keeps those the model agrees with and one token of 
 rolls the rest back. The output is the output of plain decoding (greedy, or sampled with the
 same seed), in fewer steps when the drafts are good.
 
+With ``mesh=...`` (a ``jax.sharding.Mesh`` of ``AxisType.Auto`` axes ``"data"`` and/or
+``"tensor"``, e.g. ``jaxkv.engine.placement.make_mesh("data=2,tensor=4")``), the engine runs on
+every device of the mesh (``jaxkv.engine.placement``): the weights are split for tensor
+parallelism, the cache is built in its shards (contiguous rows over ``"data"``, KV heads over
+``"tensor"``; a page pool by KV heads only) and stays there through every step. The output is
+the single-device output (greedy tokens alike; logits up to float rounding).
+
 Step shapes come from a fixed, small set (see ``jaxkv.engine.backends``); ``warmup()`` compiles
 them all, so nothing compiles once tokens flow. Sampling runs in its own jitted function
 (``jaxkv.engine.sampler``) with per-row settings.
@@ -32,7 +39,9 @@ them all, so nothing compiles once tokens flow. Sampling runs in its own jitted 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,11 +51,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkv import sharding
 from jaxkv.compilation import enable_compilation_cache
 from jaxkv.engine.backends import make_backend
 from jaxkv.engine.draft_model import make_drafter
 from jaxkv.engine.model import ENGINE_MODELS, Model
 from jaxkv.engine.outputs import RowProgress
+from jaxkv.engine.placement import Placement
 from jaxkv.engine.requests import (
     CacheConfig,
     CompletionOutput,
@@ -69,6 +80,7 @@ Prompt = str | Sequence[int] | Sequence[Mapping[str, Any]]
 Progress = Callable[[str], None]
 
 _DEFAULT_MAX_MODEL_LEN = 8192
+_REPLICATE_HINT = " (on the command line: --mesh-indivisible replicate)"
 
 
 class _Choice:
@@ -137,7 +149,17 @@ class Engine:
         model: from ``Model.load`` (or ``Model.tiny``).
         cache_config: the cache (paged by default).
         scheduler_config: the step budget and limits.
-        speculative: speculative decoding (off by default).
+        speculative: speculative decoding (off by default; a draft model runs on one device).
+        mesh: run on this device mesh (``AxisType.Auto`` axes; ``None``: one device).
+        sharding_rules: logical axis -> mesh axis (default ``jaxkv.sharding.DEFAULT_RULES``);
+            only with ``mesh``.
+        indivisible: what a size that does not divide over its mesh axes gets (SmolLM2's 9
+            heads and 3 KV heads on ``tensor=2/4/8``; ``max_num_seqs`` rows of a contiguous
+            cache on ``"data"``): ``"error"`` (the default: refused with a ``ValueError``
+            naming the array, the size and the axis, so nothing is replicated unasked) or
+            ``"replicate"`` (that dimension is held whole on every device: correct, but it
+            saves no memory and splits no work). ``jaxkv generate/serve --mesh-indivisible``
+            passes the choice through.
     """
 
     def __init__(
@@ -146,6 +168,10 @@ class Engine:
         cache_config: CacheConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
         speculative: SpeculativeConfig | None = None,
+        *,
+        mesh: Any = None,
+        sharding_rules: Mapping[str, Any] | None = None,
+        indivisible: str = "error",
     ):
         if not isinstance(model, ENGINE_MODELS):
             raise TypeError(
@@ -163,6 +189,12 @@ class Engine:
                     f"Engine: {name} must be a {kind.__name__}, got {type(value).__name__}"
                 )
         enable_compilation_cache()  # a second run of the same shapes compiles nothing
+        self.placement = self._placement(
+            cache_config, scheduler_config, mesh, sharding_rules, indivisible
+        )
+        self.mesh = mesh
+        if self.placement is not None:
+            model = self._place_model(model)
         self.model = model
         self.tokenizer = model.tokenizer
         self.cache_config = cache_config
@@ -188,9 +220,14 @@ class Engine:
                 speculative, model.vocab_size, scheduler_config.max_num_seqs, max_model_len
             )
         verify_width = 0 if speculative is None else speculative.verify_width
-        self.backend = make_backend(
-            model, cache_config, scheduler_config, max_model_len, verify_width
-        )
+        try:
+            self.backend = make_backend(
+                model, cache_config, scheduler_config, max_model_len, verify_width, self.placement
+            )
+        except ValueError as err:
+            if self.placement is None:
+                raise
+            raise ValueError(f"Engine: the cache on the mesh: {err}{_REPLICATE_HINT}") from None
         self.eos_ids = model.eos_token_ids
         self._requests: dict[str, _Request] = {}
         self._waiting: collections.deque[_Choice] = collections.deque()
@@ -201,6 +238,41 @@ class Engine:
         self._counters = collections.Counter()
         self._peak_pages = 0
         self.compile_seconds = 0.0
+
+    @staticmethod
+    def _placement(
+        cache_config: CacheConfig,
+        scheduler_config: SchedulerConfig,
+        mesh: Any,
+        rules: Mapping[str, Any] | None,
+        indivisible: str,
+    ) -> Placement | None:
+        if mesh is None:
+            if rules is not None:
+                raise ValueError("Engine: sharding_rules needs a mesh; got mesh=None")
+            return None
+        if rules is None:
+            rules = sharding.DEFAULT_RULES
+        placement = Placement(mesh, rules, indivisible)  # checks the mesh, rules and policy
+        target = rules.get("batch")
+        axes = () if target is None else (target,) if isinstance(target, str) else target
+        split = math.prod(int(mesh.shape.get(axis, 1)) for axis in axes)
+        rows = scheduler_config.max_num_seqs
+        if cache_config.kind == "contiguous" and rows % split and indivisible == "error":
+            raise ValueError(
+                f"Engine: max_num_seqs={rows} rows do not divide over mesh axes {tuple(axes)} "
+                f"of size {split}; expected a multiple of {split}, or indivisible='replicate' "
+                f"to hold every row on every device"
+            )
+        return placement
+
+    def _place_model(self, model: Any) -> Any:
+        """``model`` with its weights on the mesh (split for tensor parallelism)."""
+        try:
+            params = self.placement.place_params(model.params, model.config)
+        except ValueError as err:
+            raise ValueError(f"Engine: the weights on the mesh: {err}{_REPLICATE_HINT}") from None
+        return dataclasses.replace(model, params=params)
 
     def _check_speculative(self, speculative: SpeculativeConfig | None) -> SpeculativeConfig | None:
         if speculative is None:
