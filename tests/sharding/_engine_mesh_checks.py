@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxkv.engine import Model, SamplingParams, generate
+from jaxkv.engine import HybridModel, Model, SamplingParams, generate
 from jaxkv.engine.generate import generate_engine
 from jaxkv.engine.placement import make_mesh
 from jaxkv.engine.step import compiled_forward, forward_step
@@ -175,3 +175,16 @@ def test_cli_generate_on_a_2x4_mesh(monkeypatch, capsys):
     assert "--mesh-indivisible replicate" in capsys.readouterr().err
     assert main(["generate", "--mesh", "data=2,tensor=2", "hi"]) == 2
     assert "spans 4 devices, but 8 are available" in capsys.readouterr().err
+
+
+def test_hybrid_stack_on_a_2x4_mesh_generates_the_single_device_tokens():
+    """Attention, Mamba2 and linear-attention layers (2 KV heads: held whole on tensor=4)."""
+    model = HybridModel.tiny()
+    want = generate(model, PROMPTS, max_new_tokens=NEW_TOKENS, warmup=False)
+    ids = [model.tokenizer.encode(p) for p in PROMPTS]
+    with pytest.raises(ValueError, match=r"'kv_heads' has size 2 .*--mesh-indivisible replicate"):
+        generate_engine(model, ids, NEW_TOKENS, mesh=MESH)
+    engine = generate_engine(model, ids, NEW_TOKENS, mesh=MESH, indivisible="replicate")
+    got = tokens_of(engine.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS)))
+    assert got == tuple(tuple(g.token_ids) for g in want.generations)
+    assert_placed(engine)

@@ -122,4 +122,4 @@ def test_engine_generate_and_cli_on_8_devices():
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"the 8-device engine checks failed:\n{output}"
-    assert "5 passed" in output and "failed" not in output, output
+    assert "6 passed" in output and "failed" not in output, output

@@ -57,7 +57,7 @@ from jaxkv.engine.backends import make_backend
 from jaxkv.engine.draft_model import make_drafter
 from jaxkv.engine.model import ENGINE_MODELS, Model
 from jaxkv.engine.outputs import RowProgress
-from jaxkv.engine.placement import Placement
+from jaxkv.engine.placement import Placement, with_hint
 from jaxkv.engine.requests import (
     CacheConfig,
     CompletionOutput,
@@ -80,7 +80,6 @@ Prompt = str | Sequence[int] | Sequence[Mapping[str, Any]]
 Progress = Callable[[str], None]
 
 _DEFAULT_MAX_MODEL_LEN = 8192
-_REPLICATE_HINT = " (on the command line: --mesh-indivisible replicate)"
 
 
 class _Choice:
@@ -220,14 +219,9 @@ class Engine:
                 speculative, model.vocab_size, scheduler_config.max_num_seqs, max_model_len
             )
         verify_width = 0 if speculative is None else speculative.verify_width
-        try:
-            self.backend = make_backend(
-                model, cache_config, scheduler_config, max_model_len, verify_width, self.placement
-            )
-        except ValueError as err:
-            if self.placement is None:
-                raise
-            raise ValueError(f"Engine: the cache on the mesh: {err}{_REPLICATE_HINT}") from None
+        self.backend = make_backend(
+            model, cache_config, scheduler_config, max_model_len, verify_width, self.placement
+        )
         self.eos_ids = model.eos_token_ids
         self._requests: dict[str, _Request] = {}
         self._waiting: collections.deque[_Choice] = collections.deque()
@@ -260,18 +254,17 @@ class Engine:
         rows = scheduler_config.max_num_seqs
         if cache_config.kind == "contiguous" and rows % split and indivisible == "error":
             raise ValueError(
-                f"Engine: max_num_seqs={rows} rows do not divide over mesh axes {tuple(axes)} "
-                f"of size {split}; expected a multiple of {split}, or indivisible='replicate' "
-                f"to hold every row on every device"
+                with_hint(
+                    f"Engine: max_num_seqs={rows} rows do not divide over mesh axes "
+                    f"{tuple(axes)} of size {split}; expected a multiple of {split}, or "
+                    f"indivisible='replicate' to hold every row on every device"
+                )
             )
         return placement
 
     def _place_model(self, model: Any) -> Any:
         """``model`` with its weights on the mesh (split for tensor parallelism)."""
-        try:
-            params = self.placement.place_params(model.params, model.config)
-        except ValueError as err:
-            raise ValueError(f"Engine: the weights on the mesh: {err}{_REPLICATE_HINT}") from None
+        params = self.placement.place_params(model.params, model.config)
         return dataclasses.replace(model, params=params)
 
     def _check_speculative(self, speculative: SpeculativeConfig | None) -> SpeculativeConfig | None:

@@ -75,6 +75,22 @@ def mesh_size(mesh: Mesh, axis: str) -> int:
     return int(mesh.shape.get(axis, 1))
 
 
+def with_hint(message: str) -> str:
+    """``message``, and the command-line flag to pass when it asks for
+    ``indivisible='replicate'``."""
+    if "indivisible='replicate'" in message:
+        return f"{message} (on the command line: --mesh-indivisible replicate)"
+    return message
+
+
+def _on_mesh(what: str, build: Callable[[], Any]) -> Any:
+    """``build()``, its ``ValueError`` prefixed with ``what`` and hinted (``with_hint``)."""
+    try:
+        return build()
+    except ValueError as err:
+        raise ValueError(with_hint(f"Engine: {what} on the mesh: {err}")) from None
+
+
 _PLACED: dict[Any, tuple[Any, Any]] = {}
 _PLACED_LIMIT = 2
 
@@ -97,7 +113,10 @@ class Placement:
     """
 
     def __init__(
-        self, mesh: Mesh, rules: Mapping[str, Any] = sharding.DEFAULT_RULES, indivisible="error"
+        self,
+        mesh: Mesh,
+        rules: Mapping[str, Any] = sharding.DEFAULT_RULES,
+        indivisible: str = "error",
     ):
         # The spec of a scalar checks the mesh (AxisType.Auto), the rules and the policy.
         sharding.logical_spec("mesh", (), (), mesh, rules, indivisible=indivisible)
@@ -123,8 +142,11 @@ class Placement:
         if isinstance(config, Gemma3Config):
             placed = jax.device_put(params, self.replicated)
         else:
-            placed = sharding.shard_params(
-                params, self.mesh, self.rules, config=config, indivisible=self.indivisible
+            placed = _on_mesh(
+                "the weights",
+                lambda: sharding.shard_params(
+                    params, self.mesh, self.rules, config=config, indivisible=self.indivisible
+                ),
             )
         if len(_PLACED) >= _PLACED_LIMIT:
             _PLACED.pop(next(iter(_PLACED)))
@@ -135,9 +157,7 @@ class Placement:
         """The cache ``build()`` returns, built directly in its shards (nothing is built whole
         on one device)."""
         shapes = jax.eval_shape(build)
-        shardings = sharding.cache_shardings(
-            shapes, self.mesh, self.rules, indivisible=self.indivisible
-        )
+        shardings = _on_mesh("the cache", lambda: self.cache_shardings(shapes))
         return jax.jit(build, out_shardings=shardings)()
 
     def cache_shardings(self, cache: Any) -> Any:
@@ -146,8 +166,11 @@ class Placement:
 
     def per_device_bytes(self, cache_or_metadata: Any) -> int:
         """``sharding.per_device_cache_bytes`` under this placement."""
-        return sharding.per_device_cache_bytes(
-            cache_or_metadata, self.mesh, self.rules, indivisible=self.indivisible
+        return _on_mesh(
+            "the cache",
+            lambda: sharding.per_device_cache_bytes(
+                cache_or_metadata, self.mesh, self.rules, indivisible=self.indivisible
+            ),
         )
 
     def host(self, tree: Any) -> Any:
@@ -167,4 +190,4 @@ class Placement:
         return jitted(cache, *args)
 
 
-__all__ = ["MESH_AXES", "Placement", "command_mesh", "make_mesh", "mesh_size"]
+__all__ = ["MESH_AXES", "Placement", "command_mesh", "make_mesh", "mesh_size", "with_hint"]
