@@ -20,7 +20,15 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxkv.engine import HybridModel, Model, SamplingParams, generate
+from jaxkv.engine import (
+    CacheConfig,
+    HybridModel,
+    Model,
+    SamplingParams,
+    SchedulerConfig,
+    generate,
+)
+from jaxkv.engine.backends import make_backend
 from jaxkv.engine.generate import generate_engine
 from jaxkv.engine.placement import make_mesh
 from jaxkv.engine.step import compiled_forward, forward_step
@@ -62,9 +70,11 @@ def tokens_of(outputs) -> tuple[tuple[int, ...], ...]:
 
 
 def assert_placed(engine) -> None:
-    """Every cache array carries the sharding ``jaxkv.sharding`` declares for it."""
-    cache = engine.backend.cache
-    declared = engine.placement.cache_shardings(cache)
+    """Every cache array of an engine's (or a backend's) cache carries the sharding
+    ``jaxkv.sharding`` declares for it."""
+    backend = getattr(engine, "backend", engine)
+    cache = backend.cache
+    declared = backend.placement.cache_shardings(cache)
     pairs = zip(jax.tree_util.tree_leaves(cache), jax.tree_util.tree_leaves(declared), strict=True)
     for leaf, want in pairs:
         assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (leaf.sharding, want)
@@ -188,3 +198,19 @@ def test_hybrid_stack_on_a_2x4_mesh_generates_the_single_device_tokens():
     got = tokens_of(engine.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS)))
     assert got == tuple(tuple(g.token_ids) for g in want.generations)
     assert_placed(engine)
+
+
+def test_the_default_pool_is_sized_by_what_one_device_holds_of_a_page():
+    """4 KV heads over tensor=4: each device holds a quarter of every page, so a memory budget
+    of 40 pages buys the mesh 160 (capped at what 2 rows of 1,024 tokens need: 2 x 65)."""
+    model = tiny()
+    engine = on_mesh("tiny", "paged", "error")
+    page = engine.backend.metadata.bytes_per_page()
+    config = CacheConfig(kind="paged", memory_bytes=40 * page)
+    scheduler = SchedulerConfig(max_num_seqs=2, max_model_len=1024)
+    one = make_backend(model, config, scheduler, 1024)
+    split = make_backend(model, config, scheduler, 1024, 0, engine.placement)
+    assert one.manager.num_pages == 65  # at least one sequence and a copy-on-write page
+    assert split.manager.num_pages == 130
+    assert engine.placement.per_device_bytes(split.metadata) == 130 * page // 4
+    assert_placed(split)
