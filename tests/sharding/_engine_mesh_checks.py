@@ -6,7 +6,8 @@ greedy tokens it generates on one device (its 9 heads and 3 KV heads do not divi
 devices: they are replicated by the explicit ``indivisible="replicate"``, while its MLP and the
 contiguous rows are split); a small Llama whose heads divide runs fully split and its decode step
 gathers no cache array; every cache array keeps its declared sharding through steps and row
-operations; ``jaxkv generate --mesh`` prints the single-device tokens.
+operations; ``jaxkv generate --mesh`` prints the single-device tokens and ``jaxkv serve
+--mesh`` completes a prompt as one device does.
 """
 
 from __future__ import annotations
@@ -214,3 +215,49 @@ def test_the_default_pool_is_sized_by_what_one_device_holds_of_a_page():
     assert split.manager.num_pages == 130
     assert engine.placement.per_device_bytes(split.metadata) == 130 * page // 4
     assert_placed(split)
+
+
+def test_serve_on_a_2x4_mesh_completes_as_one_device_does(monkeypatch):
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from jaxkv.cli import main
+    from jaxkv.engine import Engine
+
+    model = tiny()
+    scheduler = SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=32, max_model_len=128)
+    single = Engine(model, CacheConfig(kind="paged"), scheduler)
+    want = single.generate(["A cache is"], SamplingParams(max_tokens=6, ignore_eos=True))
+    assert len(want[0].outputs[0].token_ids) == 6
+    monkeypatch.setattr(Model, "load", classmethod(lambda cls, path=None, dtype="float32": model))
+    servers: list[uvicorn.Server] = []
+
+    class Recorded(uvicorn.Server):
+        def __init__(self, config):
+            super().__init__(config)
+            servers.append(self)
+
+    monkeypatch.setattr(uvicorn, "Server", Recorded)
+    argv = ["serve", "--mesh", "data=2,tensor=4", "--port", "0", "--max-num-seqs", "2"]
+    argv += ["--max-num-batched-tokens", "32", "--max-model-len", "128"]
+    status: list[int] = []
+    thread = threading.Thread(target=lambda: status.append(main(argv)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not (servers and servers[0].started):
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    server = servers[0]
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        body = {"prompt": "A cache is", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == want[0].outputs[0].text
+    finally:
+        server.should_exit = True
+        thread.join(60)
+    assert status == [0]

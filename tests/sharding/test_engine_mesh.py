@@ -122,7 +122,7 @@ def test_engine_generate_and_cli_on_8_devices():
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"the 8-device engine checks failed:\n{output}"
-    assert "7 passed" in output and "failed" not in output, output
+    assert "8 passed" in output and "failed" not in output, output
 
 
 def test_serve_refuses_a_mesh_over_several_processes(capsys, no_loading, monkeypatch):
