@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "pages": {"_sizes"},
     "models": {"_sizes", "_validation", "abstracts", "caches", "errors", "kv", "ops", "sharding"},
     "io": {"_sizes", "_validation", "abstracts", "caches", "errors", "models"},
-    "memory": {"_sizes", "caches", "models", "quantization"},
+    "memory": {"_sizes", "caches", "models", "quantization", "sharding"},
     "engine": {
         "_sizes",
         "compilation",
@@ -47,6 +47,7 @@ ALLOWED: dict[str, set[str]] = {
         "pages",
         "quantization",
         "sharding",
+        "_arguments",
     },
     "serve": {"_arguments", "_validation", "engine", "errors", "io", "pages"},
     "bench": {"_arguments", "engine", "io"},

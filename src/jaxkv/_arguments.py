@@ -72,3 +72,68 @@ def add_speculative_arguments(parser: argparse.ArgumentParser | argparse._Argume
         default=None,
         help="with --speculative draft: a GGUF file or a bundled model name",
     )
+
+
+class UsageError(ValueError):
+    """A usage error found after parsing, before anything is loaded (e.g. a ``--mesh`` whose
+    size is not the number of devices): the command exits with status 2."""
+
+
+MESH_AXES = ("data", "tensor")
+"""The axes ``--mesh`` may name: rows split over ``data``, heads over ``tensor``."""
+
+
+def parse_mesh_spec(text: str) -> tuple[tuple[str, int], ...]:
+    """``"data=2,tensor=4"`` as ``(("data", 2), ("tensor", 4))``: each axis of ``MESH_AXES`` at
+    most once, with a positive integer size.
+
+    Raises:
+        ValueError: a malformed entry, an unknown or repeated axis, a size that is not a
+            positive integer.
+    """
+    example = "e.g. 'data=2,tensor=4'"
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"expected name=size,... ({example}), got {text!r:.40}")
+    axes: dict[str, int] = {}
+    for entry in text.split(","):
+        name, equals, size = (part.strip() for part in entry.partition("="))
+        if not equals or not name:
+            raise ValueError(
+                f"expected name=size entries separated by commas ({example}), got "
+                f"{entry.strip()!r:.40} in {text!r:.60}"
+            )
+        if name not in MESH_AXES:
+            raise ValueError(f"unknown mesh axis {name!r:.40}; expected one of {MESH_AXES}")
+        if name in axes:
+            raise ValueError(f"mesh axis {name!r} is given twice in {text!r:.60}")
+        if not size.isdigit() or not 1 <= int(size) <= MAX_SIZE:
+            raise ValueError(f"mesh axis {name!r} needs a positive integer size, got {size!r:.40}")
+        axes[name] = int(size)
+    return tuple(axes.items())
+
+
+def mesh_spec(text: str) -> tuple[tuple[str, int], ...]:
+    """An argparse ``type=`` for ``--mesh`` (``parse_mesh_spec``)."""
+    try:
+        return parse_mesh_spec(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_mesh_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--mesh`` and ``--mesh-indivisible`` (run on a device mesh)."""
+    parser.add_argument(
+        "--mesh",
+        type=mesh_spec,
+        default=None,
+        metavar="NAME=SIZE,...",
+        help="run on a device mesh, e.g. data=2,tensor=4 (rows over data, heads over tensor; "
+        "the sizes multiply to the number of devices; default: one device)",
+    )
+    parser.add_argument(
+        "--mesh-indivisible",
+        default="error",
+        choices=("error", "replicate"),
+        help="with --mesh, a size that does not divide over its axis (SmolLM2's 3 KV heads on "
+        "tensor=4): refuse it, or hold it whole on every device",
+    )

@@ -1,11 +1,18 @@
 """KV-cache memory of a model per cache type and storage codec, as printed by ``jaxkv info``:
 for a Llama-architecture model, contiguous against paged; for Gemma 3, its sliding-window rings
-and global layers against a cache that kept every layer global."""
+and global layers against a cache that kept every layer global; on a device mesh, what each
+device holds (``kv_mesh_table``)."""
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from jaxkv import sharding
 from jaxkv._sizes import ceil_div
 from jaxkv.caches import PagedCacheMetadata, TransformerCacheMetadata
 from jaxkv.models.config import LlamaConfig
@@ -94,4 +101,88 @@ def gemma3_memory_table(config: Gemma3Config, length: int) -> str:
                 f"  {count:>8,} {label:<10} {_mib(ringed):>14} {_mib(flat):>14} "
                 f"{ringed / flat:>6.2f}x"
             )
+    return "\n".join(lines)
+
+
+def sizing_mesh(axes: tuple[tuple[str, int], ...]) -> Mesh:
+    """A mesh of ``axes`` (``(("data", 2), ("tensor", 4))``) for sizing only: every position
+    holds this machine's first device, so caches can be sized for a mesh larger than the
+    machine (``jaxkv.sharding`` reads only the mesh's shape); never run anything on it."""
+    names = tuple(name for name, _ in axes)
+    shape = tuple(size for _, size in axes)
+    devices = np.full(shape, jax.devices()[0], dtype=object)
+    return Mesh(devices, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def _split_note(metadata: Any, mesh: Mesh) -> list[str]:
+    """What of ``metadata``'s cache does not divide over ``mesh`` (held whole on every device
+    under ``indivisible="replicate"``), one line each, or nothing."""
+    try:
+        sharding.per_device_cache_bytes(metadata, mesh)
+    except ValueError as err:
+        message = str(err).split(": ", 1)[-1].split("; pass", 1)[0]
+        return [message]
+    return []
+
+
+def kv_mesh_rows(
+    config: LlamaConfig, length: int, num_seqs: int, mesh: Mesh, page_size: int = 16
+) -> tuple[list[tuple[str, int, int]], int, int, list[str]]:
+    """KV-cache bytes of ``num_seqs`` sequences of ``length`` tokens on ``mesh``, in all and on
+    each device, as ``jaxkv.sharding`` lays them out (``DEFAULT_RULES``; a size that does not
+    divide is replicated, as ``indivisible="replicate"`` does).
+
+    Returns:
+        ``(rows, page_bytes, page_bytes_per_device, notes)``: rows ``(cache type, total bytes,
+        bytes per device)`` per storage for a contiguous cache of ``num_seqs`` rows and a paged
+        pool holding them all; one page's bytes in all and per device (a pool's default size
+        divides the memory budget by the latter); the sizes that do not divide.
+    """
+    rows = []
+    notes: list[str] = []
+    pages = ceil_div(length, page_size)
+    page_bytes = page_bytes_device = 0
+    for label, kwargs in _storages():
+        contiguous = TransformerCacheMetadata.create(
+            num_seqs, length, config.num_layers, config.num_kv_heads, config.head_dim, **kwargs
+        )
+        paged = PagedCacheMetadata.create(
+            config.num_layers,
+            pages * num_seqs,
+            page_size,
+            config.num_kv_heads,
+            config.head_dim,
+            num_seqs,
+            pages,
+            **kwargs,
+        )
+        for kind, metadata in (("contiguous", contiguous), ("paged", paged)):
+            per_device = sharding.per_device_cache_bytes(metadata, mesh, indivisible="replicate")
+            rows.append((f"{kind} {label}", metadata.bytes_total(), per_device))
+            notes += [note for note in _split_note(metadata, mesh) if note not in notes]
+        if label == "float32":
+            page_bytes = paged.bytes_per_page()
+            page_bytes_device = ceil_div(
+                sharding.per_device_cache_bytes(paged, mesh, indivisible="replicate"),
+                paged.num_pages,
+            )
+    return rows, page_bytes, page_bytes_device, notes
+
+
+def kv_mesh_table(
+    config: LlamaConfig, length: int, num_seqs: int, mesh: Mesh, page_size: int = 16
+) -> str:
+    """A plain-text table of ``kv_mesh_rows``."""
+    rows, page_bytes, page_device, notes = kv_mesh_rows(config, length, num_seqs, mesh, page_size)
+    lines = [f"  {'cache':<24} {'in all':>16} {'per device':>16} {'share':>7}"]
+    for name, total, per_device in rows:
+        lines.append(
+            f"  {name:<24} {_mib(total):>16} {_mib(per_device):>16} {per_device / total:>7.3f}"
+        )
+    lines.append(
+        f"  one float32 page: {page_bytes:,} bytes in all, {page_device:,} per device (the "
+        f"default pool divides its memory budget by the latter)"
+    )
+    for note in notes:
+        lines.append(f"  held whole on every device (--mesh-indivisible replicate): {note}")
     return "\n".join(lines)

@@ -8,6 +8,8 @@ traceback (``--debug`` prints the traceback instead):
 
 * usage errors (an unknown option, ``--page-size 0``, ``--top-p 2``, a prompt that is not valid
   UTF-8 ...) are caught while parsing, before any model is loaded, and exit with status 2;
+* a ``--mesh`` that does not match the devices is a usage error too (status 2), found once JAX
+  counts the devices, still before any model is loaded;
 * runtime errors (an unreadable model, a prompt too long for the context, a missing optional
   package ...) exit with status 1.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from jaxkv._arguments import UsageError
 from jaxkv.cli import _common
 from jaxkv.cli import chat as _chat
 from jaxkv.cli import generate as _generate
@@ -106,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _common.EXIT_USAGE
     try:
         return _HANDLERS[args.command](args)
+    except UsageError as error:
+        print(f"jaxkv {args.command}: error: {error}", file=sys.stderr)
+        return _common.EXIT_USAGE
     except KeyboardInterrupt:
         print(f"\njaxkv {args.command}: interrupted", file=sys.stderr)
         return _common.EXIT_INTERRUPTED

@@ -16,7 +16,7 @@ import sys
 import warnings
 from typing import Any
 
-from jaxkv._arguments import add_speculative_arguments, integer
+from jaxkv._arguments import add_mesh_arguments, add_speculative_arguments, integer
 from jaxkv.cli import _common
 
 DEFAULT_PROMPT = "Write a haiku about caches."
@@ -68,6 +68,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     _common.add_model_arguments(parser)
     add_speculative_arguments(parser)
+    add_mesh_arguments(parser)
     _common.add_sampling_arguments(parser, 128)
     _common.add_common_arguments(parser)
     return parser
@@ -138,12 +139,14 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from jaxkv.engine import PromptCacheWarning, speculative_config
+    from jaxkv.engine.placement import command_mesh
 
     prompts = prompts_of(args)
     if args.prompt_cache is not None and len(prompts) != 1:
         raise ValueError(
             f"--prompt-cache: the prompt cache holds one prompt, got {len(prompts)} prompts"
         )
+    mesh = command_mesh(args.mesh)  # a mesh that does not fit the devices: before loading
     model = _common.load(args)
     speculative = speculative_config(
         args.speculative, args.num_draft, args.draft_model, dtype=args.dtype
@@ -169,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
                 shown(message, category, filename, lineno, file, line)
 
         warnings.showwarning = show
-        result = _generate(args, model, inputs, stream if streaming else None, speculative)
+        result = _generate(args, model, inputs, stream if streaming else None, speculative, mesh)
     if streaming:
         sys.stdout.write("\n")
     elif args.json:
@@ -181,10 +184,9 @@ def run(args: argparse.Namespace) -> int:
             print(generation.text)
     sys.stdout.flush()
     codec = "" if args.kv_quantization == "none" else f", {args.kv_quantization} KV"
-    _common.note(
-        args,
-        f"jaxkv: {args.cache} cache{codec}, {len(prompts)} prompt{'s' if len(prompts) > 1 else ''}",
-    )
+    where = "" if mesh is None else f", mesh {_mesh_name(mesh)}"
+    plural = "s" if len(prompts) > 1 else ""
+    _common.note(args, f"jaxkv: {args.cache} cache{codec}{where}, {len(prompts)} prompt{plural}")
     if args.prompt_cache is not None:
         _common.note(
             args,
@@ -199,6 +201,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mesh_name(mesh: Any) -> str:
+    return "x".join(f"{name}={size}" for name, size in mesh.shape.items())
+
+
 def speculation_summary(method: str, stats: Any) -> str:
     """One line on how well the drafts did."""
     drafts = stats.num_draft_tokens
@@ -211,7 +217,12 @@ def speculation_summary(method: str, stats: Any) -> str:
 
 
 def _generate(
-    args: argparse.Namespace, model: Any, inputs: list[Any], on_text: Any, speculative: Any
+    args: argparse.Namespace,
+    model: Any,
+    inputs: list[Any],
+    on_text: Any,
+    speculative: Any,
+    mesh: Any,
 ) -> Any:
     from jaxkv.engine import generate
 
@@ -232,6 +243,8 @@ def _generate(
         warmup=False,  # the first token before the decode step is compiled
         prompt_cache=args.prompt_cache,
         speculative=speculative,
+        mesh=mesh,
+        indivisible=args.mesh_indivisible,
     )
 
 

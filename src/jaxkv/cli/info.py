@@ -1,11 +1,13 @@
-"""``jaxkv info``: a model's config and the KV-cache memory of a sequence per cache layout."""
+"""``jaxkv info``: a model's config and the KV-cache memory of a sequence per cache layout; with
+``--mesh``, what each device of that mesh holds of a batch of sequences (sized from the shapes
+alone: the mesh need not exist on this machine)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from jaxkv._arguments import integer
+from jaxkv._arguments import integer, mesh_spec
 from jaxkv.cli import _common
 
 
@@ -25,6 +27,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="sequence length to size for (default: the model's context)",
     )
     parser.add_argument("--page-size", type=integer(1), default=16, help="tokens per page")
+    parser.add_argument(
+        "--mesh",
+        type=mesh_spec,
+        default=None,
+        metavar="NAME=SIZE,...",
+        help="also size the cache per device of this mesh, e.g. data=2,tensor=4",
+    )
+    parser.add_argument(
+        "--num-seqs",
+        type=integer(1, 1024),
+        default=8,
+        help="with --mesh: sequences (cache rows) to size for",
+    )
     _common.add_common_arguments(parser)
     return parser
 
@@ -46,6 +61,16 @@ def run(args: argparse.Namespace) -> int:
     length = args.max_length or config.max_position_embeddings
     print(f"\nKV cache memory (sequence of {length} tokens, page size {args.page_size}):")
     print(kv_memory_table(config, length, args.page_size))
+    if args.mesh is not None:
+        from jaxkv.memory import kv_mesh_table, sizing_mesh
+
+        mesh = sizing_mesh(args.mesh)
+        shape = ", ".join(f"{name}={size}" for name, size in args.mesh)
+        print(
+            f"\nKV cache memory on a mesh of {shape} ({args.num_seqs} sequences of {length} "
+            f"tokens; rows over data, KV heads over tensor, page pools replicated over data):"
+        )
+        print(kv_mesh_table(config, length, args.num_seqs, mesh, args.page_size))
     return 0
 
 

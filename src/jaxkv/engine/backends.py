@@ -8,6 +8,11 @@ a *verification* step (speculative decoding: every row decodes its last token an
 the logits of every new token instead, and ``rollback`` then forgets the rejected drafts.
 Every step shape comes from a small fixed set (``shapes()``), so a workload compiles a bounded
 number of functions, all of them before the first token when the engine warms up.
+
+Given a ``Placement`` (``jaxkv.engine.placement``: an engine on a device mesh), a backend builds
+its cache in its shards, sizes the default page pool by what one device holds of a page,
+replicates each step's host inputs and keeps the cache's shardings through every step and row
+operation.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 from jaxkv._sizes import ceil_div, next_power_of_two
 from jaxkv.caches.paged import PagedCache, PagedCacheMetadata
 from jaxkv.engine.model import Model
+from jaxkv.engine.placement import Placement
 from jaxkv.engine.prefix_store import PrefixDirectory, RowPrefix, prefix_fingerprint
 from jaxkv.engine.requests import CacheConfig, SchedulerConfig
 from jaxkv.engine.step import compiled_forward
@@ -72,9 +78,11 @@ class PagedBackend:
         scheduler: SchedulerConfig,
         max_model_len: int,
         verify_width: int = 0,
+        placement: Placement | None = None,
     ):
         config = model.config
         self.model = model
+        self.placement = placement
         self.rows = scheduler.max_num_seqs
         self.budget = scheduler.max_num_batched_tokens
         self.max_row_tokens = self.budget
@@ -96,7 +104,7 @@ class PagedBackend:
         if num_pages is None:
             # Every row's longest sequence, plus a copy-on-write page per row, within budget.
             worst = self.rows * (max_pages_per_seq + 1)
-            affordable = cache.memory_bytes // probe.bytes_per_page()
+            affordable = cache.memory_bytes // self._page_bytes(probe)
             num_pages = max(min(worst, affordable), max_pages_per_seq + 1)
         if num_pages < max_pages_per_seq:
             raise ValueError(
@@ -111,7 +119,10 @@ class PagedBackend:
         self.mixed = mixed_buckets(scheduler, self.rows)
         self.verify_width = verify_width
         verify = [b * verify_width for b in self.decode_buckets] if verify_width else []
-        self.cache = PagedCache.init_cache(self.metadata)
+        if placement is None:
+            self.cache = PagedCache.init_cache(self.metadata)
+        else:
+            self.cache = placement.build_cache(lambda: PagedCache.init_cache(self.metadata))
         self.page_size = page_size
         self.prefix_caching = cache.enable_prefix_caching
         self._fingerprint = None
@@ -169,6 +180,14 @@ class PagedBackend:
             return 0
         self.spill_evictions()
         return self.directory.spill(self.cache, self.manager.cached_pages())
+
+    def _page_bytes(self, metadata: PagedCacheMetadata) -> int:
+        """Bytes of one page (every layer's keys, values and scales) on one device: all of it
+        on one device; on a mesh, the part of it each device holds (a pool split over
+        ``"tensor"`` by KV heads holds ``1 / tensor`` of each page per device)."""
+        if self.placement is None:
+            return metadata.bytes_per_page()
+        return ceil_div(self.placement.per_device_bytes(metadata), metadata.num_pages)
 
     # -- sequences -------------------------------------------------------------------------
 
@@ -242,7 +261,10 @@ class PagedBackend:
             starts = np.asarray(runtime.query_start_loc)
             counts = np.diff(starts)
             indices = jnp.asarray(verify_indices(starts[:-1], counts, logits_per_row).reshape(-1))
-        return (self.model.params, self.cache, runtime.token_ids, runtime, indices)
+        host = (runtime.token_ids, runtime, indices)
+        if self.placement is not None:
+            host = self.placement.host(host)
+        return (self.model.params, self.cache, *host)
 
     def run(
         self, plan: Plan, on_compile: Callable[[float], None], verify: bool = False
@@ -260,7 +282,9 @@ class PagedBackend:
                 step, num_tokens=tokens, max_query_len=width, prefill_rows=self._split(shape)
             )
             args = self._inputs(runtime, logits_per_row)
-            compiled, seconds = compiled_forward(self.model.config, *args)
+            compiled, seconds = compiled_forward(
+                self.model.config, *args, keep_cache_sharding=self.placement is not None
+            )
             if seconds:
                 on_compile(seconds)
             logits, self.cache = compiled(*args)
@@ -290,7 +314,9 @@ class PagedBackend:
         # ones) without touching a page.
         runtime = runtime.replace(slot_mapping=jnp.full_like(runtime.slot_mapping, -1))
         args = self._inputs(runtime, logits_per_row)
-        compiled, spent = compiled_forward(self.model.config, *args)
+        compiled, spent = compiled_forward(
+            self.model.config, *args, keep_cache_sharding=self.placement is not None
+        )
         logits, self.cache = compiled(*args)
         logits.block_until_ready()
         return spent
@@ -304,6 +330,11 @@ def _reset_rows(cache: Any, mask: jax.Array) -> Any:
 @jax.jit
 def _copy_rows(cache: Any, indices: jax.Array) -> Any:
     return cache.reorder(indices)
+
+
+@jax.jit
+def _insert_row(cache: Any, row: Any, slot: jax.Array) -> Any:
+    return cache.insert(row, slot)
 
 
 @jax.jit
@@ -332,8 +363,10 @@ class ContiguousBackend:
         scheduler: SchedulerConfig,
         max_model_len: int,
         verify_width: int = 0,
+        placement: Placement | None = None,
     ):
         self.model = model
+        self.placement = placement
         self.rows = scheduler.max_num_seqs
         self.verify_width = verify_width
         self.budget = scheduler.max_num_batched_tokens
@@ -346,9 +379,13 @@ class ContiguousBackend:
         # A verification step writes a row's drafts; rings and recurrent layers keep enough
         # spare slots and state checkpoints to forget all of them.
         self.rollback_depth = max(verify_width - 1, 0)
-        self.cache = model.contiguous_cache(
-            self.rows, max_model_len, cache.kv_quantization, rollback_depth=self.rollback_depth
-        )
+
+        def build() -> Any:
+            return model.contiguous_cache(
+                self.rows, max_model_len, cache.kv_quantization, rollback_depth=self.rollback_depth
+            )
+
+        self.cache = build() if placement is None else placement.build_cache(build)
         self.max_model_len = max_model_len
         self.kv_quantization = cache.kv_quantization
         self.page_size = 0
@@ -396,7 +433,7 @@ class ContiguousBackend:
             self.to_reset.add(slot)
             return 0
         self._flush()
-        self.cache = self.cache.insert(row, slot)
+        self.cache = self._rows(_insert_row, row, np.int32(slot))
         return cached
 
     def release(self, seq: Any) -> None:
@@ -413,7 +450,7 @@ class ContiguousBackend:
         self._flush()
         indices = np.arange(self.rows, dtype=np.int32)
         indices[slot] = self.slot_of[parent.seq_id]
-        self.cache = _copy_rows(self.cache, jnp.asarray(indices))
+        self.cache = self._rows(_copy_rows, indices)
 
     def append(self, seq: Any, token: int) -> None:
         pass
@@ -437,15 +474,24 @@ class ContiguousBackend:
         if self.to_reset:
             mask = np.zeros((self.rows,), bool)
             mask[list(self.to_reset)] = True
-            self.cache = _reset_rows(self.cache, jnp.asarray(mask))
+            self.cache = self._rows(_reset_rows, mask)
             self.to_reset.clear()
         if self.to_truncate:
             rows = np.zeros((self.rows,), bool)
             lengths = np.zeros((self.rows,), np.int32)
             for slot, length in self.to_truncate.items():
                 rows[slot], lengths[slot] = True, length
-            self.cache = _truncate_rows(self.cache, jnp.asarray(rows), jnp.asarray(lengths))
+            self.cache = self._rows(_truncate_rows, rows, lengths)
             self.to_truncate.clear()
+
+    def _rows(self, operation: Any, *arguments: np.ndarray) -> Any:
+        """The cache after a jitted row operation (``_reset_rows``, ``_copy_rows`` or
+        ``_truncate_rows``) with ``arguments: [rows]`` each; on a mesh, each array stays where
+        it was."""
+        if self.placement is None:
+            return operation(self.cache, *arguments)
+        arguments = tuple(self.placement.host(a) for a in arguments)
+        return self.placement.keeping(operation.__wrapped__, self.cache, *arguments)
 
     def shapes(self) -> list[Shape]:
         width = self.verify_width
@@ -463,7 +509,10 @@ class ContiguousBackend:
             indices = jnp.asarray(verify_indices(starts, counts, tokens.shape[1]))
         else:
             indices = jnp.asarray(np.maximum(counts - 1, 0))
-        return (self.model.params, self.cache, jnp.asarray(tokens), runtime, indices)
+        host = (jnp.asarray(tokens), runtime, indices)
+        if self.placement is not None:
+            host = self.placement.host(host)
+        return (self.model.params, self.cache, *host)
 
     def run(
         self, plan: Plan, on_compile: Callable[[float], None], verify: bool = False
@@ -501,7 +550,12 @@ class ContiguousBackend:
         return spent
 
     def _compiled(self, args: tuple[Any, ...]) -> tuple[Any, float]:
-        return compiled_forward(self.model.config, *args, step=self.model.step_function)
+        return compiled_forward(
+            self.model.config,
+            *args,
+            step=self.model.step_function,
+            keep_cache_sharding=self.placement is not None,
+        )
 
 
 def make_backend(
@@ -510,8 +564,9 @@ def make_backend(
     scheduler: SchedulerConfig,
     max_model_len: int,
     verify_width: int = 0,
+    placement: Placement | None = None,
 ) -> PagedBackend | ContiguousBackend:
     """The backend ``cache.kind`` names; ``verify_width > 0`` adds verification steps of that
-    many tokens per row (speculative decoding)."""
+    many tokens per row (speculative decoding); ``placement`` puts it on a device mesh."""
     backend = PagedBackend if cache.kind == "paged" else ContiguousBackend
-    return backend(model, cache, scheduler, max_model_len, verify_width)
+    return backend(model, cache, scheduler, max_model_len, verify_width, placement)

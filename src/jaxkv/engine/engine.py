@@ -24,6 +24,13 @@ tokens its drafter proposes, keeps those the model agrees with and one token of 
 rolls the rest back. The output is the output of plain decoding (greedy, or sampled with the
 same seed), in fewer steps when the drafts are good.
 
+With ``mesh=...`` (a ``jax.sharding.Mesh`` of ``AxisType.Auto`` axes ``"data"`` and/or
+``"tensor"``, e.g. ``jaxkv.engine.placement.make_mesh("data=2,tensor=4")``), the engine runs on
+every device of the mesh (``jaxkv.engine.placement``): the weights are split for tensor
+parallelism, the cache is built in its shards (contiguous rows over ``"data"``, KV heads over
+``"tensor"``; a page pool by KV heads only) and stays there through every step. The output is
+the single-device output (greedy tokens alike; logits up to float rounding).
+
 Step shapes come from a fixed, small set (see ``jaxkv.engine.backends``); ``warmup()`` compiles
 them all, so nothing compiles once tokens flow. Sampling runs in its own jitted function
 (``jaxkv.engine.sampler``) with per-row settings.
@@ -32,7 +39,9 @@ them all, so nothing compiles once tokens flow. Sampling runs in its own jitted 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
+import math
 import os
 import secrets
 import time
@@ -43,11 +52,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkv import sharding
 from jaxkv.compilation import enable_compilation_cache
 from jaxkv.engine.backends import make_backend
 from jaxkv.engine.draft_model import make_drafter
 from jaxkv.engine.model import ENGINE_MODELS, Model
 from jaxkv.engine.outputs import RowProgress
+from jaxkv.engine.placement import Placement, with_hint
 from jaxkv.engine.prefix_store import (
     PrefixFile,
     directory_stats,
@@ -146,7 +157,17 @@ class Engine:
         model: from ``Model.load`` (or ``Model.tiny``).
         cache_config: the cache (paged by default).
         scheduler_config: the step budget and limits.
-        speculative: speculative decoding (off by default).
+        speculative: speculative decoding (off by default; a draft model runs on one device).
+        mesh: run on this device mesh (``AxisType.Auto`` axes; ``None``: one device).
+        sharding_rules: logical axis -> mesh axis (default ``jaxkv.sharding.DEFAULT_RULES``);
+            only with ``mesh``.
+        indivisible: what a size that does not divide over its mesh axes gets (SmolLM2's 9
+            heads and 3 KV heads on ``tensor=2/4/8``; ``max_num_seqs`` rows of a contiguous
+            cache on ``"data"``): ``"error"`` (the default: refused with a ``ValueError``
+            naming the array, the size and the axis, so nothing is replicated unasked) or
+            ``"replicate"`` (that dimension is held whole on every device: correct, but it
+            saves no memory and splits no work). ``jaxkv generate/serve --mesh-indivisible``
+            passes the choice through.
     """
 
     def __init__(
@@ -155,6 +176,10 @@ class Engine:
         cache_config: CacheConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
         speculative: SpeculativeConfig | None = None,
+        *,
+        mesh: Any = None,
+        sharding_rules: Mapping[str, Any] | None = None,
+        indivisible: str = "error",
     ):
         if not isinstance(model, ENGINE_MODELS):
             raise TypeError(
@@ -172,6 +197,12 @@ class Engine:
                     f"Engine: {name} must be a {kind.__name__}, got {type(value).__name__}"
                 )
         enable_compilation_cache()  # a second run of the same shapes compiles nothing
+        self.placement = self._placement(
+            cache_config, scheduler_config, mesh, sharding_rules, indivisible
+        )
+        self.mesh = mesh
+        if self.placement is not None:
+            model = self._place_model(model)
         self.model = model
         self.tokenizer = model.tokenizer
         self.cache_config = cache_config
@@ -198,7 +229,7 @@ class Engine:
             )
         verify_width = 0 if speculative is None else speculative.verify_width
         self.backend = make_backend(
-            model, cache_config, scheduler_config, max_model_len, verify_width
+            model, cache_config, scheduler_config, max_model_len, verify_width, self.placement
         )
         self.eos_ids = model.eos_token_ids
         self._requests: dict[str, _Request] = {}
@@ -210,6 +241,40 @@ class Engine:
         self._counters = collections.Counter()
         self._peak_pages = 0
         self.compile_seconds = 0.0
+
+    @staticmethod
+    def _placement(
+        cache_config: CacheConfig,
+        scheduler_config: SchedulerConfig,
+        mesh: Any,
+        rules: Mapping[str, Any] | None,
+        indivisible: str,
+    ) -> Placement | None:
+        if mesh is None:
+            if rules is not None:
+                raise ValueError("Engine: sharding_rules needs a mesh; got mesh=None")
+            return None
+        if rules is None:
+            rules = sharding.DEFAULT_RULES
+        placement = Placement(mesh, rules, indivisible)  # checks the mesh, rules and policy
+        target = rules.get("batch")
+        axes = () if target is None else (target,) if isinstance(target, str) else target
+        split = math.prod(int(mesh.shape.get(axis, 1)) for axis in axes)
+        rows = scheduler_config.max_num_seqs
+        if cache_config.kind == "contiguous" and rows % split and indivisible == "error":
+            raise ValueError(
+                with_hint(
+                    f"Engine: max_num_seqs={rows} rows do not divide over mesh axes "
+                    f"{tuple(axes)} of size {split}; expected a multiple of {split}, or "
+                    f"indivisible='replicate' to hold every row on every device"
+                )
+            )
+        return placement
+
+    def _place_model(self, model: Any) -> Any:
+        """``model`` with its weights on the mesh (split for tensor parallelism)."""
+        params = self.placement.place_params(model.params, model.config)
+        return dataclasses.replace(model, params=params)
 
     def _check_speculative(self, speculative: SpeculativeConfig | None) -> SpeculativeConfig | None:
         if speculative is None:

@@ -4,7 +4,8 @@ one generation loop of jaxkv.
 
 ``generate`` sizes an engine to its prompts (one row per prompt, a pool or rows that hold every
 prompt with its new tokens, every prompt prefilled in the first step) and warms it up before
-timing anything.
+timing anything. With ``mesh=...`` the engine runs on that device mesh (see
+``jaxkv.engine.engine``), with as many rows as the prompts rounded up to the ``"data"`` axis.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from jaxkv._sizes import ceil_div, next_power_of_two, round_up_bucket
 from jaxkv.engine.engine import Engine
 from jaxkv.engine.model import Model
 from jaxkv.engine.outputs import Generation, GenerationResult
+from jaxkv.engine.placement import mesh_size
 from jaxkv.engine.prefix_store import PrefixFile
 from jaxkv.engine.requests import CacheConfig, SchedulerConfig
 from jaxkv.engine.sampling import SamplingParams
@@ -73,15 +75,20 @@ def generate_engine(
     kv_quantization: str = "none",
     max_batch: int | None = None,
     speculative: SpeculativeConfig | None = None,
+    mesh: Any = None,
+    indivisible: str = "error",
 ) -> Engine:
     """An engine sized for these prompts: one row each (at most ``max_batch``; the others wait
     for a free row), room for every running prompt with ``max_new_tokens`` more, every running
     prompt prefilled in the first step (up to ``_MAX_PREFILL_TOKENS`` tokens). Capacities are
     rounded up to shape buckets (four per doubling: at most a quarter of padding) so that runs
-    of similar sizes share compiled steps."""
+    of similar sizes share compiled steps. On a ``mesh``, contiguous rows are rounded up to a
+    multiple of its ``"data"`` axis (the spare rows stay empty)."""
     rows = len(prompt_ids) if max_batch is None else min(len(prompt_ids), max_batch)
     # Size for the largest prompts that can run together.
     running = sorted(prompt_ids, key=len, reverse=True)[:rows]
+    if mesh is not None and cache == "contiguous":
+        rows = ceil_div(rows, mesh_size(mesh, "data")) * mesh_size(mesh, "data")
     longest = max(len(p) for p in prompt_ids)
     max_model_len = min(round_up_bucket(longest + max_new_tokens, 256), model.context_length)
     if cache == "contiguous":
@@ -110,6 +117,8 @@ def generate_engine(
             prefill_buckets=(budget,),
         ),
         speculative=speculative,
+        mesh=mesh,
+        indivisible=indivisible,
     )
 
 
@@ -134,6 +143,8 @@ def generate(
     warmup: bool = True,
     speculative: SpeculativeConfig | None = None,
     prompt_cache: str | os.PathLike[str] | None = None,
+    mesh: Any = None,
+    indivisible: str = "error",
 ) -> GenerationResult:
     """Generate continuations of a batch of prompts.
 
@@ -171,6 +182,11 @@ def generate(
             (damaged, truncated, another model...) gives a ``PromptCacheWarning`` naming it
             and the reason, and the prompt is prefilled from scratch; the output is the same
             either way.
+        mesh: run on this device mesh (a ``jax.sharding.Mesh`` of ``AxisType.Auto`` axes
+            ``"data"``/``"tensor"``; ``None``: one device); the output is the same.
+        indivisible: with ``mesh``, ``"error"`` (default) refuses a size that does not divide
+            over its mesh axes (SmolLM2's 3 KV heads on ``tensor=4``), ``"replicate"`` holds
+            it whole on every device (see ``Engine``).
 
     Returns:
         A ``GenerationResult`` with one ``Generation`` per prompt and timings (compilation
@@ -211,6 +227,8 @@ def generate(
         kv_quantization=kv_quantization,
         max_batch=max_batch,
         speculative=speculative,
+        mesh=mesh,
+        indivisible=indivisible,
     )
     if warmup:
         engine.warmup(on_progress)
@@ -242,7 +260,7 @@ def generate(
         for p, s in zip(prompt_ids, settings, strict=True)
     ]
     row_of = {request_id: row for row, request_id in enumerate(ids)}
-    first_batch = engine.scheduler_config.max_num_seqs
+    first_batch = min(engine.scheduler_config.max_num_seqs, len(prompt_ids))
     finals: dict[str, object] = {}
     first_tokens: set[str] = set()
     start = time.perf_counter()

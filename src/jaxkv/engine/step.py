@@ -2,7 +2,9 @@
 one index per row) and its ahead-of-time compiled forms, shared by every engine.
 
 Compiling ahead of time (``lower(...).compile()``) keeps compile time out of every measured step
-and lets the engine count and time its compiled shapes."""
+and lets the engine count and time its compiled shapes. On a device mesh the step is compiled
+with the cache's own shardings as the output cache's (``keep_cache_sharding``), so a step never
+leaves the cache gathered or resharded."""
 
 from __future__ import annotations
 
@@ -57,20 +59,40 @@ _COMPILED: dict[Any, Any] = {}
 _LIMIT = 64
 
 
-def _signature(step: Any, config: Any, args: tuple[Any, ...]) -> Any:
+def _signature(step: Any, config: Any, args: tuple[Any, ...], keep: bool) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten(args[1:])  # params are the same for a model
     shapes = tuple((leaf.shape, leaf.dtype) for leaf in leaves)
-    return (step, config, id(args[0]), treedef, shapes)
+    if keep:  # the same shapes on another mesh (or split otherwise) compile anew
+        shapes += tuple(leaf.sharding for leaf in leaves)
+    return (step, config, id(args[0]), treedef, shapes, keep)
 
 
-def compiled_forward(config: Any, *args: Any, step: Any = forward_step) -> tuple[Any, float]:
+def _keeping_cache_sharding(step: Any, cache: Any) -> Any:
+    """``step`` jitted again (same static and donated arguments) with its output cache placed
+    as ``cache`` is."""
+    shardings = jax.tree_util.tree_map(lambda leaf: leaf.sharding, cache)
+    return jax.jit(
+        step.__wrapped__,
+        static_argnames=("config",),
+        donate_argnames=("cache",),
+        out_shardings=(None, shardings),
+    )
+
+
+def compiled_forward(
+    config: Any, *args: Any, step: Any = forward_step, keep_cache_sharding: bool = False
+) -> tuple[Any, float]:
     """``step`` (``forward_step``, ``gemma3_step`` or ``hybrid_step``) compiled ahead of time
-    for these argument shapes, and the seconds spent compiling (0.0 when an earlier call
-    already compiled it)."""
-    signature = _signature(step, config, args)
+    for these arguments ``(params, cache, token_ids, runtime, logits_indices)``, and the seconds
+    spent compiling (0.0 when an earlier call already compiled it). With
+    ``keep_cache_sharding``, the output cache's shardings are the input cache's (a cache placed
+    on a mesh stays where it is; the logits' placement is left to XLA)."""
+    signature = _signature(step, config, args, keep_cache_sharding)
     if signature in _COMPILED:
         return _COMPILED[signature], 0.0
     start = time.perf_counter()
+    if keep_cache_sharding:
+        step = _keeping_cache_sharding(step, args[1])
     compiled = step.lower(*args, config=config).compile()
     if len(_COMPILED) >= _LIMIT:
         _COMPILED.pop(next(iter(_COMPILED)))

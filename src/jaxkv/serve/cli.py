@@ -14,7 +14,7 @@ import socket
 import sys
 from typing import Any
 
-from jaxkv._arguments import add_speculative_arguments, integer
+from jaxkv._arguments import UsageError, add_mesh_arguments, add_speculative_arguments, integer
 
 API_KEY_ENV = "JAXKV_API_KEY"
 """Environment variable read for the API key when ``--api-key`` is not given."""
@@ -79,6 +79,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_prefix_dir_arguments(engine)
     add_speculative_arguments(engine)
+    add_mesh_arguments(engine)
     parser.add_argument(
         "--debug", action="store_true", help="on an error, print the full traceback"
     )
@@ -125,6 +126,23 @@ def _configs(args: argparse.Namespace) -> tuple[Any, Any]:
     return cache, scheduler
 
 
+def _mesh(args: argparse.Namespace, command_mesh: Any) -> Any:
+    """The ``--mesh`` mesh, or None. One process only: an engine's steps must run in lockstep
+    in every process of a multi-host mesh, and requests reach only the process that serves
+    HTTP (forwarding them to the others is not implemented)."""
+    mesh = command_mesh(args.mesh)
+    if mesh is not None:
+        import jax
+
+        if jax.process_count() > 1:
+            raise UsageError(
+                f"argument --mesh: this is one of {jax.process_count()} processes; jaxkv serve "
+                "runs an engine in one process only (requests are not forwarded to the other "
+                "processes of a multi-host mesh)"
+            )
+    return mesh
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port`` (OSError naming both if it cannot bind)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -160,10 +178,12 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from jaxkv.engine import Engine, Model, speculative_config
+    from jaxkv.engine.placement import command_mesh
     from jaxkv.serve.app import create_app
     from jaxkv.serve.async_engine import EngineRunner
 
     cache_config, scheduler_config = _configs(args)
+    mesh = _mesh(args, command_mesh)
     listener = _listen(args.host, args.port)
     try:
         if args.host not in _LOOPBACK_HOSTS and not args.api_key:
@@ -177,7 +197,16 @@ def run(args: argparse.Namespace) -> int:
         )
         if speculative is not None:
             _say(f"speculative decoding: {args.speculative}, {args.num_draft} drafts per step")
-        engine = Engine(model, cache_config, scheduler_config, speculative=speculative)
+        engine = Engine(
+            model,
+            cache_config,
+            scheduler_config,
+            speculative=speculative,
+            mesh=mesh,
+            indivisible=args.mesh_indivisible,
+        )
+        if mesh is not None:
+            _say(f"on a mesh of {dict(mesh.shape)} ({mesh.size} devices)")
         seconds = engine.warmup(progress=_say)
         _say(f"compiled in {seconds:.1f} s; max_model_len={engine.max_model_len}")
         name = args.served_model_name or _model_name(model.path)
