@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-draft", default="4", help="comma-separated draft counts")
     parser.add_argument("--batch", default="1", help="comma-separated batch sizes")
-    parser.add_argument("--ngram-min", type=int, default=1)
+    parser.add_argument("--ngram-min", type=int, default=2)
     parser.add_argument("--ngram-max", type=int, default=3)
     args = parser.parse_args()
 

@@ -44,7 +44,7 @@ def test_prompt_lookup_copies_what_followed_the_latest_match():
 
 def test_prompt_lookup_prefers_a_full_run_of_drafts():
     # The latest match of [5] sits at the end with one follower; the earlier one has four.
-    assert prompt_lookup([5, 6, 7, 8, 9, 5, 5], 4, ngram_max=1) == [6, 7, 8, 9]
+    assert prompt_lookup([5, 6, 7, 8, 9, 5, 5], 4, ngram_max=1, ngram_min=1) == [6, 7, 8, 9]
 
 
 def test_prompt_lookup_without_a_match_proposes_nothing():
@@ -62,7 +62,7 @@ def test_prompt_lookup_without_a_match_proposes_nothing():
     ngram_max=st.integers(1, 4),
 )
 def test_prompt_lookup_drafts_continue_an_earlier_occurrence(tokens, max_drafts, ngram_max):
-    drafts = prompt_lookup(tokens, max_drafts, ngram_max=ngram_max)
+    drafts = prompt_lookup(tokens, max_drafts, ngram_max=ngram_max, ngram_min=1)
     assert len(drafts) <= max_drafts
     if not drafts:
         # No suffix of length 1 occurred earlier (with a follower), or nothing was wanted.
@@ -87,9 +87,11 @@ def test_accepted_length_counts_leading_agreement():
 
 
 def test_ngram_drafter_answers_every_request():
-    drafter = NgramDrafter(ngram_max=2)
+    drafter = NgramDrafter(ngram_max=2, ngram_min=1)
     requests = [DraftRequest("a", [1, 2, 1, 2], 3), DraftRequest("b", [1, 2, 3], 3)]
     assert drafter.propose(requests) == [[1, 2], []]
+    # By default a single repeated token is no match.
+    assert NgramDrafter().propose([DraftRequest("c", [4, 9, 4], 3)]) == [[]]
 
 
 # -- configuration ----------------------------------------------------------------------------

@@ -52,14 +52,16 @@ class SpeculativeConfig:
         num_draft_tokens: most tokens proposed per sequence and step (``k``); a verification
             step computes ``k + 1`` tokens per row.
         ngram_max: longest n-gram prompt lookup matches (it tries the longest first).
-        ngram_min: shortest n-gram it accepts as a match.
+        ngram_min: shortest n-gram it accepts as a match (2: a single repeated token is too
+            weak a hint; on open-ended text its drafts are mostly rejected and the verification
+            steps then cost more than they give).
         draft_model: for ``method="draft"``, a jaxkv ``Model`` with the target's vocabulary.
     """
 
     method: SpeculativeMethod = "ngram"
     num_draft_tokens: int = 4
     ngram_max: int = 3
-    ngram_min: int = 1
+    ngram_min: int = 2
     draft_model: Any = None
 
     def __post_init__(self) -> None:
@@ -109,7 +111,7 @@ class Drafter(abc.ABC):
 
 
 def prompt_lookup(
-    tokens: Sequence[int] | np.ndarray, max_drafts: int, ngram_max: int = 3, ngram_min: int = 1
+    tokens: Sequence[int] | np.ndarray, max_drafts: int, ngram_max: int = 3, ngram_min: int = 2
 ) -> list[int]:
     """Drafts by prompt lookup: for ``n`` from ``ngram_max`` down to ``ngram_min``, find an
     earlier occurrence of the sequence's last ``n`` tokens (the most recent one that ``max_drafts``
@@ -140,7 +142,7 @@ def prompt_lookup(
 class NgramDrafter(Drafter):
     """Prompt lookup (see ``prompt_lookup``): stateless, no model."""
 
-    def __init__(self, ngram_max: int = 3, ngram_min: int = 1):
+    def __init__(self, ngram_max: int = 3, ngram_min: int = 2):
         v.require_int("NgramDrafter", "ngram_min", ngram_min, minimum=1)
         v.require_int("NgramDrafter", "ngram_max", ngram_max, minimum=ngram_min)
         self.ngram_max = ngram_max
