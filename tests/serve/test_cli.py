@@ -80,6 +80,9 @@ def test_usage_errors(argv, capsys):
     [
         (("--kv-quantization", "int3"), "kv_quantization"),
         (("--max-num-seqs", "64", "--max-num-batched-tokens", "32"), "max_num_batched_tokens"),
+        (("--speculative", "draft"), "--draft-model"),
+        (("--draft-model", "d.gguf"), "--speculative draft"),
+        (("--speculative", "ngram", "--num-draft", "8", "--max-num-seqs", "32"), "--num-draft"),
     ],
 )
 def test_bad_settings_fail_before_loading(no_loading, argv, words):
@@ -193,3 +196,22 @@ def test_a_restarted_server_serves_prefixes_from_its_prefix_cache_dir(kit, monke
     assert kit.metric(metrics, "jaxkv_prefix_cache_disk_hits_total") >= 32
     assert kit.metric(metrics, "jaxkv_prefix_cache_dir_files") == len(files)
     assert warm["choices"][0]["text"] == cold["choices"][0]["text"]
+
+
+def test_a_speculative_server_answers_what_a_plain_one_does(kit, monkeypatch):
+    """``--speculative ngram``: the same greedy completion, and verification steps counted on
+    ``/metrics``."""
+    body = {"prompt": "one two three one two three one two", "max_tokens": 16, "temperature": 0}
+    argv = ("--port", "0", "--max-num-seqs", "2", "--max-num-batched-tokens", "32")
+
+    def complete(base):
+        text = httpx.post(f"{base}/v1/completions", json=body).json()["choices"][0]["text"]
+        return text, httpx.get(f"{base}/metrics").text
+
+    plain, _ = _serve_once(kit, monkeypatch, argv, complete)
+    fast, metrics = _serve_once(
+        kit, monkeypatch, (*argv, "--speculative", "ngram", "--num-draft", "3"), complete
+    )
+    assert fast == plain
+    steps = [line for line in metrics.splitlines() if line.startswith("jaxkv_spec_verify_steps")]
+    assert steps and float(steps[0].split()[-1]) > 0, steps

@@ -123,6 +123,18 @@ def _configs(args: argparse.Namespace) -> tuple[Any, Any]:
         max_model_len=args.max_model_len,
         max_waiting=args.max_waiting,
     )
+    if (args.speculative == "draft") != (args.draft_model is not None):
+        raise ValueError(
+            f"--speculative {args.speculative} with --draft-model {args.draft_model!r}: a draft "
+            "model goes with --speculative draft, and --speculative draft needs one"
+        )
+    width = args.num_draft + 1
+    if args.speculative != "none" and args.max_num_seqs * width > args.max_num_batched_tokens:
+        raise ValueError(
+            f"--speculative: a verification step of --max-num-seqs {args.max_num_seqs} rows of "
+            f"--num-draft + 1 = {width} tokens exceeds --max-num-batched-tokens "
+            f"{args.max_num_batched_tokens}; raise it or draft fewer"
+        )
     return cache, scheduler
 
 
