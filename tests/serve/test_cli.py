@@ -107,29 +107,12 @@ def test_importing_the_subcommand_loads_no_server_package():
 
 
 def test_run_serves_the_api(kit, monkeypatch):
-    monkeypatch.setattr(
-        Model, "load", classmethod(lambda cls, path=None, dtype="float32": kit.model)
-    )
-    servers: list[uvicorn.Server] = []
-
-    class Recorded(uvicorn.Server):
-        def __init__(self, config):
-            super().__init__(config)
-            servers.append(self)
-
-    monkeypatch.setattr(uvicorn, "Server", Recorded)
-    args = _parse(
+    argv = (
         "--port", "0", "--api-key", "secret", "--max-num-seqs", "2",
         "--max-num-batched-tokens", "32", "--max-model-len", "128",
     )  # fmt: skip
-    status = []
-    thread = threading.Thread(target=lambda: status.append(cli.run(args)), daemon=True)
-    thread.start()
-    assert kit.wait_until(lambda: servers and servers[0].started, timeout=60)
-    server = servers[0]
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        base = f"http://127.0.0.1:{port}"
+
+    def work(base):
         assert httpx.get(f"{base}/health").status_code == 200
         headers = {"Authorization": "Bearer secret"}
         models = httpx.get(f"{base}/v1/models", headers=headers).json()
@@ -138,10 +121,8 @@ def test_run_serves_the_api(kit, monkeypatch):
         body = {"prompt": "hi", "max_tokens": 3, "temperature": 0}
         result = httpx.post(f"{base}/v1/completions", json=body, headers=headers).json()
         assert result["usage"]["completion_tokens"] >= 1
-    finally:
-        server.should_exit = True
-        thread.join(30)
-    assert status == [0]
+
+    _serve_once(kit, monkeypatch, argv, work)
 
 
 def _serve_once(kit, monkeypatch, argv, work):

@@ -5,10 +5,7 @@ and paged, every cache array stays placed) in a process of their own, one for al
 
 from __future__ import annotations
 
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
@@ -106,23 +103,9 @@ def test_per_device_page_bytes_follow_the_tensor_split():
     assert shares["contiguous float32"] == pytest.approx(1 / 6, rel=1e-3)
 
 
-def test_engine_generate_and_cli_on_8_devices():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(
-        [env.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(CHECKS), "-q", "-s", "-p", "no:cacheprovider"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"the 8-device engine checks failed:\n{output}"
-    assert "8 passed" in output and "failed" not in output, output
+def test_engine_generate_and_cli_on_8_devices(on_8_devices):
+    output = on_8_devices(CHECKS, timeout=900)
+    assert "8 passed" in output, output
 
 
 def test_serve_refuses_a_mesh_over_several_processes(capsys, no_loading, monkeypatch):

@@ -17,6 +17,7 @@ operation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -61,7 +62,20 @@ def mixed_buckets(scheduler: SchedulerConfig, floor: int) -> tuple[int, ...]:
     return tuple(sorted({budget, *((quarter,) if floor < quarter < budget else ())}))
 
 
-class PagedBackend:
+class _Backend:
+    """What both backends share: the fingerprint their caches are saved under."""
+
+    model: Any
+    cache: Any
+
+    @functools.cached_property
+    def fingerprint(self) -> CacheFingerprint:
+        """The fingerprint of this backend's cache on disk (prefix files, saved prompts): the
+        model, tokenizer, layout, dtype, codec and page size; computed once."""
+        return prefix_fingerprint(self.model, self.cache)
+
+
+class PagedBackend(_Backend):
     """Sequences in one page pool; ``manager`` is the host truth about it.
 
     Step shapes: decode steps pack ``max_num_seqs`` tokens (or a quarter of that, when few
@@ -125,7 +139,6 @@ class PagedBackend:
             self.cache = placement.build_cache(lambda: PagedCache.init_cache(self.metadata))
         self.page_size = page_size
         self.prefix_caching = cache.enable_prefix_caching
-        self._fingerprint = None
         # Pages evicted from the prefix cache go to disk and come back on a miss.
         self.directory = None
         if cache.prefix_cache_dir is not None:
@@ -142,13 +155,6 @@ class PagedBackend:
             token_buckets=sorted({*self.decode_buckets, *self.mixed, *verify}),
             record_evictions=self.directory is not None,
         )
-
-    @property
-    def fingerprint(self) -> CacheFingerprint:
-        """The expected fingerprint of this pool's prefixes on disk (computed once)."""
-        if self._fingerprint is None:
-            self._fingerprint = prefix_fingerprint(self.model, self.cache)
-        return self._fingerprint
 
     # -- prefixes on disk ------------------------------------------------------------------
 
@@ -345,7 +351,7 @@ def _truncate_rows(cache: Any, rows: jax.Array, lengths: jax.Array) -> Any:
     return cache.truncate(jnp.where(rows, lengths, current))
 
 
-class ContiguousBackend:
+class ContiguousBackend(_Backend):
     """One ``max_model_len`` row of a ``TransformerCache`` per sequence.
 
     Steps lay tokens out ``[max_num_seqs, width]`` (right-padded): width 1 for decode steps,
@@ -398,14 +404,6 @@ class ContiguousBackend:
         # tokens each released row still holds (Engine.save_prefix saves one of them).
         self.row_prefix: RowPrefix | None = None
         self.released: dict[int, list[int]] = {}
-        self._fingerprint = None
-
-    @property
-    def fingerprint(self) -> CacheFingerprint:
-        """The expected fingerprint of this cache's saved prompts (computed once)."""
-        if self._fingerprint is None:
-            self._fingerprint = prefix_fingerprint(self.model, self.cache)
-        return self._fingerprint
 
     def empty_row(self) -> Any:
         """An empty one-row cache of this backend's configuration."""

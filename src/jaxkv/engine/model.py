@@ -62,20 +62,11 @@ def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
     return os.fspath(name_or_path)
 
 
-@dataclasses.dataclass(frozen=True)
-class Model:
-    """A loaded checkpoint: config, device params and tokenizer."""
+class _Checkpoint:
+    """What a model read from a checkpoint answers from its config and tokenizer."""
 
-    config: LlamaConfig
-    params: Params
+    config: Any
     tokenizer: Any
-    path: str
-    dtype: np.dtype
-
-    step_function = staticmethod(forward_step)
-    forward_function = staticmethod(forward)
-    supports_paged = True
-    paged_refusal = ""
 
     @property
     def vocab_size(self) -> int:
@@ -88,6 +79,22 @@ class Model:
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return frozenset(self.tokenizer.eos_token_ids) | frozenset(self.config.eos_token_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model(_Checkpoint):
+    """A loaded checkpoint: config, device params and tokenizer."""
+
+    config: LlamaConfig
+    params: Params
+    tokenizer: Any
+    path: str
+    dtype: np.dtype
+
+    step_function = staticmethod(forward_step)
+    forward_function = staticmethod(forward)
+    supports_paged = True
+    paged_refusal = ""
 
     def contiguous_cache(
         self,
@@ -232,7 +239,7 @@ class Model:
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma3Model:
+class Gemma3Model(_Checkpoint):
     """A loaded Gemma 3 checkpoint: its sliding-window layers keep a ring of
     ``config.sliding_window`` slots per row, its global layers a contiguous cache, both in one
     ``HybridCache`` (``contiguous_cache``), so a long sequence holds a window, not its whole
@@ -248,18 +255,6 @@ class Gemma3Model:
     forward_function = staticmethod(gemma3_forward)
     supports_paged = False
     paged_refusal = "its sliding-window layers keep rings, which the paged backend does not drive"
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def context_length(self) -> int:
-        return self.config.max_position_embeddings
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return frozenset(self.tokenizer.eos_token_ids) | frozenset(self.config.eos_token_ids)
 
     def contiguous_cache(
         self,
