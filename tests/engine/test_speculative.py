@@ -156,7 +156,8 @@ def test_greedy_speculation_equals_plain_decoding(tiny, kind):
     assert stats.num_accepted_tokens <= stats.num_draft_tokens
     assert stats.num_generated_tokens == plain_stats.num_generated_tokens == 3 * 40
     assert stats.num_steps < plain_stats.num_steps
-    assert 1.0 < stats.tokens_per_verification <= 5.0
+    assert stats.tokens_per_verification > 1.0
+    assert stats.tokens_per_verification <= 5.0  # k = 4 drafts and one token of its own
     assert plain_stats.num_verify_steps == plain_stats.num_draft_tokens == 0
 
 
