@@ -137,3 +137,39 @@ def add_mesh_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup
         help="with --mesh, a size that does not divide over its axis (SmolLM2's 3 KV heads on "
         "tensor=4): refuse it, or hold it whole on every device",
     )
+
+
+def add_process_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--coordinator``, ``--num-processes`` and ``--process-id``: one process of a job whose
+    ``--mesh`` spans several hosts (``jax.distributed.initialize``)."""
+    parser.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --mesh over several hosts: the address of process 0, the same in every "
+        "process (each runs the same command with its own --process-id)",
+    )
+    parser.add_argument(
+        "--num-processes", type=integer(1, 65536), default=1, help="processes in the job"
+    )
+    parser.add_argument(
+        "--process-id", type=integer(0, 65535), default=0, help="this process, from 0"
+    )
+
+
+def process_usage_error(args: argparse.Namespace) -> str | None:
+    """The usage error of the process arguments, or None."""
+    if args.coordinator is None:
+        if args.num_processes != 1 or args.process_id != 0:
+            return "argument --num-processes/--process-id: expected --coordinator HOST:PORT"
+        return None
+    if args.mesh is None:
+        return "argument --coordinator: expected --mesh (the mesh spans every process's devices)"
+    if args.num_processes < 2:
+        return "argument --coordinator: expected --num-processes of at least 2"
+    if args.process_id >= args.num_processes:
+        return (
+            f"argument --process-id: expected an id in [0, {args.num_processes}), got "
+            f"{args.process_id}"
+        )
+    return None

@@ -16,7 +16,13 @@ import sys
 import warnings
 from typing import Any
 
-from jaxkv._arguments import add_mesh_arguments, add_speculative_arguments, integer
+from jaxkv._arguments import (
+    add_mesh_arguments,
+    add_process_arguments,
+    add_speculative_arguments,
+    integer,
+    process_usage_error,
+)
 from jaxkv.cli import _common
 
 DEFAULT_PROMPT = "Write a haiku about caches."
@@ -69,6 +75,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     _common.add_model_arguments(parser)
     add_speculative_arguments(parser)
     add_mesh_arguments(parser)
+    add_process_arguments(parser)
     _common.add_sampling_arguments(parser, 128)
     _common.add_common_arguments(parser)
     return parser
@@ -96,7 +103,7 @@ def usage_error(args: argparse.Namespace) -> str | None:
         return "argument --draft-model: expected --speculative draft"
     if args.speculative == "draft" and args.draft_model is None:
         return "argument --speculative: 'draft' expects --draft-model FILE"
-    return None
+    return process_usage_error(args)
 
 
 def _read(path: str) -> str:
@@ -139,13 +146,15 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from jaxkv.engine import PromptCacheWarning, speculative_config
-    from jaxkv.engine.placement import command_mesh
+    from jaxkv.engine.placement import command_mesh, initialize_processes
 
     prompts = prompts_of(args)
     if args.prompt_cache is not None and len(prompts) != 1:
         raise ValueError(
             f"--prompt-cache: the prompt cache holds one prompt, got {len(prompts)} prompts"
         )
+    if args.coordinator is not None:  # before anything touches a device
+        initialize_processes(args.coordinator, args.num_processes, args.process_id)
     mesh = command_mesh(args.mesh)  # a mesh that does not fit the devices: before loading
     model = _common.load(args)
     speculative = speculative_config(

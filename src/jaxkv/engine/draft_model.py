@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv.engine.backends import ContiguousBackend
+from jaxkv.engine.placement import fetch
 from jaxkv.engine.requests import CacheConfig, SchedulerConfig
 from jaxkv.engine.speculative import Drafter, DraftRequest, NgramDrafter, SpeculativeConfig
 
@@ -97,7 +98,7 @@ class DraftModelDrafter(Drafter):
     def _run(self, plan: list[tuple[_DraftSequence, int]]) -> dict[Hashable, int]:
         """One draft step; the greedy next token of every row that computed its last token."""
         logits, rows = self.backend.run(plan, self._on_compile)
-        best = np.asarray(jnp.argmax(logits, axis=-1))
+        best = fetch(jnp.argmax(logits, axis=-1))
         proposals = {}
         for (sequence, count), row in zip(plan, rows, strict=True):
             sequence.num_computed += count

@@ -58,7 +58,7 @@ from jaxkv.engine.backends import make_backend
 from jaxkv.engine.draft_model import make_drafter
 from jaxkv.engine.model import ENGINE_MODELS, Model
 from jaxkv.engine.outputs import RowProgress
-from jaxkv.engine.placement import Placement, with_hint
+from jaxkv.engine.placement import Placement, fetch, with_hint
 from jaxkv.engine.prefix_store import (
     PrefixFile,
     directory_stats,
@@ -739,9 +739,11 @@ class Engine:
             num_logprobs=num_logprobs,
             any_sampled=any(not s.greedy for s in settings),
         )
-        tokens = np.asarray(tokens)
+        tokens = fetch(tokens)
         if logprobs is not None:
-            logprobs = [np.asarray(a) for a in logprobs]
+            logprobs = [fetch(a) for a in logprobs]
+        if any(choice.logits is not None for choice, _ in draws):
+            logits = fetch(logits)
         now = time.perf_counter()
         for choice, row in draws:
             drafts = choice.drafts
@@ -769,7 +771,7 @@ class Engine:
         choice: _Choice,
         token: int,
         row: int,
-        logits: jax.Array,
+        logits: Any,
         logprobs: list[np.ndarray] | None,
         now: float,
     ) -> None:

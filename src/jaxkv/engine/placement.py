@@ -10,7 +10,10 @@ step, and the contiguous backend's row resets, copies and truncations) is compil
 gathered or resharded. Token ids and runtime metadata are small and replicated on every device.
 
 ``make_mesh`` turns ``"data=2,tensor=4"`` into an ``AxisType.Auto`` mesh over
-``jax.devices()`` (every process's devices, after ``jax.distributed.initialize``).
+``jax.devices()`` (every process's devices, after ``initialize_processes``, i.e.
+``jax.distributed.initialize``). On a mesh that spans several processes every process runs the
+same engine on the same requests, step for step; ``fetch`` brings a result (sampled tokens,
+log-probabilities, logits) to the host whichever devices hold it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxkv import _arguments, sharding
@@ -54,6 +59,32 @@ def make_mesh(axes: str | tuple[tuple[str, int], ...], devices: Any = None) -> M
             f"{len(devices)}"
         )
     return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+
+
+def initialize_processes(coordinator: str, num_processes: int, process_id: int) -> None:
+    """Join a job of ``num_processes`` processes (``jax.distributed.initialize``), before any
+    JAX computation: afterwards ``jax.devices()`` lists every process's devices. On CPUs the
+    processes' collectives go over gloo (TCP).
+
+    Args:
+        coordinator: ``host:port`` of process 0, the same for every process.
+        num_processes: processes in the job (one per host, usually).
+        process_id: this process, in ``[0, num_processes)``.
+    """
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id={process_id} must lie in [0, num_processes={num_processes})")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only
+    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def fetch(array: jax.Array) -> np.ndarray:
+    """``array`` as a NumPy array on this host: read directly when this process holds all of
+    it (one process, or a replicated result), gathered from every process otherwise."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    if array.sharding.is_fully_replicated:
+        return np.asarray(array.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def command_mesh(axes: tuple[tuple[str, int], ...] | None) -> Mesh | None:
@@ -190,4 +221,13 @@ class Placement:
         return jitted(cache, *args)
 
 
-__all__ = ["MESH_AXES", "Placement", "command_mesh", "make_mesh", "mesh_size", "with_hint"]
+__all__ = [
+    "MESH_AXES",
+    "Placement",
+    "command_mesh",
+    "fetch",
+    "initialize_processes",
+    "make_mesh",
+    "mesh_size",
+    "with_hint",
+]
