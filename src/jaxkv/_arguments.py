@@ -139,6 +139,15 @@ def add_mesh_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup
     )
 
 
+def speculative_usage_error(args: argparse.Namespace) -> str | None:
+    """The usage error of ``--speculative`` with ``--draft-model``, or None."""
+    if args.draft_model is not None and args.speculative != "draft":
+        return "argument --draft-model: expected --speculative draft"
+    if args.speculative == "draft" and args.draft_model is None:
+        return "argument --speculative: 'draft' expects --draft-model FILE"
+    return None
+
+
 def add_process_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--coordinator``, ``--num-processes`` and ``--process-id``: one process of a job whose
     ``--mesh`` spans several hosts (``jax.distributed.initialize``)."""

@@ -22,6 +22,7 @@ from jaxkv._arguments import (
     add_speculative_arguments,
     integer,
     process_usage_error,
+    speculative_usage_error,
 )
 from jaxkv.cli import _common
 
@@ -99,11 +100,7 @@ def usage_error(args: argparse.Namespace) -> str | None:
         return "argument --file: expected either prompt arguments or --file, not both"
     if args.batch and args.file is None:
         return "argument --batch: expected --file FILE (or --file - for standard input)"
-    if args.draft_model is not None and args.speculative != "draft":
-        return "argument --draft-model: expected --speculative draft"
-    if args.speculative == "draft" and args.draft_model is None:
-        return "argument --speculative: 'draft' expects --draft-model FILE"
-    return process_usage_error(args)
+    return speculative_usage_error(args) or process_usage_error(args)
 
 
 def _read(path: str) -> str:

@@ -14,7 +14,13 @@ import socket
 import sys
 from typing import Any
 
-from jaxkv._arguments import UsageError, add_mesh_arguments, add_speculative_arguments, integer
+from jaxkv._arguments import (
+    UsageError,
+    add_mesh_arguments,
+    add_speculative_arguments,
+    integer,
+    speculative_usage_error,
+)
 
 API_KEY_ENV = "JAXKV_API_KEY"
 """Environment variable read for the API key when ``--api-key`` is not given."""
@@ -123,11 +129,9 @@ def _configs(args: argparse.Namespace) -> tuple[Any, Any]:
         max_model_len=args.max_model_len,
         max_waiting=args.max_waiting,
     )
-    if (args.speculative == "draft") != (args.draft_model is not None):
-        raise ValueError(
-            f"--speculative {args.speculative} with --draft-model {args.draft_model!r}: a draft "
-            "model goes with --speculative draft, and --speculative draft needs one"
-        )
+    speculation = speculative_usage_error(args)
+    if speculation is not None:
+        raise ValueError(speculation)
     width = args.num_draft + 1
     if args.speculative != "none" and args.max_num_seqs * width > args.max_num_batched_tokens:
         raise ValueError(
