@@ -24,14 +24,25 @@ QMAX = {"int8": 127, "int4": 7, "fp8": 448}
 CODECS = (KVCodec("int8"), KVCodec("int4", 8), KVCodec("int4", 16), KVCodec("fp8"))
 
 
+def _channel_order(block, codec: KVCodec):
+    """A block as ``decode_block`` returns it (int4: the even channels, then the odd ones) in
+    the stored vector's channel order."""
+    if codec.name != "int4":
+        return block
+    half = block.shape[-1] // 2
+    return jnp.stack([block[..., :half], block[..., half:]], axis=-1).reshape(block.shape)
+
+
 @functools.cache
 def _round_trip(codec: KVCodec):
     """Jitted ``x -> (words, scales, decoded block, decoded)`` for one codec: the block as
-    attention reads it (rotated for int4) and the values in the original basis."""
+    attention reads it (rotated for int4), in the stored channel order, and the values in the
+    original basis."""
 
     def run(x):
         words, scales = codec.encode(x)
-        return words, scales, codec.decode_block(words, scales), codec.decode(words, scales)
+        block = _channel_order(codec.decode_block(words, scales), codec)
+        return words, scales, block, codec.decode(words, scales)
 
     return jax.jit(run)
 
@@ -192,6 +203,13 @@ def test_int4_packs_even_channels_in_the_low_nibble_of_the_rotated_vector():
     assert words.tolist() == [[expected]]
     np.testing.assert_allclose(block, codes, atol=1e-6)
     np.testing.assert_allclose(decoded, x, atol=1e-6)
+    # Attention reads the low nibbles, then the high ones, and queries are permuted to match.
+    read = codec.decode_parts(jnp.asarray(words), jnp.asarray(scales))
+    np.testing.assert_allclose(np.concatenate(read, -1), codes[..., [0, 2, 4, 6, 1, 3, 5, 7]])
+    q = np.arange(8, dtype=np.float32)[None, None]
+    q_parts = codec.split_query(codec.to_attention_basis(jnp.asarray(q)))
+    logit = sum(np.sum(np.asarray(a) * np.asarray(b)) for a, b in zip(q_parts, read, strict=True))
+    np.testing.assert_allclose(logit, np.sum(q * decoded), rtol=1e-5)
 
 
 def test_int4_rotation_spreads_an_outlier_channel():

@@ -52,7 +52,10 @@ outlier over all channels before quantising. Attention never un-rotates the cach
 ``q . k = (q R) . (k R)`` and ``sum p v = (sum p (v R)) R``, the kernels rotate the queries once
 (``to_attention_basis``), read the rotated blocks (``decode_block``) and rotate the output back
 (``from_attention_basis``) -- ``head_dim**2`` multiply-adds per query, nothing per cached token.
-``decode`` returns the original basis, for inspection.
+A block is read with its even channels before its odd ones (the low nibbles, then the high ones:
+no interleaving shuffle per cached token), so the attention basis is ``R P`` with ``P`` that
+permutation, folded into the same query matrix. ``decode`` returns the original basis, for
+inspection.
 """
 
 from __future__ import annotations
@@ -153,7 +156,11 @@ class KVCodec:
         head_dim = values.shape[-1]
         lead = values.shape[:-1]
         groups = self.num_groups(head_dim)
-        values = self.to_attention_basis(values.astype(jnp.float32))
+        if self.rotated:
+            rotation = jnp.asarray(_rotation(head_dim))
+            values = jnp.matmul(
+                values.astype(jnp.float32), rotation, precision=lax.Precision.HIGHEST
+            )
         grouped = values.reshape(*lead, groups, head_dim // groups)
         qmax = _QMAX[self.name]
         amax = jnp.max(jnp.abs(grouped), axis=-1)  # [..., groups]
@@ -181,37 +188,60 @@ class KVCodec:
         return self.from_attention_basis(self.decode_block(words, scales))
 
     def to_attention_basis(self, x: jax.Array) -> jax.Array:
-        """``x: [..., head_dim]`` (queries, or keys/values before quantising) in the basis the
-        stored vectors live in: ``x R`` for a rotated codec, else ``x`` unchanged."""
+        """``x: [..., head_dim]`` (queries) in the basis ``decode_block`` reads stored vectors
+        in: ``x R P`` for int4 (rotated, then the even channels before the odd ones: ``P`` is
+        the permutation ``_split_order``), else ``x`` unchanged."""
         if not self.rotated:
             return x
-        rotation = jnp.asarray(_rotation(x.shape[-1]))
-        return jnp.matmul(x.astype(jnp.float32), rotation, precision=lax.Precision.HIGHEST)
+        basis = jnp.asarray(_attention_basis(x.shape[-1]))
+        return jnp.matmul(x.astype(jnp.float32), basis, precision=lax.Precision.HIGHEST)
 
     def from_attention_basis(self, x: jax.Array) -> jax.Array:
-        """Inverse of ``to_attention_basis`` (``R`` is its own inverse): attention outputs back
-        to the original basis."""
-        return self.to_attention_basis(x)
+        """Inverse of ``to_attention_basis`` (``R P`` is orthonormal, so its inverse is its
+        transpose): attention outputs back to the original basis."""
+        if not self.rotated:
+            return x
+        basis = jnp.asarray(_attention_basis(x.shape[-1]).T)
+        return jnp.matmul(x.astype(jnp.float32), basis, precision=lax.Precision.HIGHEST)
 
     def decode_block(self, words: jax.Array, scales: jax.Array) -> jax.Array:
         """Dequantise one block as attention reads it: like ``decode`` but left in the
-        attention basis (see ``to_attention_basis``). ``[..., head_dim]`` float32."""
-        lead = words.shape[:-1]
-        head_dim = self.head_dim(words.shape[-1])
+        attention basis (see ``to_attention_basis``). ``[..., head_dim]`` float32: the
+        ``decode_parts`` side by side."""
+        parts = self.decode_parts(words, scales)
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+    def decode_parts(self, words: jax.Array, scales: jax.Array) -> tuple[jax.Array, ...]:
+        """``decode_block`` as the channel runs the kernels read separately: one
+        ``[..., head_dim]`` float32 array, or for int4 two ``[..., head_dim / 2]`` ones.
+
+        A byte of int4 holds channels ``2i`` (low nibble) and ``2i + 1`` (high nibble).
+        Interleaving them back, or even joining the halves, is a shuffle of every cached value
+        that XLA's CPU backend runs slowly; a kernel instead takes the low nibbles (the even
+        channels) and the high nibbles (the odd ones) as two parts and attends each with its
+        half of the query (``split_query``). The nibbles are split in float arithmetic, which
+        vectorises better there than integer shifts."""
+        scale = lax.bitcast_convert_type(scales, jnp.float16).astype(jnp.float32)
         if self.name == "fp8":
             codes = lax.bitcast_convert_type(words, jnp.float8_e4m3fn).astype(jnp.float32)
         elif self.name == "int8":
             codes = words.astype(jnp.float32)
         else:
-            wide = words.astype(jnp.int32)
-            pairs = jnp.stack([(wide & 0xF) - 8, (wide >> 4) - 8], axis=-1)
-            codes = pairs.reshape(*lead, head_dim).astype(jnp.float32)
-        scale = lax.bitcast_convert_type(scales, jnp.float16).astype(jnp.float32)
-        groups = scale.shape[-1]
-        if groups == 1:
-            return codes * scale
-        grouped = codes.reshape(*lead, groups, head_dim // groups) * scale[..., None]
-        return grouped.reshape(*lead, head_dim)
+            # Channel group g holds the bytes g * size / 2 .. (g + 1) * size / 2 - 1, so each
+            # half keeps the group layout.
+            byte = words.astype(jnp.float32)
+            high = jnp.floor(byte * (1.0 / 16.0))
+            low = byte - 16.0 * high
+            return _scaled(low - 8.0, scale), _scaled(high - 8.0, scale)
+        return (_scaled(codes, scale),)
+
+    def split_query(self, q: jax.Array) -> tuple[jax.Array, ...]:
+        """``q: [..., head_dim]`` in the attention basis as the channel runs of
+        ``decode_parts``."""
+        if self.name != "int4":
+            return (q,)
+        half = q.shape[-1] // 2
+        return q[..., :half], q[..., half:]
 
 
 _WORDS = {2: np.dtype(np.uint16), 1: np.dtype(np.uint8)}
@@ -284,6 +314,14 @@ class RawCodec:
             words = lax.bitcast_convert_type(words, jnp.dtype(self.dtype))
         return words.astype(jnp.float32)
 
+    def decode_parts(self, words: jax.Array, scales: None = None) -> tuple[jax.Array]:
+        """``(decode_block(words),)``: raw storage is read in one channel run."""
+        return (self.decode_block(words, scales),)
+
+    def split_query(self, q: jax.Array) -> tuple[jax.Array]:
+        """``(q,)``: one channel run (see ``KVCodec.split_query``)."""
+        return (q,)
+
     def decode(self, words: jax.Array, scales: None = None) -> jax.Array:
         """Stored words -> float32 values (the same as ``decode_block``: there is no basis)."""
         return self.decode_block(words, scales)
@@ -299,6 +337,27 @@ class RawCodec:
 
 StorageCodec = KVCodec | RawCodec
 """What a cache stores its keys and values with: one of the two codec kinds."""
+
+
+def _scaled(codes: jax.Array, scale: jax.Array) -> jax.Array:
+    """``codes: [..., n]`` times ``scale: [..., groups]``, each scale over ``n / groups``
+    consecutive channels."""
+    groups = scale.shape[-1]
+    if groups == 1:
+        return codes * scale
+    lead, n = codes.shape[:-1], codes.shape[-1]
+    return (codes.reshape(*lead, groups, n // groups) * scale[..., None]).reshape(*lead, n)
+
+
+def _split_order(head_dim: int) -> np.ndarray:
+    """The channel order int4 blocks are read in: even channels, then odd ones."""
+    return np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
+
+
+@functools.cache
+def _attention_basis(head_dim: int) -> np.ndarray:
+    """``R P``: int4's rotation with its columns in ``_split_order`` (float32)."""
+    return np.ascontiguousarray(_rotation(head_dim)[:, _split_order(head_dim)])
 
 
 @functools.cache

@@ -163,7 +163,7 @@ class Model(_Checkpoint):
         if metadata.architecture == "gemma3":
             return Gemma3Model._load(resolved, dtype, metadata)
         enable_compilation_cache()
-        config, params = load_gguf(resolved, dtype=np.float32, device=True)
+        config, params = load_gguf(resolved, dtype=np.float32, device=True, metadata=metadata)
         tokenizer = Tokenizer.from_metadata(metadata)
         params = params_to_device(params, dtype, consume=True)
         _release_freed_memory()

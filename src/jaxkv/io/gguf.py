@@ -696,7 +696,11 @@ def _check_finite(
 
 
 def load_gguf(
-    path: str | os.PathLike[str] | None = None, dtype: Any = np.float32, *, device: bool = False
+    path: str | os.PathLike[str] | None = None,
+    dtype: Any = np.float32,
+    *,
+    device: bool = False,
+    metadata: GGUFMetadata | None = None,
 ) -> tuple[LlamaConfig, Params]:
     """Load a Llama-architecture GGUF checkpoint as dense NumPy arrays.
 
@@ -714,6 +718,9 @@ def load_gguf(
         lacks go through `gguf.quants` on the host) and transposed there: several
         times faster than the NumPy path. The arrays are float32 (``dtype`` must be
         float32; the caller casts).
+      metadata: what `read_gguf_metadata` returned for this same file, so its header is not
+        parsed a second time; it is used only if the file still has the size it had then
+        (otherwise the header is parsed again).
 
     Returns:
       ``(config, params)`` where ``params`` is::
@@ -745,7 +752,12 @@ def load_gguf(
         raise ValueError(f"dtype must be float32 with device=True, got {out_dtype.name}")
     resolved = default_model_path() if path is None else _check_path(path)
     with _MappedFile(resolved) as buffer:
-        meta = _parse(buffer, resolved)
+        reusable = (
+            isinstance(metadata, GGUFMetadata)
+            and metadata.path == resolved
+            and metadata.file_size == len(buffer)
+        )
+        meta = metadata if reusable else _parse(buffer, resolved)
         config = config_from_metadata(meta)
         expected = _ExpectedTensors(config)
         present = sum(expected.shape(name) is not None for name in meta.tensors)

@@ -27,16 +27,25 @@ from jax import lax
 from jaxkv.kv import CachedKV, KVSegment, PagedKV, check_scales
 from jaxkv.ops.paged_attention import paged_attention
 from jaxkv.ops.softmax import (
+    DECODE_BLOCK_SIZE,
     DEFAULT_BLOCK_SIZE,
     check_options,
     combine_windows,
+    default_block_size,
     finish_softmax,
     init_softmax_state,
     online_softmax_update,
     two_block_size,
 )
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "CachedKV", "KVSegment", "attention", "two_block_size"]
+__all__ = [
+    "DECODE_BLOCK_SIZE",
+    "DEFAULT_BLOCK_SIZE",
+    "CachedKV",
+    "KVSegment",
+    "attention",
+    "two_block_size",
+]
 
 
 def attention(
@@ -46,12 +55,12 @@ def attention(
     scale: float | None = None,
     logit_soft_cap: float | None = None,
     sliding_window: int | None = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
 ) -> jax.Array:
     """Causal grouped-query attention of ``query`` over a cache's ``CachedKV``.
 
     A ``PagedKV`` (from a paged cache) is handed to ``jaxkv.ops.paged_attention.paged_attention``
-    with the same options (``block_size`` rounded down to whole pages), so a model calls
+    with the same options (a given ``block_size`` rounded down to whole pages), so a model calls
     ``attention(query, kv)`` whatever its cache; the query is then the packed
     ``[num_tokens, query_heads, key_dim]`` and so is the result.
 
@@ -62,7 +71,8 @@ def attention(
         scale: multiplier of the logits; default ``key_dim ** -0.5``.
         logit_soft_cap: if set, logits become ``cap * tanh(logits / cap)``.
         sliding_window: an extra window on top of the cache's own (the smaller wins).
-        block_size: key slots read per loop step.
+        block_size: key slots read per loop step; default ``DECODE_BLOCK_SIZE`` when there is
+            one new token per row, else ``DEFAULT_BLOCK_SIZE`` (``default_block_size``).
 
     Returns:
         ``[batch, new_tokens, query_heads, value_dim]`` in ``query.dtype``; softmax and
@@ -82,7 +92,7 @@ def attention(
             scale=scale,
             logit_soft_cap=logit_soft_cap,
             sliding_window=sliding_window,
-            pages_per_block=max(1, block_size // kv.page_size),
+            pages_per_block=None if block_size is None else max(1, block_size // kv.page_size),
         )
     if not hasattr(query, "ndim") or not jnp.issubdtype(query.dtype, jnp.floating):
         raise TypeError(f"attention: query must be a float array, got {query!r:.80}")
@@ -108,7 +118,6 @@ def attention(
         codecs = [segment.storage for segment in kv.segments]
         raise ValueError(f"attention: every KVSegment must share one codec, got {codecs}")
     key_heads, value_heads = first.keys.shape[2], first.values.shape[2]
-    value_dim = first.value_dim
     if first.key_dim != key_dim:
         raise ValueError(
             f"attention: query key_dim {key_dim} does not match the cache's key_dim {first.key_dim}"
@@ -126,6 +135,29 @@ def attention(
     window = combine_windows(kv.sliding_window, sliding_window)
     if scale is None:
         scale = 1.0 / math.sqrt(key_dim)
+    if block_size is None:
+        block_size = default_block_size(new_tokens)
+    return _attend(
+        query,
+        kv,
+        scale=float(scale),
+        soft_cap=logit_soft_cap,
+        window=window,
+        block_size=block_size,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "window", "block_size"))
+def _attend(query, kv, *, scale, soft_cap, window, block_size):
+    """The kernel behind ``attention``, on checked inputs. Jitted on its own so that the layers
+    of a model, which call it with the same shapes and options, trace it once per step shape
+    instead of once per layer (the step is traced and lowered that much sooner; XLA inlines the
+    call, so the compiled step is the same)."""
+    batch, new_tokens, query_heads, key_dim = query.shape
+    first = kv.segments[0]
+    codec = first.storage
+    key_heads, value_heads = first.keys.shape[2], first.values.shape[2]
+    value_dim = first.value_dim
 
     # When key and value head counts differ, attend per query head (groups of one).
     grouped = key_heads == value_heads
@@ -146,7 +178,7 @@ def attention(
             state,
             heads=heads,
             window=window,
-            soft_cap=logit_soft_cap,
+            soft_cap=soft_cap,
             block_size=block_size,
         )
     out = codec.from_attention_basis(finish_softmax(state, new_tokens))
@@ -267,11 +299,12 @@ def _scan_blocks(
     query_pos = query_positions[:, :, None]  # [batch, new_tokens, 1]
 
     def read(words, scales, start):
-        """Slots ``[start, start + block)`` as float32 ``[batch, block, heads, dim]``."""
+        """Slots ``[start, start + block)`` as float32 ``[batch, block, heads, dim]`` channel
+        runs (``codec.decode_parts``)."""
         words = _expand_heads(lax.dynamic_slice_in_dim(words, start, block, axis=1), heads)
         if scales is not None:
             scales = _expand_heads(lax.dynamic_slice_in_dim(scales, start, block, axis=1), heads)
-        return codec.decode_block(words, scales)
+        return codec.decode_parts(words, scales)
 
     def body(index, carry):
         nominal_start = index * block
@@ -281,7 +314,7 @@ def _scan_blocks(
         values = read(segment.values, segment.value_scales, start)
         slot_ids = start + offsets  # [block]
         if segment.positions is None:
-            key_pos = jnp.broadcast_to(slot_ids, (keys.shape[0], block))
+            key_pos = jnp.broadcast_to(slot_ids, (segment.keys.shape[0], block))
         else:
             key_pos = lax.dynamic_slice_in_dim(segment.positions, start, block, axis=1)
         valid = (slot_ids >= nominal_start)[None, :] & (slot_ids[None, :] < segment.live[:, None])
@@ -290,6 +323,7 @@ def _scan_blocks(
         visible = valid[:, None, :] & (key_pos <= query_pos) & (query_pos >= 0)
         if window is not None:
             visible &= query_pos - key_pos < window
-        return online_softmax_update(carry, q, keys, values, visible, soft_cap=soft_cap)
+        return online_softmax_update(carry, q_parts, keys, values, visible, soft_cap=soft_cap)
 
+    q_parts = codec.split_query(q)
     return lax.fori_loop(first_block, end_block, body, state)

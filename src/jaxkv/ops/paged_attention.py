@@ -28,6 +28,7 @@ dequantised to float32 as it is read.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -36,9 +37,9 @@ from jax import lax
 
 from jaxkv.kv import PagedKV, check_scales
 from jaxkv.ops.softmax import (
-    DEFAULT_BLOCK_SIZE,
     check_options,
     combine_windows,
+    default_block_size,
     finish_softmax,
     init_softmax_state,
     online_softmax_update,
@@ -112,23 +113,36 @@ def paged_attention(
         scale: multiplier of the logits; default ``key_dim ** -0.5``.
         logit_soft_cap: if set, logits become ``cap * tanh(logits / cap)``.
         sliding_window: an extra window on top of the cache's own (the smaller wins).
-        pages_per_block: pages read per loop step; default about ``DEFAULT_BLOCK_SIZE`` tokens'
-            worth (at least one page, at most ``max_pages_per_seq``).
+        pages_per_block: pages read per loop step; default about ``default_block_size`` tokens'
+            worth for the rows' query width (``DECODE_BLOCK_SIZE`` for rows that decode one
+            token, ``DEFAULT_BLOCK_SIZE`` for wider ones), at least one page, at most
+            ``max_pages_per_seq``.
 
     Returns:
         ``[num_tokens, query_heads, value_dim]`` in ``query.dtype``; softmax and accumulation run
         in float32 whatever the storage dtype. Padding queries give zeros.
     """
     _check_inputs(query, kv, scale, logit_soft_cap, sliding_window, pages_per_block)
+    window = combine_windows(kv.sliding_window, sliding_window)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    return _attend(
+        query,
+        kv,
+        scale=float(scale),
+        soft_cap=logit_soft_cap,
+        window=window,
+        pages_per_block=pages_per_block,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "window", "pages_per_block"))
+def _attend(query, kv, *, scale, soft_cap, window, pages_per_block):
+    """The kernel behind ``paged_attention``, on checked inputs; jitted on its own so that a
+    model's layers trace it once per step shape (see ``jaxkv.ops.attention._attend``)."""
     num_tokens, query_heads, key_dim = query.shape
     _, page_size, kv_heads, _ = kv.key_pages.shape
     max_pages = kv.page_tables.shape[1]
-    if pages_per_block is None:
-        pages_per_block = max(1, DEFAULT_BLOCK_SIZE // page_size)
-    pages_per_block = two_block_size(pages_per_block, max_pages)  # see two_block_size
-    window = combine_windows(kv.sliding_window, sliding_window)
-    if scale is None:
-        scale = 1.0 / math.sqrt(key_dim)
     groups = query_heads // kv_heads
     num_seqs = kv.page_tables.shape[0]
     max_query_len = min(kv.max_query_len or num_tokens, num_tokens)
@@ -136,15 +150,26 @@ def paged_attention(
     # queries to match, and the output back.
     codec = kv.storage
     q_all = codec.to_attention_basis(query.astype(jnp.float32)) * scale
-    options = dict(block=pages_per_block, window=window, soft_cap=logit_soft_cap, groups=groups)
+
+    def block(queries_per_row: int) -> int:
+        pages = pages_per_block
+        if pages is None:
+            pages = max(1, default_block_size(queries_per_row) // page_size)
+        return two_block_size(pages, max_pages)  # see two_block_size
+
+    options = dict(window=window, soft_cap=soft_cap, groups=groups)
     split = kv.prefill_rows
     if 0 < split < num_seqs and max_query_len > 1:
         # Rows past ``split`` decode one token: lay them out one query wide.
-        wide = _attend_rows(q_all, kv, slice(0, split), max_query_len, **options)
-        narrow = _attend_rows(q_all, kv, slice(split, num_seqs), 1, **options)
+        wide = _attend_rows(
+            q_all, kv, slice(0, split), max_query_len, block=block(max_query_len), **options
+        )
+        narrow = _attend_rows(q_all, kv, slice(split, num_seqs), 1, block=block(1), **options)
         packed = wide + narrow
     else:
-        packed = _attend_rows(q_all, kv, slice(0, num_seqs), max_query_len, **options)
+        packed = _attend_rows(
+            q_all, kv, slice(0, num_seqs), max_query_len, block=block(max_query_len), **options
+        )
     return codec.from_attention_basis(packed).astype(query.dtype)
 
 
@@ -196,9 +221,10 @@ def _attend_rows(q_all, kv, rows, max_query_len, *, block, window, soft_cap, gro
         return blocks.reshape(num_seqs, block, *pool.shape[2:])
 
     def read(pool, scales, pages):
-        """The block's slots as float32 ``[S, block, kv_heads, dim]``."""
+        """The block's slots as float32 ``[S, block, kv_heads, dim]`` channel runs
+        (``codec.decode_parts``)."""
         scales = None if scales is None else gather(scales, pages)
-        return codec.decode_block(gather(pool, pages), scales)
+        return codec.decode_parts(gather(pool, pages), scales)
 
     def body(index, carry):
         nominal_page = index * pages_per_block
@@ -214,8 +240,9 @@ def _attend_rows(q_all, kv, rows, max_query_len, *, block, window, soft_cap, gro
         visible = fresh & (key_pos < context) & (key_pos <= query_pos_3d) & real[:, :, None]
         if window is not None:
             visible &= query_pos_3d - key_pos < window
-        return online_softmax_update(carry, q, keys, values, visible, soft_cap=soft_cap)
+        return online_softmax_update(carry, q_parts, keys, values, visible, soft_cap=soft_cap)
 
+    q_parts = codec.split_query(q)
     state = lax.fori_loop(start_block, end_block, body, state)
     out = finish_softmax(state, max_query_len)  # [S, Q, Hq, Dv]
     scatter_index = jnp.where(present, packed_index, num_tokens)  # absent slots are dropped

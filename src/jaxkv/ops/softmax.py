@@ -9,6 +9,7 @@ normalises with ``finish_softmax``. ``two_block_size`` picks the block actually 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,20 @@ import jax.numpy as jnp
 from jaxkv._sizes import ceil_div
 
 DEFAULT_BLOCK_SIZE = 256
-"""Key slots a kernel reads per loop step unless told otherwise."""
+"""Key slots a kernel reads per loop step unless told otherwise, when several queries of a row
+attend together (prefill, verification)."""
+
+DECODE_BLOCK_SIZE = 512
+"""Key slots per loop step when every row has one query (decode). A decode block is cheap to
+attend, so the loop's fixed cost per block matters: on XLA's CPU backend 512-slot blocks take
+about a third less time than 256-slot ones at 1 x 8,192 live tokens and about a fifth less at
+8 x 2,048, while larger blocks are slower again (``benchmarks/long_context.py``)."""
+
+
+def default_block_size(queries_per_row: int) -> int:
+    """The block a kernel scans when its caller gives none: ``DECODE_BLOCK_SIZE`` for one query
+    per row, ``DEFAULT_BLOCK_SIZE`` otherwise."""
+    return DECODE_BLOCK_SIZE if queries_per_row == 1 else DEFAULT_BLOCK_SIZE
 
 
 def check_options(
@@ -83,9 +97,9 @@ def init_softmax_state(
 
 def online_softmax_update(
     state: SoftmaxState,
-    q: jax.Array,
-    keys: jax.Array,
-    values: jax.Array,
+    q: jax.Array | Sequence[jax.Array],
+    keys: jax.Array | Sequence[jax.Array],
+    values: jax.Array | Sequence[jax.Array],
     visible: jax.Array,
     *,
     soft_cap: float | None,
@@ -94,22 +108,31 @@ def online_softmax_update(
 
     Args:
         state: the carry (see ``SoftmaxState``).
-        q: ``[batch, new_tokens, heads, groups, key_dim]`` float32, already scaled.
-        keys: ``[batch, slots, heads, key_dim]`` float32.
-        values: ``[batch, slots, heads, value_dim]`` float32.
+        q: ``[batch, new_tokens, heads, groups, key_dim]`` float32, already scaled; or its
+            channel runs (``codec.split_query``), matching those of ``keys``.
+        keys: ``[batch, slots, heads, key_dim]`` float32, or its channel runs
+            (``codec.decode_parts``): the logits sum over the runs.
+        values: ``[batch, slots, heads, value_dim]`` float32, or its channel runs: the
+            accumulator holds them side by side.
         visible: ``[batch, new_tokens, slots]`` bool, which keys each query may see.
         soft_cap: if set, logits become ``cap * tanh(logits / cap)``.
     """
+    q_runs, key_runs, value_runs = (
+        (x,) if isinstance(x, jax.Array) else tuple(x) for x in (q, keys, values)
+    )
     running_max, denominator, accumulator = state
-    if _token_major(q.shape[1]):
+    if _token_major(q_runs[0].shape[1]):
         query_axes, visible = "tg", visible[:, None, :, None, :]
     else:
         query_axes, visible = "gt", visible[:, None, None, :, :]
     # Slots no query may see can hold stale or uninitialised data; zero them so that even a NaN
     # there cannot reach the output through 0 * NaN.
     slot_used = jnp.any(visible, axis=(1, 2, 3))[:, :, None, None]
-    values = jnp.where(slot_used, values, 0.0)
-    logits = jnp.einsum(f"bthgd,bshd->bh{query_axes}s", q, keys)
+    value_runs = [jnp.where(slot_used, run, 0.0) for run in value_runs]
+    logits = sum(
+        jnp.einsum(f"bthgd,bshd->bh{query_axes}s", q_run, key_run)
+        for q_run, key_run in zip(q_runs, key_runs, strict=True)
+    )
     if soft_cap is not None:
         logits = soft_cap * jnp.tanh(logits / soft_cap)
     logits = jnp.where(visible, logits, -jnp.inf)
@@ -119,7 +142,8 @@ def online_softmax_update(
     probs = jnp.exp(logits - safe_max[..., None])
     correction = jnp.exp(running_max - safe_max)
     denominator = denominator * correction + jnp.sum(probs, axis=-1)
-    weighted = jnp.einsum(f"bh{query_axes}s,bshd->bh{query_axes}d", probs, values)
+    weighted = [jnp.einsum(f"bh{query_axes}s,bshd->bh{query_axes}d", probs, v) for v in value_runs]
+    weighted = weighted[0] if len(weighted) == 1 else jnp.concatenate(weighted, axis=-1)
     accumulator = accumulator * correction[..., None] + weighted
     return new_max, denominator, accumulator
 
