@@ -42,12 +42,33 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak: on Linux a process resets its resident high-water mark (``VmHWM``) to
+    its current size by writing ``5`` to ``/proc/self/clear_refs``. False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_since_reset_mib() -> float | None:
+    """``VmHWM`` in MiB: the peak resident size since the last ``reset_peak_rss`` (or since the
+    process started), or ``None`` where ``/proc`` is absent."""
+    return _status_mib("VmHWM:")
+
+
 def current_rss_mib() -> float | None:
     """Resident set size of this process now, in MiB, or ``None`` where ``/proc`` is absent."""
+    return _status_mib("VmRSS:")
+
+
+def _status_mib(field: str) -> float | None:
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1]) / 2**10
     except OSError:
         return None

@@ -23,9 +23,11 @@ One run of this script measures, on this machine and with the same float32 weigh
   the prompt and decodes again from the first token); decode tokens/s = batch / median step.
   Greedy argmax
   feeds back the next token on every side; a NaN or infinite logit is an error;
-- peak resident memory of each implementation: each runs in its own process (this script
-  started again with ``--worker NAME``, answering with one JSON line), so ``ru_maxrss`` is its
-  own; it includes loading the checkpoint;
+- peak resident memory of each implementation in each case: each implementation runs in its
+  own process (this script started again with ``--worker NAME``, answering with one JSON line),
+  which resets its high-water mark before each case (``/proc/self/clear_refs``), so a case's
+  peak is its own: the loaded model plus that case's cache, compilation and steps (where the
+  reset is unavailable, the process's ``ru_maxrss``, loading included);
 - the bandwidth bound of a decode step: ``(weight bytes + mean live KV bytes read per step) /
   measured memory bandwidth`` (the bandwidth measurement of ``benchmarks/decode.py``), KV bytes
   per token of each storage codec from ``TransformerCacheMetadata.bytes_per_token`` (scales
@@ -65,7 +67,14 @@ import time
 import traceback
 from typing import Any
 
-from _common import current_rss_mib, format_table, peak_rss_mib, run_json_worker
+from _common import (
+    current_rss_mib,
+    format_table,
+    peak_rss_mib,
+    peak_rss_since_reset_mib,
+    reset_peak_rss,
+    run_json_worker,
+)
 from decode import (
     TORCH_THREADS,
     _error_text,
@@ -160,8 +169,12 @@ def _decode_runs(runner, first, start: int, steps: int, repeats: int) -> dict[st
 
 def _run_cases(runner_for, spec: dict[str, Any]) -> dict[str, Any]:
     """Each case: prefill the prompt, then the decode runs; a failure becomes its ``error``."""
+    import gc
+
     results = {}
     for case in spec["cases"]:
+        gc.collect()  # the last case's cache is gone before this case's peak starts
+        per_case = reset_peak_rss()
         try:
             prompt = case["prompt"]
             runner = runner_for(len(prompt), case["capacity"])
@@ -171,6 +184,7 @@ def _run_cases(runner_for, spec: dict[str, Any]) -> dict[str, Any]:
             results[case["name"]] = {
                 "prefill_s": prefill_s,
                 "compile_s": getattr(runner, "compile_s", 0.0),
+                "peak_rss_mib": peak_rss_since_reset_mib() if per_case else None,
                 **runs,
             }
             del runner  # free this case's cache before the next one is allocated
@@ -609,7 +623,9 @@ def build_case_table(
             summaries[impl] = {"error": error}
         else:
             summaries[impl] = summarise(case_result, batch)
-        summaries[impl]["rss_gib"] = (results[impl].get("peak_rss_mib") or 0) / 2**10 or None
+        # The case's own peak where the worker could measure one, else the process's.
+        peak = (case_result or {}).get("peak_rss_mib") or results[impl].get("peak_rss_mib")
+        summaries[impl]["rss_gib"] = (peak or 0) / 2**10 or None
     hf = summaries[REFERENCE]
     hf_ok = "error" not in hf
     compared = min(COMPARE_TOKENS, case["steps"] + 1)
@@ -919,7 +935,7 @@ def main(argv: list[str] | None = None) -> None:
         "(decode and prefill: > 1 is faster);\nprefill: the prompt's forward + first token, one "
         "run; ms/step: median decode step; bound ms: (weight + mean live KV bytes\nper step) / "
         f"bandwidth; first {COMPARE_TOKENS} = HF: leading greedy tokens equal to HF's (worst "
-        "row); peak RSS includes loading the checkpoint."
+        "row); peak RSS: the case's (loaded model included)."
     )
     for name, result in results.items():
         if "load_s" not in result:
@@ -930,6 +946,7 @@ def main(argv: list[str] | None = None) -> None:
             f"  {IMPLEMENTATIONS[name][0]}: {result['versions']}; load {result['load_s']:.1f} s"
             + (f", AOT compile {compile_s:.1f} s (excluded)" if compile_s else "")
             + (f", RSS at exit {end_rss:.0f} MiB" if end_rss is not None else "")
+            + f", process peak {result.get('peak_rss_mib', 0):.0f} MiB (loading included)"
         )
     if args.png:
         rates = sweep_rates(sweep_results, args.sweep_batch)

@@ -37,9 +37,9 @@ from jax import lax
 
 from jaxkv.kv import PagedKV, check_scales
 from jaxkv.ops.softmax import (
+    DEFAULT_BLOCK_SIZE,
     check_options,
     combine_windows,
-    default_block_size,
     finish_softmax,
     init_softmax_state,
     online_softmax_update,
@@ -113,10 +113,12 @@ def paged_attention(
         scale: multiplier of the logits; default ``key_dim ** -0.5``.
         logit_soft_cap: if set, logits become ``cap * tanh(logits / cap)``.
         sliding_window: an extra window on top of the cache's own (the smaller wins).
-        pages_per_block: pages read per loop step; default about ``default_block_size`` tokens'
-            worth for the rows' query width (``DECODE_BLOCK_SIZE`` for rows that decode one
-            token, ``DEFAULT_BLOCK_SIZE`` for wider ones), at least one page, at most
-            ``max_pages_per_seq``.
+        pages_per_block: pages read per loop step; default ``DEFAULT_BLOCK_SIZE`` tokens' worth
+            (at least one page, at most ``max_pages_per_seq``), for decoding rows too: unlike
+            the contiguous kernel, which reads a block in place, this one gathers each block's
+            pages into a copy first, and at one row of 8,192 live tokens blocks of 256 slots
+            (whose copy stays in the CPU's cache) take about 40% less time than blocks of
+            ``DECODE_BLOCK_SIZE`` (512), while at 8 rows of 2,048 they are as fast.
 
     Returns:
         ``[num_tokens, query_heads, value_dim]`` in ``query.dtype``; softmax and accumulation run
@@ -151,25 +153,18 @@ def _attend(query, kv, *, scale, soft_cap, window, pages_per_block):
     codec = kv.storage
     q_all = codec.to_attention_basis(query.astype(jnp.float32)) * scale
 
-    def block(queries_per_row: int) -> int:
-        pages = pages_per_block
-        if pages is None:
-            pages = max(1, default_block_size(queries_per_row) // page_size)
-        return two_block_size(pages, max_pages)  # see two_block_size
+    pages = max(1, DEFAULT_BLOCK_SIZE // page_size) if pages_per_block is None else pages_per_block
+    block = two_block_size(pages, max_pages)  # see two_block_size
 
     options = dict(window=window, soft_cap=soft_cap, groups=groups)
     split = kv.prefill_rows
     if 0 < split < num_seqs and max_query_len > 1:
         # Rows past ``split`` decode one token: lay them out one query wide.
-        wide = _attend_rows(
-            q_all, kv, slice(0, split), max_query_len, block=block(max_query_len), **options
-        )
-        narrow = _attend_rows(q_all, kv, slice(split, num_seqs), 1, block=block(1), **options)
+        wide = _attend_rows(q_all, kv, slice(0, split), max_query_len, block=block, **options)
+        narrow = _attend_rows(q_all, kv, slice(split, num_seqs), 1, block=block, **options)
         packed = wide + narrow
     else:
-        packed = _attend_rows(
-            q_all, kv, slice(0, num_seqs), max_query_len, block=block(max_query_len), **options
-        )
+        packed = _attend_rows(q_all, kv, slice(0, num_seqs), max_query_len, block=block, **options)
     return codec.from_attention_basis(packed).astype(query.dtype)
 
 
