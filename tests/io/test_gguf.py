@@ -280,6 +280,26 @@ def _write_tiny(
     return hf
 
 
+def test_device_loading_compiles_one_kernel_per_layer_signature(tmp_path):
+    """Layers of the same tensor types share one decode kernel: a model of many layers costs
+    one dispatch per layer, not a compile per tensor."""
+    from jaxkv.io import gguf as gguf_io
+
+    path = tmp_path / "tiny.gguf"
+    _write_tiny(path, types={"blk.1.attn_k.weight": gguf.GGMLQuantizationType.Q8_0})
+    gguf_io._group_kernel.cache_clear()
+    _, device = load_gguf(path, device=True)
+    assert gguf_io._group_kernel.cache_info().currsize == 2  # layer 0 and layer 1 differ
+    gguf_io._group_kernel.cache_clear()
+    _write_tiny(path)
+    _, same_types = load_gguf(path, device=True)
+    assert gguf_io._group_kernel.cache_info().currsize == 1
+    assert len(same_types["layers"]) == len(device["layers"]) == 2
+    np.testing.assert_array_equal(
+        np.asarray(same_types["layers"][1]["wq"]), np.asarray(device["layers"][1]["wq"])
+    )
+
+
 def test_device_loading_gives_the_same_arrays(tmp_path):
     path = tmp_path / "tiny.gguf"
     types = {

@@ -6,7 +6,8 @@ loading a checkpoint costs a copy of its file rather than NumPy passes over ever
 ``dequantize(raw, ggml_type, shape)`` handles the float types (F32, F16, BF16), the 32-value
 block quantisations (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the 256-value k-quants (Q4_K, Q5_K,
 Q6_K); ``supported(ggml_type)`` says which. Other types are left to ``gguf.quants`` by the
-caller.
+caller. A loader that decodes many tensors at once (a whole layer in one kernel) traces
+``decoder(ggml_type, shape)`` on ``stored_words(raw, ggml_type, shape)`` itself.
 
 Block layouts (little-endian; ``d``, ``m`` are float16 scale and minimum, 32 values a block):
 
@@ -92,6 +93,14 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> jax.A
             or ``raw`` of the wrong size or dtype.
     """
     shape = tuple(int(n) for n in shape)
+    return _kernel(ggml_type, shape)(jnp.asarray(stored_words(raw, ggml_type, shape)))
+
+
+def stored_words(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> np.ndarray:
+    """``raw`` checked and viewed as what ``decoder(ggml_type, shape)`` takes: ``[blocks,
+    block bytes]`` uint8 (``[values, value bytes]`` for a float type). Raises ``ValueError``
+    as ``dequantize`` does."""
+    shape = tuple(int(n) for n in shape)
     if not supported(ggml_type):
         raise ValueError(f"dequantize: GGML type {ggml_type} has no device kernel")
     if ggml_type in _BLOCKS and (not shape or shape[-1] % _BLOCKS[ggml_type][0]):
@@ -107,11 +116,8 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> jax.A
             f"{getattr(raw, 'size', '?')}"
         )
     if ggml_type in _FLOAT_BYTES:
-        width = _FLOAT_BYTES[ggml_type]
-        words = raw.reshape(-1, width)
-    else:
-        words = raw.reshape(-1, _BLOCKS[ggml_type][1])
-    return _kernel(ggml_type, shape)(jnp.asarray(words))
+        return raw.reshape(-1, _FLOAT_BYTES[ggml_type])
+    return raw.reshape(-1, _BLOCKS[ggml_type][1])
 
 
 def _half(low: jax.Array, high: jax.Array) -> jax.Array:
@@ -157,6 +163,14 @@ def _k_quant(words: jax.Array, q: jax.Array) -> jax.Array:
 
 @functools.cache
 def _kernel(ggml_type: int, shape: tuple[int, ...]):
+    return jax.jit(decoder(ggml_type, shape))
+
+
+def decoder(ggml_type: int, shape: tuple[int, ...]):
+    """The traceable function ``words -> float32 shape`` that ``dequantize`` compiles, for a
+    caller that decodes several tensors in one kernel (``words`` as ``stored_words`` gives
+    them). ``ggml_type`` must be ``supported``."""
+
     def decode(words: jax.Array) -> jax.Array:
         if ggml_type == F32:
             bits = sum(words[:, i].astype(jnp.uint32) << (8 * i) for i in range(4))
@@ -207,4 +221,4 @@ def _kernel(ggml_type: int, shape: tuple[int, ...]):
             values = scale * q.reshape(-1, 16, 16).astype(jnp.float32)
         return values.reshape(shape)
 
-    return jax.jit(decode)
+    return decode

@@ -93,6 +93,7 @@ _SCALAR_FORMATS: dict[int, str] = {
 }
 _STRING = 8
 _ARRAY = 9
+_U64 = struct.Struct("<Q")
 _MAX_ARRAY_NESTING = 8  # arrays of arrays deeper than this are taken as corruption
 _NUMPY_ARRAY_TYPES: dict[int, str] = {
     0: "<u1",
@@ -243,6 +244,36 @@ class _HeaderCursor:
         except UnicodeDecodeError as err:
             raise GGUFError(f"{self._path}: {what} is not valid UTF-8 ({err})") from None
 
+    def strings(self, count: int, what: str) -> list[str]:
+        """``count`` strings in a row (a vocabulary: ~10^5 of them, so one tight loop; the
+        same checks and messages as ``string`` for each item)."""
+        buffer, offset, size = self._buffer, self.offset, self._size
+        unpack = _U64.unpack_from
+        items = []
+        for index in range(count):
+            if offset + 8 > size:
+                self.offset = offset
+                self._need(8, f"length of item {index} of {what}")
+            (length,) = unpack(buffer, offset)
+            end = offset + 8 + length
+            if end > size:
+                self.offset = offset + 8
+                self._need(length, f"item {index} of {what}")
+            items.append(buffer[offset + 8 : end])
+            offset = end
+        self.offset = offset
+        try:
+            return [item.decode("utf-8") for item in items]
+        except UnicodeDecodeError:
+            for index, item in enumerate(items):
+                try:
+                    item.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise GGUFError(
+                        f"{self._path}: item {index} of {what} is not valid UTF-8 ({err})"
+                    ) from None
+            raise
+
     def value(self, value_type: int, what: str, depth: int = 0) -> Any:
         if value_type in _SCALAR_FORMATS:
             return self.scalar(_SCALAR_FORMATS[value_type], what)
@@ -260,7 +291,7 @@ class _HeaderCursor:
                 self.offset += count * dtype.itemsize
                 return array
             if item_type == _STRING:
-                return [self.string(f"item {i} of {what}") for i in range(count)]
+                return self.strings(count, what)
             if item_type == _ARRAY:
                 if depth >= _MAX_ARRAY_NESTING:
                     raise GGUFError(
@@ -826,17 +857,26 @@ def load_gguf(
         }
         for layer in range(config.num_layers):
             prefix = f"blk.{layer}."
+            plan = (
+                DeviceTensor("attn_norm", prefix + "attn_norm.weight"),
+                DeviceTensor("wq", prefix + "attn_q.weight", config.num_heads, transpose=True),
+                DeviceTensor("wk", prefix + "attn_k.weight", config.num_kv_heads, transpose=True),
+                DeviceTensor("wv", prefix + "attn_v.weight", transpose=True),
+                DeviceTensor("wo", prefix + "attn_output.weight", transpose=True),
+                DeviceTensor("mlp_norm", prefix + "ffn_norm.weight"),
+                DeviceTensor("w_gate", prefix + "ffn_gate.weight", transpose=True),
+                DeviceTensor("w_up", prefix + "ffn_up.weight", transpose=True),
+                DeviceTensor("w_down", prefix + "ffn_down.weight", transpose=True),
+            )
+            if device and decodable_on_device(meta, plan):
+                params["layers"].append(decode_on_device(buffer, meta, plan, checks))
+                continue
             params["layers"].append(
                 {
-                    "attn_norm": vector(prefix + "attn_norm.weight"),
-                    "wq": matrix(prefix + "attn_q.weight", rope_heads=config.num_heads),
-                    "wk": matrix(prefix + "attn_k.weight", rope_heads=config.num_kv_heads),
-                    "wv": matrix(prefix + "attn_v.weight"),
-                    "wo": matrix(prefix + "attn_output.weight"),
-                    "mlp_norm": vector(prefix + "ffn_norm.weight"),
-                    "w_gate": matrix(prefix + "ffn_gate.weight"),
-                    "w_up": matrix(prefix + "ffn_up.weight"),
-                    "w_down": matrix(prefix + "ffn_down.weight"),
+                    item.key: (
+                        matrix(item.name, item.rope_heads) if item.transpose else vector(item.name)
+                    )
+                    for item in plan
                 }
             )
         _report_device_checks(buffer, meta, checks)
@@ -880,16 +920,101 @@ def _dequantize_tensor(
     return jnp.asarray(values) if device else values
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceTensor:
+    """How one tensor of a group leaves ``decode_on_device``'s kernel.
+
+    Attributes:
+        key: its key in the returned dict.
+        name: the GGUF tensor.
+        rope_heads: ``> 0``: undo llama.cpp's query/key row order for this many heads
+            (``_undo_rope_permutation``).
+        transpose: a matrix stored ``[out, in]`` comes back ``[in, out]``.
+        offset: added to every value (Gemma's norms are stored as ``1 + w``).
+    """
+
+    key: str
+    name: str
+    rope_heads: int = 0
+    transpose: bool = False
+    offset: float = 0.0
+
+
+def decodable_on_device(meta: GGUFMetadata, plan: tuple[DeviceTensor, ...]) -> bool:
+    """Whether every tensor of ``plan`` has a device kernel (``jaxkv.io.dequantize``)."""
+    from jaxkv.io import dequantize as on_device
+
+    return all(on_device.supported(meta.tensors[item.name].ggml_type) for item in plan)
+
+
+def decode_on_device(
+    buffer: mmap.mmap,
+    meta: GGUFMetadata,
+    plan: tuple[DeviceTensor, ...],
+    checks: list[tuple[Any, Any]],
+) -> dict[str, Any]:
+    """The tensors of ``plan`` (all ``decodable_on_device``) decoded, reordered and transposed
+    in ONE compiled kernel per distinct plan signature: every layer of a model shares it, so
+    loading costs one dispatch per layer instead of a dozen eager ops per tensor. The group's
+    all-finite flag is appended to ``checks`` under the tuple of its tensor names."""
+    from jaxkv.io import dequantize as on_device
+
+    infos = [meta.tensors[item.name] for item in plan]
+    signature = tuple(
+        (item.key, info.ggml_type, info.shape, item.rope_heads, item.transpose, item.offset)
+        for item, info in zip(plan, infos, strict=True)
+    )
+    words = [
+        on_device.stored_words(
+            np.frombuffer(buffer[info.offset : info.offset + info.nbytes], dtype=np.uint8),
+            info.ggml_type,
+            info.shape,
+        )
+        for info in infos
+    ]
+    values, finite = _group_kernel(signature)(words)  # the bytes go over in the call
+    checks.append((tuple(item.name for item in plan), finite))
+    return values
+
+
+@functools.cache
+def _group_kernel(signature: tuple[tuple[Any, ...], ...]):
+    """The jitted ``words -> ({key: float32 array}, all finite)`` of one plan signature."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxkv.io import dequantize as on_device
+
+    def decode(words: list[Any]) -> tuple[dict[str, Any], Any]:
+        values, finite = {}, jnp.bool_(True)
+        for (key, ggml_type, shape, rope_heads, transpose, offset), stored in zip(
+            signature, words, strict=True
+        ):
+            tensor = on_device.decoder(ggml_type, shape)(stored)
+            finite = finite & jnp.isfinite(tensor).all()
+            if rope_heads:
+                tensor = _undo_rope_permutation(tensor, rope_heads)
+            if offset:
+                tensor = tensor + offset
+            values[key] = tensor.T if transpose else tensor
+        return values, finite
+
+    return jax.jit(decode)
+
+
 def _report_device_checks(
-    buffer: mmap.mmap, meta: GGUFMetadata, checks: list[tuple[str, Any]]
+    buffer: mmap.mmap, meta: GGUFMetadata, checks: list[tuple[Any, Any]]
 ) -> None:
-    """Raise `GGUFError` for the first device-decoded tensor whose flag says it holds NaN/inf."""
+    """Raise `GGUFError` for the first device-decoded tensor whose flag says it holds NaN/inf
+    (a flag may stand for one tensor name or for a tuple of them: ``decode_on_device``)."""
     import jax
 
     from jaxkv.io import dequantize as on_device
 
-    for (name, _), finite in zip(checks, jax.device_get([c for _, c in checks]), strict=True):
-        if not finite:
+    for (names, _), finite in zip(checks, jax.device_get([c for _, c in checks]), strict=True):
+        if finite:
+            continue
+        for name in (names,) if isinstance(names, str) else names:
             info = meta.tensors[name]
             raw = np.frombuffer(buffer[info.offset : info.offset + info.nbytes], dtype=np.uint8)
             _check_finite(

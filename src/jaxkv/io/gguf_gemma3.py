@@ -33,6 +33,7 @@ import numpy as np
 from jaxkv.io.gguf import (
     _INTEGER,
     _REAL,
+    DeviceTensor,
     GGUFError,
     GGUFMetadata,
     Params,
@@ -47,6 +48,8 @@ from jaxkv.io.gguf import (
     _parse,
     _report_device_checks,
     _resolve_dtype,
+    decodable_on_device,
+    decode_on_device,
 )
 from jaxkv.models.gemma3 import GLOBAL, SLIDING, Gemma3Config
 
@@ -390,21 +393,33 @@ def load_gemma3_gguf(
                 _check_finite(resolved, name, meta.tensors[name], out, out_dtype)
             return out
 
-        def tensor(name: str) -> Any:
-            values = _dequantize_tensor(buffer, meta, name, device=device, checks=checks)
+        def how(key: str, name: str) -> DeviceTensor:
+            """llama.cpp stores Gemma's norms as ``1 + w`` and matrices ``[out, in]``."""
             if name.endswith("norm.weight"):
-                values = values - 1.0  # llama.cpp stores Gemma's 1 + w
-            elif len(meta.tensors[name].shape) == 2 and name != "token_embd.weight":
-                values = values.T  # [out, in] -> [in, out]
-            return finish(name, values)
+                return DeviceTensor(key, name, offset=-1.0)
+            matrix = len(meta.tensors[name].shape) == 2 and name != "token_embd.weight"
+            return DeviceTensor(key, name, transpose=matrix)
+
+        def tensor(item: DeviceTensor) -> Any:
+            values = _dequantize_tensor(buffer, meta, item.name, device=device, checks=checks)
+            if item.offset:
+                values = values + item.offset
+            if item.transpose:
+                values = values.T
+            return finish(item.name, values)
+
+        def layer(index: int) -> dict[str, Any]:
+            plan = tuple(
+                how(key, f"blk.{index}.{suffix}") for suffix, key in _LAYER_TENSORS.items()
+            )
+            if device and decodable_on_device(meta, plan):
+                return decode_on_device(buffer, meta, plan, checks)
+            return {item.key: tensor(item) for item in plan}
 
         params: Params = {
-            "embed": tensor("token_embd.weight"),
-            "final_norm": tensor("output_norm.weight"),
-            "layers": [
-                {key: tensor(f"blk.{layer}.{suffix}") for suffix, key in _LAYER_TENSORS.items()}
-                for layer in range(config.num_layers)
-            ],
+            "embed": tensor(how("embed", "token_embd.weight")),
+            "final_norm": tensor(how("final_norm", "output_norm.weight")),
+            "layers": [layer(index) for index in range(config.num_layers)],
         }
         _report_device_checks(buffer, meta, checks)
     return config, params

@@ -13,6 +13,7 @@ Shapes: ``B`` batch, ``T`` new tokens, ``H`` query heads, ``K`` KV heads, ``D`` 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -48,30 +49,36 @@ def params_to_device(params: Params, dtype: Any = jnp.float32, *, consume: bool 
     def put(array: np.ndarray | None, target: Any = dtype) -> jax.Array | None:
         return None if array is None else jnp.asarray(array, dtype=target)
 
-    def fused(*matrices: Any) -> jax.Array:
-        """``[in, out_i]`` matrices -> one ``[in, sum(out_i)]`` matrix (joined on the device)."""
-        return jnp.concatenate([put(m) for m in matrices], axis=1)
-
     layers = []
     for index, layer in enumerate(params["layers"]):
         if consume:
             params["layers"][index] = None  # its arrays are freed once fused
-        layers.append(
-            {
-                "attn_norm": put(layer["attn_norm"], jnp.float32),
-                "wqkv": fused(layer["wq"], layer["wk"], layer["wv"]),
-                "wo": put(layer["wo"]),
-                "mlp_norm": put(layer["mlp_norm"], jnp.float32),
-                "w_gate_up": fused(layer["w_gate"], layer["w_up"]),
-                "w_down": put(layer["w_down"]),
-            }
-        )
+        layers.append(_fused_layer(layer, jnp.dtype(dtype)))
     tied = params["lm_head"] is None
     return {
         "embed": None if tied else put(params["embed"]),
         "final_norm": put(params["final_norm"], jnp.float32),
         "lm_head": put(params["embed"]).T if tied else put(params["lm_head"]),
         "layers": layers,
+    }
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _fused_layer(layer: dict[str, Any], dtype: Any) -> dict[str, jax.Array]:
+    """One loader layer -> its device layout (see ``params_to_device``), in one dispatch:
+    every layer shares the compiled kernel."""
+
+    def fused(*keys: str) -> jax.Array:
+        """``[in, out_i]`` matrices -> one ``[in, sum(out_i)]`` matrix."""
+        return jnp.concatenate([jnp.asarray(layer[key], dtype) for key in keys], axis=1)
+
+    return {
+        "attn_norm": jnp.asarray(layer["attn_norm"], jnp.float32),
+        "wqkv": fused("wq", "wk", "wv"),
+        "wo": jnp.asarray(layer["wo"], dtype),
+        "mlp_norm": jnp.asarray(layer["mlp_norm"], jnp.float32),
+        "w_gate_up": fused("w_gate", "w_up"),
+        "w_down": jnp.asarray(layer["w_down"], dtype),
     }
 
 
