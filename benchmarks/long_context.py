@@ -32,7 +32,10 @@ One run of this script measures, on this machine and with the same float32 weigh
   measured memory bandwidth`` (the bandwidth measurement of ``benchmarks/decode.py``), KV bytes
   per token of each storage codec from ``TransformerCacheMetadata.bytes_per_token`` (scales
   included); ``% of bound = bound time / measured step time``;
-- how many of the first 8 greedy tokens of each jaxkv implementation equal HF's (the worst row).
+- how many of the first 8 greedy tokens of each jaxkv implementation equal HF's (the worst row);
+- that decode cost stays flat in capacity (skipped by ``--quick``): jaxkv contiguous and paged
+  decode after the same 1 x 2,048-token prompt in caches of 2,304 and 32,768 tokens; the larger
+  cache's median step should be within 10% of the smaller one's.
 
 At ``1x8192`` the decode steps run at positions 8,192 and on, past SmolLM2's 8,192-token
 context: both sides apply RoPE there alike (speed is unaffected, and the first generated token
@@ -40,7 +43,7 @@ comes from the prompt's last position).
 
 The prompts are random token ids (``numpy.random.default_rng(0)``, ids in ``[100, vocab - 100)``),
 made once by the driver and passed to every worker, so both sides read the same ids. Under each
-table the issue's targets for that case are checked (met / not met).
+table the targets for that case are checked (met / not met).
 
 ``--png FILE`` also runs a sweep: decode tokens/s against context length (512 ... 8,192 tokens
 at batch ``--sweep-batch``, default 1) for jaxkv contiguous and HF. The cache of one process
@@ -108,8 +111,13 @@ IMPLEMENTATIONS = {
 }
 REFERENCE = "hf-dynamic"
 SWEEP_IMPLEMENTATIONS = ("jaxkv-contiguous", "hf-dynamic")
+# Decode cost flat in capacity: the same live tokens in a small and a large cache.
+CAPACITY_CHECK_PROMPT = 2048
+CAPACITY_CHECK_CAPACITIES = (2304, 32768)
+CAPACITY_CHECK_IMPLEMENTATIONS = ("jaxkv-contiguous", "jaxkv-paged")
+CAPACITY_CHECK_LIMIT = 1.10  # the large cache's step within 10% of the small one's
 
-# The issue's targets, per case: (what, implementation, quantity, comparison, ratio to HF).
+# Long-context targets, per case: (what, implementation, quantity, comparison, ratio to HF).
 # Speeds are jaxkv / HF (> 1 is faster); peak RSS is jaxkv / HF (< 1 is smaller).
 TARGETS = {
     "8x2048": [
@@ -227,6 +235,26 @@ def _run_sweep(runner_for, spec: dict[str, Any]) -> dict[str, Any]:
             traceback.print_exc(file=sys.stderr)
             results[str(context)] = {"error": _error_text(error)}
             break
+    return results
+
+
+def _run_capacity_check(runner_for, spec: dict[str, Any]) -> dict[str, Any]:
+    """Decode steps after the same prompt in caches of each capacity of
+    ``spec["capacity_check"]``: the step should cost what the live tokens cost, not the
+    capacity."""
+    check = spec["capacity_check"]
+    prompt = check["prompt"]
+    results = {}
+    for capacity in check["capacities"]:
+        try:
+            runner = runner_for(len(prompt), capacity)
+            _, first = _prefill(runner, prompt, spec.get("prefill_chunk"))
+            runs = _decode_runs(runner, first, len(prompt[0]), spec["steps"], spec["repeats"])
+            results[str(capacity)] = {"step_s": runs["step_s"]}
+            del runner
+        except Exception as error:
+            traceback.print_exc(file=sys.stderr)
+            results[str(capacity)] = {"error": _error_text(error)}
     return results
 
 
@@ -432,6 +460,8 @@ def _jaxkv_worker(spec: dict[str, Any], name: str) -> dict[str, Any]:
 
     if "sweep" in spec:
         return {**info, "sweep": _run_sweep(runner_for, spec)}
+    if "capacity_check" in spec:
+        return {**info, "capacity_check": _run_capacity_check(runner_for, spec)}
     return {**info, "cases": _run_cases(runner_for, spec)}
 
 
@@ -510,6 +540,8 @@ def _hf_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     if "sweep" in spec:
         return {**info, "sweep": _run_sweep(runner_for, spec)}
+    if "capacity_check" in spec:
+        return {**info, "capacity_check": _run_capacity_check(runner_for, spec)}
     return {**info, "cases": _run_cases(runner_for, spec)}
 
 
@@ -660,6 +692,36 @@ def build_case_table(
     return headers, rows, summaries
 
 
+def print_capacity_check(results: dict[str, dict]) -> None:
+    """The capacity table: median decode step per capacity and the largest against the
+    smallest, with the target line."""
+    capacities = [str(c) for c in CAPACITY_CHECK_CAPACITIES]
+    print(
+        f"\nDecode step at 1 x {CAPACITY_CHECK_PROMPT:,} live tokens against cache capacity "
+        f"(target: the {int(capacities[-1]):,}-slot cache within "
+        f"{CAPACITY_CHECK_LIMIT - 1:.0%} of the {int(capacities[0]):,}-slot one):"
+    )
+    rows = []
+    for name, result in results.items():
+        check = result.get("capacity_check", {})
+        medians = {
+            c: statistics.median(check[c]["step_s"]) * 1e3 if "step_s" in check.get(c, {}) else None
+            for c in capacities
+        }
+        small, large = medians[capacities[0]], medians[capacities[-1]]
+        ratio = large / small if small and large else None
+        verdict = (
+            "n/a" if ratio is None else ("met" if ratio <= CAPACITY_CHECK_LIMIT else "NOT met")
+        )
+        rows.append(
+            [IMPLEMENTATIONS[name][0]]
+            + [f"{m:.2f}" if m is not None else "n/a" for m in medians.values()]
+            + [f"{ratio:.3f}x" if ratio is not None else result.get("error", "n/a"), verdict]
+        )
+    headers = ["implementation", *(f"ms/step @ {int(c):,}" for c in capacities), "ratio", "target"]
+    print_rows(headers, rows)
+
+
 def print_rows(headers: list[str], rows: list[list[object]]) -> None:
     """A table whose error rows (second cell ``n/a (...)``) span the columns after the label."""
     normal = [row for row in rows if not str(row[1]).startswith("n/a (")]
@@ -678,7 +740,7 @@ def target_lines(name: str, summaries: dict[str, dict]) -> list[str]:
     """One ``met`` / ``not met`` line per target of the case (none for other cases)."""
     targets = TARGETS.get(name)
     if not targets:
-        return [f"targets: none for {name} (the issue's are for {' and '.join(TARGETS)})"]
+        return [f"targets: none for {name} (they are set for {' and '.join(TARGETS)})"]
     hf = summaries[REFERENCE]
     lines = []
     for what, impl, quantity, comparison, wanted in targets:
@@ -698,7 +760,7 @@ def target_lines(name: str, summaries: dict[str, dict]) -> list[str]:
             f"  {what:<28} {comparison} {wanted:.1f}x HF: {measured:>6}  "
             f"{verdict:<11}  ({IMPLEMENTATIONS[impl][0]})"
         )
-    return ["targets (from the issue):", *lines]
+    return ["targets:", *lines]
 
 
 def sweep_rates(results: dict[str, dict], batch: int) -> dict[str, dict[int, float | None]]:
@@ -890,6 +952,18 @@ def main(argv: list[str] | None = None) -> None:
             name: launch(name, {**common, "sweep": sweep}) for name in SWEEP_IMPLEMENTATIONS
         }
 
+    capacity_results: dict[str, dict] = {}
+    if not args.quick:
+        check = {
+            "prompt": random_prompt(1, CAPACITY_CHECK_PROMPT, config.vocab_size),
+            "capacities": list(CAPACITY_CHECK_CAPACITIES),
+        }
+        print(f"capacity check (1 x {CAPACITY_CHECK_PROMPT:,} live tokens):", file=sys.stderr)
+        capacity_results = {
+            name: launch(name, {**common, "capacity_check": check})
+            for name in CAPACITY_CHECK_IMPLEMENTATIONS
+        }
+
     kv_per_token = kv_bytes_per_token(config)
     print(
         f"\nLong-context benchmark: {gguf.name}, float32 weights; greedy; {steps} decode steps x "
@@ -948,6 +1022,8 @@ def main(argv: list[str] | None = None) -> None:
             + (f", RSS at exit {end_rss:.0f} MiB" if end_rss is not None else "")
             + f", process peak {result.get('peak_rss_mib', 0):.0f} MiB (loading included)"
         )
+    if capacity_results:
+        print_capacity_check(capacity_results)
     if args.png:
         rates = sweep_rates(sweep_results, args.sweep_batch)
         contexts = sorted({c for points in rates.values() for c in points})
