@@ -6,7 +6,8 @@ token by token: the same logits.
 
 Every contiguous run is batch 1 with one cache geometry, so the module compiles four step shapes
 for it (the whole long prompt, a chunk of 100, a chunk of 512 and one token), plus two for the
-paged backend and one for the int8 cache."""
+paged backend (sliding layers on their own windowed pool), two for it with int8 KV and one for
+the int8 contiguous cache."""
 
 from __future__ import annotations
 
