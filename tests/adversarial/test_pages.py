@@ -1183,7 +1183,12 @@ BUILDER_ROW_ERRORS: list[Any] = [
     ),
     *(
         pytest.param([_row(page_ids=v)], ValueError, "page id .* outside", id=f"pages={name(v)}")
-        for v in ((0, 6), (0, -1), (0, 2**31), (0, 2**64), (np.int64(-1), 1))
+        for v in ((0, 6), (0, -2), (0, 2**31), (0, 2**64), (np.int64(-2), 1))
+    ),
+    *(
+        # -1 (no page: released before a sliding window) only where the row reads.
+        pytest.param([_row(page_ids=v)], ValueError, r"is -1 \(no page\)", id=f"pages={name(v)}")
+        for v in ((0, -1), (0, np.int64(-1)))
     ),
     *(
         pytest.param([_row(new_token_ids=v)], TypeError, "new_token_ids", id=f"tokens={name(v)}")

@@ -19,8 +19,8 @@ from jaxkv.caches.hybrid import (
 )
 from jaxkv.caches.paged import PagedCacheMetadata, PagedCacheView, PagedRuntimeMetadata
 from jaxkv.caches.recurrent import Mamba2CacheView, MambaCacheView, RecurrentMetadata
-from jaxkv.engine.step_inputs import hybrid_paged_runtime
-from jaxkv.pages import PageManager
+from jaxkv.engine.step_inputs import hybrid_page_managers, hybrid_paged_runtime
+from jaxkv.pages import HybridStep, PageManager
 
 KINDS = ("attention", "mamba2", "sliding_attention", "none", "mamba", "attention")
 PAGING = dict(num_pages=12, page_size=4, max_pages_per_seq=3)
@@ -100,11 +100,11 @@ def test_paged_metadata_round_trips_exactly(dtype):
         (
             dict(
                 sliding_attention=dict(
-                    PAGING, num_pages=13, num_kv_heads=1, head_dim=4, sliding_window=3
+                    PAGING, max_pages_per_seq=2, num_kv_heads=1, head_dim=4, sliding_window=3
                 )
             ),
             ValueError,
-            "attention.num_pages=12 and sliding_attention.num_pages=13 must be equal",
+            "attention.max_pages_per_seq=3 and sliding_attention.max_pages_per_seq=2 must be equal",
         ),
         (
             dict(attention=PagedCacheMetadata.create(2, 12, 4, 1, 4, 5, 3)),
@@ -252,7 +252,7 @@ def test_from_step_validation_names_the_argument():
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
             hybrid_paged_runtime(step, **kwargs)
-    with pytest.raises(TypeError, match="step must be a StepMetadata, got dict"):
+    with pytest.raises(TypeError, match="step must be a StepMetadata or HybridStep, got dict"):
         hybrid_paged_runtime({})
 
 
@@ -329,3 +329,127 @@ def test_cache_operations_leave_paged_pools_to_the_page_manager():
     )
     with pytest.raises(ValueError, match="no view with per-row lengths"):
         attention_only.lengths()
+
+
+# -- the sliding layers on their own, windowed pool ---------------------------------------------
+
+WINDOWED_KINDS = ("attention", "sliding_attention", "sliding_attention", "attention")
+
+
+def _windowed_metadata(sliding_pages: int = 5) -> HybridCacheMetadata:
+    return HybridCacheMetadata.create(
+        WINDOWED_KINDS,
+        batch_size=2,
+        attention=dict(num_pages=16, page_size=4, max_pages_per_seq=8, num_kv_heads=1, head_dim=4),
+        sliding_attention=dict(
+            num_pages=sliding_pages,
+            page_size=4,
+            max_pages_per_seq=8,
+            num_kv_heads=1,
+            head_dim=4,
+            sliding_window=4,
+        ),
+        attention_backend="paged",
+    )
+
+
+def _windowed_step(pages, batch, prompts):
+    for seq_id, prompt in prompts.items():
+        pages.add_sequence(seq_id, prompt)
+    return pages.schedule(batch)
+
+
+def test_sliding_layers_get_their_own_smaller_pool_and_page_table():
+    metadata = _windowed_metadata()
+    cache = HybridCache.init_cache(metadata)
+    assert cache[1].key_pages.shape[0] == 5 and cache[0].key_pages.shape[0] == 16
+    assert metadata.sliding_paged_geometry() == dict(
+        num_pages=5, page_size=4, max_num_seqs=2, max_pages_per_seq=8, sliding_window=4
+    )
+    with pytest.raises(ValueError, match="sliding_paged_geometry: needs attention_backend"):
+        HybridCacheMetadata.create(
+            ("attention",),
+            batch_size=3,
+            attention=dict(PAGING, num_kv_heads=1, head_dim=4),
+            attention_backend="paged",
+        ).sliding_paged_geometry()
+    pages = hybrid_page_managers(metadata, window_margin=1, token_buckets=(8, 16))
+    assert pages.sliding.sliding_window == 4 and pages.sliding.window_margin == 1
+    assert pages.full.num_pages == 16 and pages.sliding.num_pages == 5
+    step = _windowed_step(pages, [("a", 12)], {"a": list(range(20))})
+    pages.commit_step(step)
+    step = pages.schedule([("a", 4)])
+    assert isinstance(step, HybridStep)
+    runtime = hybrid_paged_runtime(step, width=4)
+    sliding = runtime.for_kind("sliding_attention")
+    assert (
+        sliding is runtime.sliding_attention and runtime.for_kind("attention") is runtime.attention
+    )
+    assert (sliding.num_pages, runtime.attention.num_pages) == (5, 16)
+    # 12 computed, W + M = 5: page 0 (positions 0..3) went back, its entry is -1.
+    assert int(sliding.page_tables[0, 0]) == -1 and int(runtime.attention.page_tables[0, 0]) >= 0
+    np.testing.assert_array_equal(np.asarray(sliding.positions), runtime.attention.positions)
+    for part in (sliding, runtime.attention):  # each part's slots follow its own table
+        assert int(part.slot_mapping[0]) // 4 == int(part.page_tables[0, 3])
+    # Each kind writes its own pool, at its own slots; a layer refuses the other pool's plan.
+    key = jnp.ones((8, 1, 4), jnp.float32)
+    _, written = cache[1].concatenate_to_cache(key, key, sliding)
+    rows = np.flatnonzero(np.asarray(written.key_pages).any(axis=(1, 2, 3)))
+    assert rows.tolist() == [int(np.asarray(sliding.slot_mapping)[0]) // 4]
+    with pytest.raises(ValueError, match="built for a pool of 16 pages"):
+        cache[1].concatenate_to_cache(key, key, runtime.attention)
+    # Dropping a slot drops its writes in both parts.
+    dropped = runtime.drop_slots(jnp.asarray([True, False]))
+    assert (np.asarray(dropped.sliding_attention.slot_mapping) == -1).all()
+    assert (np.asarray(dropped.attention.slot_mapping) == -1).all()
+    for restored in (
+        HybridPagedMetadata.from_json(runtime.to_json()),
+        HybridPagedMetadata.from_dict(runtime.to_dict()),
+    ):
+        assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(runtime)
+        for old, new in zip(
+            jax.tree_util.tree_leaves(runtime), jax.tree_util.tree_leaves(restored), strict=True
+        ):
+            np.testing.assert_array_equal(np.asarray(old), np.asarray(new))
+    pages.commit_step(step)
+    pages.check_invariants()
+
+
+def test_the_two_plans_of_a_step_must_lay_out_the_same_tokens():
+    metadata = _windowed_metadata(sliding_pages=16)
+    pages = hybrid_page_managers(metadata, token_buckets=(8, 16))
+    step = _windowed_step(pages, [("a", 3)], {"a": [1, 2, 3], "b": [4, 5]})
+    other = PageManager(**metadata.paged_geometry(), token_buckets=(8, 16))
+    other.add_sequence("b", [4, 5])
+    with pytest.raises(ValueError, match=r"step.full.seq_ids=\('a',\) and step.sliding.seq_ids"):
+        hybrid_paged_runtime(HybridStep(full=step.full, sliding=other.schedule([("b", 2)])))
+    good = hybrid_paged_runtime(step, width=4)
+    shifted = good.attention.replace(positions=good.attention.positions + 1)
+    with pytest.raises(ValueError, match="sliding_attention.positions .* differs"):
+        dataclasses.replace(good, sliding_attention=shifted)
+    with pytest.raises(TypeError, match="sliding_attention must be None or PagedRuntimeMetadata"):
+        dataclasses.replace(good, sliding_attention=good.recurrent)
+    with pytest.raises(ValueError, match="needs a stack of 'attention' and 'sliding_attention'"):
+        hybrid_page_managers(_metadata())
+    with pytest.raises(ValueError, match="enable_prefix_caching=True cannot serve"):
+        hybrid_page_managers(metadata, enable_prefix_caching=True)
+
+
+def test_copy_pages_applies_each_pool_its_own_copies():
+    cache = HybridCache.init_cache(_windowed_metadata())
+    full_ids = jnp.arange(16, dtype=jnp.float32)[:, None, None, None] + 1
+    sliding_ids = jnp.arange(5, dtype=jnp.float32)[:, None, None, None] + 100
+    cache = cache.with_views(
+        dataclasses.replace(
+            view, key_pages=view.key_pages + (full_ids if i in (0, 3) else sliding_ids)
+        )
+        for i, view in enumerate(cache)
+    )
+    with pytest.raises(ValueError, match="pass their step's copies as sliding_copy_ops"):
+        cache.copy_pages(jnp.asarray([[0, 9]], jnp.int32))
+    copied = cache.copy_pages(
+        jnp.asarray([[0, 9]], jnp.int32), sliding_copy_ops=jnp.asarray([[1, 4]], jnp.int32)
+    )
+    assert float(copied[0].key_pages[9].min()) == 1 and float(copied[3].key_pages[9].min()) == 1
+    assert float(copied[1].key_pages[4].min()) == 101 and float(copied[2].key_pages[4].min()) == 101
+    assert float(copied[1].key_pages[0].min()) == 100

@@ -6,7 +6,8 @@ token by token: the same logits.
 
 Every contiguous run is batch 1 with one cache geometry, so the module compiles four step shapes
 for it (the whole long prompt, a chunk of 100, a chunk of 512 and one token), plus two for the
-paged backend and one for the int8 cache."""
+paged backend (sliding layers on their own windowed pool), two for it with int8 KV and one for
+the int8 contiguous cache."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 from jaxkv.caches.hybrid import HybridCache, HybridRuntimeMetadata
-from jaxkv.engine.step_inputs import hybrid_paged_runtime
+from jaxkv.engine.step_inputs import hybrid_page_managers, hybrid_paged_runtime
 from jaxkv.io.gguf_gemma3 import load_gemma3_gguf
 from jaxkv.models.gemma3 import (
     GLOBAL,
@@ -268,50 +269,146 @@ def test_uncached_reference_forward_matches_hf(model, reference):
 
 
 PAGED_DECODE_STEPS = 8
+PAGE_SIZE = 16
+WINDOW_MARGIN = 16
 
 
-def test_paged_backend_long_prompt_matches_hf(model, reference):
-    """Sliding and global layers on page pools driven by one PageManager: the long prompt in
-    chunks of 512, then greedy decoding."""
-    config, params = model
-    prompt = _prompt(reference, "long")
-    ids = prompt["prompt_ids"]
-    metadata = config.cache_metadata(1, MAX_LENGTH, attention_backend="paged", page_size=16)
-    assert metadata.sliding_attention.sliding_window == config.sliding_window
-    cache = HybridCache.init_cache(metadata)
-    manager = PageManager(
-        **metadata.paged_geometry(), enable_prefix_caching=False, token_buckets=(8, WIDE)
-    )
-    manager.add_sequence(0, ids)
+class PagedRunner:
+    """One batch-1 sequence on the paged backend: global layers on a pool of every page,
+    sliding layers on their own windowed pool (the pages before the window go back)."""
 
-    def run(count, width):
-        nonlocal cache
-        step = manager.schedule([(0, count)])
+    def __init__(self, model, kv_quantization="none"):
+        self.config, self.params = model
+        self.metadata = self.config.cache_metadata(
+            1,
+            MAX_LENGTH,
+            attention_backend="paged",
+            page_size=PAGE_SIZE,
+            kv_quantization=kv_quantization,
+            max_chunk_tokens=WIDE,
+            window_margin=WINDOW_MARGIN,
+        )
+        self.cache = HybridCache.init_cache(self.metadata)
+        self.pages = hybrid_page_managers(
+            self.metadata, window_margin=WINDOW_MARGIN, token_buckets=(8, WIDE)
+        )
+
+    def run(self, count, width):
+        """Schedule the next ``count`` tokens of sequence 0 on both pools; logits of the last."""
+        step = self.pages.schedule([(0, count)])
         runtime = hybrid_paged_runtime(step, width=width)
-        logits, cache = _step(
-            params,
-            cache,
+        logits, self.cache = _step(
+            self.params,
+            self.cache,
             runtime.batch_token_ids(),
             runtime,
             jnp.asarray([count - 1], jnp.int32),
-            config=config,
+            config=self.config,
         )
-        manager.commit_step(step)
+        self.pages.commit_step(step)
         return np.asarray(logits[0])
 
+    def greedy(self, logits, steps):
+        tokens, all_logits = [], []
+        for _ in range(steps):
+            tokens.append(int(np.argmax(logits)))
+            self.pages.append_tokens(0, [tokens[-1]])
+            logits = self.run(1, 1)
+            all_logits.append(logits)
+        return tokens, all_logits
+
+
+def test_paged_backend_long_prompt_matches_hf(model, reference):
+    """Sliding layers on their own small, windowed pool, global layers on a pool of every page:
+    the long prompt in chunks crossing the window boundary (500 + 30 + 512 + 258 + 216), then
+    greedy decoding; the same logits as HF while the sliding pool gives its old pages back."""
+    config, _ = model
+    prompt = _prompt(reference, "long")
+    ids = prompt["prompt_ids"]
+    runner = PagedRunner(model)
+    metadata, pages = runner.metadata, runner.pages
+    assert metadata.sliding_attention.sliding_window == config.sliding_window == 512
+    # ceil((W + chunk + margin) / page_size) + 1 pages for one row, against every page.
+    bound = -(-(512 + WIDE + WINDOW_MARGIN) // PAGE_SIZE) + 1
+    assert metadata.sliding_attention.num_pages == bound == 66
+    assert metadata.attention.num_pages == MAX_LENGTH // PAGE_SIZE == 100
+    pages.add_sequence(0, ids)
+
     logits_at, done = {}, 0
-    for chunk in _chunks(ids, (), WIDE):
+    for chunk in _chunks(ids, WINDOW_CHUNKS, WIDE):
         done += len(chunk)
-        logits_at[done - 1] = run(len(chunk), WIDE)
-    assert _check_positions(logits_at, prompt, "paged chunks of 512") >= 1
+        logits_at[done - 1] = runner.run(len(chunk), WIDE)
+        held = [page for page in pages.sliding.get_sequence(0).page_ids if page != -1]
+        assert len(held) <= bound
+    assert _check_positions(logits_at, prompt, "paged chunks across the window") >= 1
     logits = logits_at[len(ids) - 1]
     _check_top(logits, prompt["last_prompt_top"], what="paged last prompt position")
+
+    # The pages before num_computed - W - margin went back to the sliding pool.
+    table = pages.sliding.get_sequence(0).page_ids
+    released = (len(ids) - 512 - WINDOW_MARGIN) // PAGE_SIZE
+    assert len(ids) >= 1400 and table[:released] == (-1,) * released
+    assert pages.sliding.num_free_pages == bound - (len(table) - released)
+    assert len(pages.full.get_sequence(0).page_ids) == len(table) == -(-len(ids) // PAGE_SIZE)
+    assert pages.full.num_free_pages == 100 - len(table)
+    pages.check_invariants()
+
+    tokens, step_logits = runner.greedy(logits, PAGED_DECODE_STEPS)
+    assert tokens == prompt["generated_ids"][:PAGED_DECODE_STEPS]
     for step in range(PAGED_DECODE_STEPS):
-        token = int(np.argmax(logits))
-        assert token == prompt["generated_ids"][step]
-        manager.append_tokens(0, [token])
-        logits = run(1, 1)
-        _check_top(logits, prompt["steps"][step + 1], what=f"paged decode step {step + 1}")
+        _check_top(step_logits[step], prompt["steps"][step + 1], what=f"paged decode {step + 1}")
+    # A rollback past the margin is refused and changes neither pool; within it, it works.
+    floor = pages.min_truncate_length(0)
+    computed = len(ids) + PAGED_DECODE_STEPS
+    assert computed - WINDOW_MARGIN >= floor > 0
+    before = pages.snapshot()
+    with pytest.raises(ValueError, match=f"expected num_tokens >= {floor}"):
+        pages.truncate(0, floor - 1)
+    assert pages.snapshot() == before
+    pages.truncate(0, computed - WINDOW_MARGIN)
+    pages.free(0)
+    assert pages.sliding.num_free_pages == bound and pages.full.num_free_pages == 100
+
+
+def test_int8_kv_on_the_windowed_paged_backend_decodes_like_float32(model, reference):
+    prompt = _prompt(reference, "short")
+    ids = prompt["prompt_ids"]
+    tokens = {}
+    for codec in ("none", "int8"):
+        runner = PagedRunner(model, kv_quantization=codec)
+        assert runner.metadata.sliding_attention.kv_quantization == codec
+        runner.pages.add_sequence(0, ids)
+        tokens[codec], _ = runner.greedy(runner.run(len(ids), WIDE), PAGED_DECODE_STEPS)
+    assert tokens["int8"] == tokens["none"] == prompt["generated_ids"][:PAGED_DECODE_STEPS]
+
+
+def test_paged_cache_metadata_sizes_the_sliding_pool(model):
+    config, params = model
+    metadata = config.cache_metadata(1, 32_768, attention_backend="paged", page_size=16)
+    assert metadata.attention.num_pages == 2048
+    assert metadata.sliding_attention.num_pages == -(-(512 + 512) // 16) + 1 == 65
+    assert metadata.sliding_attention.max_pages_per_seq == 2048
+    wide = config.cache_metadata(
+        4, 32_768, attention_backend="paged", max_chunk_tokens=1024, window_margin=32
+    )
+    assert wide.sliding_attention.num_pages == 4 * (-(-(512 + 1024 + 32) // 16) + 1)
+    one_table = config.cache_metadata(1, 64, attention_backend="paged", sliding_num_pages=4)
+    assert one_table.sliding_attention.num_pages == 4 == one_table.attention.num_pages
+    with pytest.raises(
+        ValueError, match="sliding_num_pages=4 applies to attention_backend='paged'"
+    ):
+        config.cache_metadata(1, 64, sliding_num_pages=4)
+    with pytest.raises(ValueError, match="window_margin must be >= 0, got -1"):
+        config.cache_metadata(1, 64, attention_backend="paged", window_margin=-1)
+    # A one-table runtime cannot drive a sliding pool of its own.
+    small = config.cache_metadata(1, 2048, attention_backend="paged")
+    assert (small.attention.num_pages, small.sliding_attention.num_pages) == (128, 65)
+    cache = HybridCache.init_cache(small)
+    manager = PageManager(**small.paged_geometry(), enable_prefix_caching=False)
+    manager.add_sequence(0, [2, 3])
+    runtime = hybrid_paged_runtime(manager.schedule([(0, 2)]))
+    with pytest.raises(ValueError, match="sliding layers have their own pool"):
+        gemma3_forward(params, config, runtime.batch_token_ids(), cache, runtime)
 
 
 def test_forward_validates_its_arguments(model):

@@ -35,9 +35,12 @@ class ShadowPool:
             page, offset = divmod(slot, self.page_size)
             self.pages[page][offset] = token
 
-    def read(self, page_ids: Sequence[int], length: int) -> list[int | None]:
-        """The token ids at positions `0 .. length - 1` of a sequence with this page table."""
-        return [
-            self.pages[page_ids[position // self.page_size]][position % self.page_size]
-            for position in range(length)
-        ]
+    def read(self, page_ids: Sequence[int], length: int, start: int = 0) -> list[int | None]:
+        """The token ids at positions `start .. length - 1` of a sequence with this page table
+        (an AssertionError if one of them has no page: -1 would read the last page)."""
+        tokens = []
+        for position in range(start, length):
+            page = page_ids[position // self.page_size]
+            assert page >= 0, f"position {position} has no page in {list(page_ids)}"
+            tokens.append(self.pages[page][position % self.page_size])
+        return tokens

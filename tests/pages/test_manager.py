@@ -631,7 +631,7 @@ BUILD_CONFIG = dict(num_pages=4, page_size=2, max_num_seqs=2, max_pages_per_seq=
     ("rows", "copy_ops", "error", "match"),
     [
         ([StepRow("a", (4,), 0, (1,))], [], ValueError, "page id 4 outside"),
-        ([StepRow("a", (-1,), 0, (1,))], [], ValueError, "page id -1 outside"),
+        ([StepRow("a", (-1,), 0, (1,))], [], ValueError, r"page_ids\[0\] is -1 \(no page\)"),
         ([StepRow("a", (0,), 1, (1, 2))], [], ValueError, "cannot hold 3 tokens"),
         ([StepRow("a", (0, 1, 2), 0, (1,))], [], ValueError, "max_pages_per_seq=2"),
         ([StepRow("a", (0,), 0, ())], [], ValueError, "no new tokens"),
@@ -913,3 +913,140 @@ def test_abandon_step_frees_the_sequences_of_a_step_the_device_could_not_run():
     assert manager.add_sequence("again", list(range(6)) + [9]) == 4
     manager.commit_step(manager.schedule([("other", 3), ("again", 3)]))
     manager.check_invariants()
+
+
+# -- windowed mode (sliding-window layers: pages before the window go back to the pool) ---------
+
+
+def windowed(**overrides: object) -> PageManager:
+    config: dict[str, object] = dict(
+        num_pages=6,
+        page_size=4,
+        max_num_seqs=2,
+        max_pages_per_seq=16,
+        enable_prefix_caching=False,
+        sliding_window=8,
+        window_margin=2,
+    )
+    config.update(overrides)
+    return PageManager(**config)  # type: ignore[arg-type]
+
+
+def test_windowed_mode_releases_the_pages_before_the_window_after_each_commit() -> None:
+    manager = windowed()
+    manager.add_sequence("a", list(range(40)))
+    done = 0
+    for count in (5, 7, 3, 3, 6):
+        step = manager.schedule([("a", count)])
+        manager.commit_step(step)
+        done += count
+        manager.check_invariants()
+        table = manager.get_sequence("a").page_ids
+        released = max(done - 8 - 2, 0) // 4
+        assert table[:released] == (jaxkv.pages.NO_PAGE,) * released
+        assert -1 not in table[released:] and len(table) == -(-done // 4)
+        assert manager.num_free_pages == 6 - (len(table) - released)
+    # 24 computed: pages 0..2 (positions 0..11) released, 12 + W = 20 is the shortest length.
+    assert manager.min_truncate_length("a") == 20
+    # The step's page table keeps the logical indexing: -1 where the pages went back.
+    step = manager.schedule([("a", 1)])
+    assert step.page_tables[0, :3].tolist() == [-1, -1, -1]
+    assert step.slot_mapping[0] // 4 == step.page_tables[0, 6]
+    manager.commit_step(step)
+
+
+def test_windowed_pool_is_smaller_than_one_sequence_and_serves_a_long_one() -> None:
+    manager = windowed(num_pages=5, max_num_seqs=1)  # 5 pages, 64-token tables
+    manager.add_sequence("a", list(range(64)))
+    for _ in range(16):
+        manager.commit_step(manager.schedule([("a", 4)]))
+        held = [page for page in manager.get_sequence("a").page_ids if page != -1]
+        assert len(held) <= -(-(8 + 2 + 4) // 4) + 1
+    assert manager.get_sequence("a").num_computed == 64
+    manager.free("a")
+    manager.check_invariants()
+    assert manager.num_free_pages == 5
+
+
+def test_windowed_truncate_below_the_margin_is_refused_and_changes_nothing() -> None:
+    manager = windowed()
+    manager.add_sequence("a", list(range(30)))
+    manager.commit_step(manager.schedule([("a", 24)]))
+    floor = manager.min_truncate_length("a")
+    assert floor == 20 and floor <= 24 - 2  # the margin can always be rolled back
+    before = manager.snapshot()
+    with pytest.raises(ValueError, match=r"num_tokens=19 .* expected num_tokens >= 20"):
+        manager.truncate("a", floor - 1)
+    assert manager.snapshot() == before
+    manager.truncate("a", floor)
+    manager.check_invariants()
+    info = manager.get_sequence("a")
+    assert info.num_computed == 20 and len(info.page_ids) == 5
+    # The next step writes the positions back, in the page still held.
+    manager.append_tokens("a", [99])
+    manager.commit_step(manager.schedule([("a", 1)]))
+    manager.check_invariants()
+
+
+def test_windowed_fork_shares_held_pages_and_free_releases_everything() -> None:
+    manager = windowed(num_pages=8)
+    manager.add_sequence("a", list(range(30)))
+    manager.commit_step(manager.schedule([("a", 22)]))
+    manager.fork("a", "b")
+    manager.check_invariants()
+    table = manager.get_sequence("b").page_ids
+    assert table == manager.get_sequence("a").page_ids and table[0] == -1
+    held = [page for page in table if page != -1]
+    assert manager.stats().num_used_pages == len(held)
+    manager.commit_step(manager.schedule([("a", 1), ("b", 1)]))  # both copy the partial page
+    manager.check_invariants()
+    manager.free("a")
+    manager.free("b")
+    manager.check_invariants()
+    assert manager.num_free_pages == 8
+
+
+def test_windowed_pool_too_small_for_one_step_raises_at_schedule() -> None:
+    manager = windowed(num_pages=3, max_num_seqs=1)
+    manager.add_sequence("a", list(range(20)))
+    before = manager.snapshot()
+    with pytest.raises(OutOfPagesError, match="needs 4 page"):
+        manager.schedule([("a", 16)])
+    assert manager.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        (dict(enable_prefix_caching=True), ValueError, "enable_prefix_caching=True cannot serve"),
+        (dict(sliding_window=0), ValueError, "sliding_window must be an int >= 1"),
+        (dict(window_margin=-1), ValueError, "window_margin=-1"),
+        (dict(window_margin=1.5), TypeError, "window_margin must be an int"),
+        (dict(sliding_window=None, window_margin=2), ValueError, "must be 0 without"),
+        (dict(sliding_window=None, window_margin=0), ValueError, "max_pages_per_seq=16 exceeds"),
+    ],
+)
+def test_windowed_constructor_validates(overrides: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        windowed(**overrides)
+
+
+def test_check_invariants_detects_a_window_page_released_too_early() -> None:
+    manager = windowed()
+    manager.add_sequence("a", list(range(30)))
+    manager.commit_step(manager.schedule([("a", 12)]))
+    # Pages 0 and 1 (positions 0..7): 4..7 are still in the window of position 12.
+    manager._seqs["a"].pages[:2] = [jaxkv.pages.NO_PAGE] * 2
+    with pytest.raises(AssertionError, match="released page"):
+        manager.check_invariants()
+
+
+def test_builder_accepts_released_entries_only_where_a_row_reads() -> None:
+    geometry = dict(num_pages=4, page_size=2, max_num_seqs=1, max_pages_per_seq=4)
+    step = build_step_metadata(
+        [StepRow("a", (-1, 2, 3), 5, (7,))], [], token_buckets=(4,), **geometry
+    )
+    assert step.page_tables[0].tolist() == [-1, 2, 3, -1]
+    assert step.slot_mapping[0] == 3 * 2 + 1
+    with pytest.raises(ValueError, match=r"page_ids\[1\] is -1 \(no page\)"):
+        build_step_metadata([StepRow("a", (0, -1), 2, (7,))], [], token_buckets=(4,), **geometry)

@@ -40,6 +40,8 @@ salts = st.sampled_from([None, "tenant"])
 class PageManagerMachine(RuleBasedStateMachine):
     page_size = 2
     enable_prefix_caching = True
+    max_pages_per_seq = MAX_PAGES_PER_SEQ
+    window: dict[str, int] = {}  # windowed mode: sliding_window and window_margin
 
     def __init__(self) -> None:
         super().__init__()
@@ -47,10 +49,11 @@ class PageManagerMachine(RuleBasedStateMachine):
             num_pages=NUM_PAGES,
             page_size=self.page_size,
             max_num_seqs=MAX_NUM_SEQS,
-            max_pages_per_seq=MAX_PAGES_PER_SEQ,
+            max_pages_per_seq=self.max_pages_per_seq,
             enable_prefix_caching=self.enable_prefix_caching,
             hash_key=b"stateful",
             token_buckets=(4, 8, 16, 32, 64),
+            **self.window,
         )
         self.pool = ShadowPool(NUM_PAGES, self.page_size)
         self.reference: dict[int, list[int]] = {}
@@ -58,7 +61,12 @@ class PageManagerMachine(RuleBasedStateMachine):
 
     @property
     def max_seq_len(self) -> int:
-        return MAX_PAGES_PER_SEQ * self.page_size
+        return self.max_pages_per_seq * self.page_size
+
+    def held_from(self, page_ids: tuple[int, ...] | list[int]) -> int:
+        """The first position a page table still holds (windowed mode releases a prefix)."""
+        released = next((i for i, page in enumerate(page_ids) if page != -1), len(page_ids))
+        return released * self.page_size
 
     def pick(self, data: st.DataObject) -> int | None:
         if not self.reference:
@@ -203,6 +211,10 @@ class PageManagerMachine(RuleBasedStateMachine):
         if seq_id is None:
             return
         length = data.draw(st.integers(0, len(self.reference[seq_id])), label="num_tokens")
+        if length < self.manager.min_truncate_length(seq_id):
+            self.expect_refusal(ValueError, self.manager.truncate, seq_id, length)
+            event("truncate below the window refused")
+            return
         self.manager.truncate(seq_id, length)
         del self.reference[seq_id][length:]
         info = self.manager.get_sequence(seq_id)
@@ -233,19 +245,35 @@ class PageManagerMachine(RuleBasedStateMachine):
         assert needed <= available
         assert step.num_copies <= len(batch)
         geometry = (step.num_pages, step.page_size, step.max_num_seqs, step.max_pages_per_seq)
-        assert geometry == (NUM_PAGES, self.page_size, MAX_NUM_SEQS, MAX_PAGES_PER_SEQ)
+        assert geometry == (NUM_PAGES, self.page_size, MAX_NUM_SEQS, self.max_pages_per_seq)
         if step.num_copies:
             event("copy-on-write")
         if self.manager.stats().num_evictions > evictions:
             event("eviction")
         self.pool.apply(step)
         # What attention reads this step: every row's whole context, through its page table.
+        # (windowed: from the first page still held, which the window of every query starts after)
         for row, seq_id in enumerate(step.seq_ids):
             length = int(step.context_lens[row])
-            pages = [page for page in step.page_tables[row].tolist() if page != -1]
-            assert len(pages) == -(-length // self.page_size)
-            assert self.pool.read(pages, length) == self.reference[seq_id][:length]
+            table = step.page_tables[row].tolist()
+            used = -(-length // self.page_size)
+            assert all(page == -1 for page in table[used:])
+            start = self.held_from(table[:used])
+            if self.window:
+                first_query = length - step.num_new_tokens[row]
+                assert start <= max(first_query - self.window["sliding_window"], 0)
+            else:
+                assert start == 0
+            assert self.pool.read(table, length, start) == self.reference[seq_id][start:length]
         self.manager.commit_step(step)
+        if self.window:
+            window = self.window["sliding_window"] + self.window["window_margin"]
+            for seq_id in step.seq_ids:
+                info = self.manager.get_sequence(seq_id)
+                held = [page for page in info.page_ids if page != -1]
+                assert len(held) <= -(-(window + max(step.num_new_tokens)) // self.page_size) + 1
+                if self.held_from(info.page_ids):
+                    event("pages released before the window")
 
     # -- invariants ------------------------------------------------------------------------------
 
@@ -262,7 +290,11 @@ class PageManagerMachine(RuleBasedStateMachine):
         for seq_id, tokens in self.reference.items():
             info = self.manager.get_sequence(seq_id)
             assert list(info.token_ids) == tokens
-            assert self.pool.read(info.page_ids, info.num_computed) == tokens[: info.num_computed]
+            start = self.held_from(info.page_ids)
+            assert (
+                self.pool.read(info.page_ids, info.num_computed, start)
+                == (tokens[start : info.num_computed])
+            )
 
     @invariant()
     def cached_pages_are_intact(self) -> None:
@@ -282,6 +314,16 @@ class PageManagerWithoutCachingMachine(PageManagerMachine):
     enable_prefix_caching = False
 
 
+class WindowedPageManagerMachine(PageManagerMachine):
+    """Windowed mode: the pool (10 pages) is smaller than one sequence's table (12 pages); the
+    pages before `num_computed - W - M` go back after every step."""
+
+    page_size = 2
+    enable_prefix_caching = False
+    max_pages_per_seq = 12
+    window = {"sliding_window": 4, "window_margin": 1}
+
+
 FAST = settings(
     max_examples=60,
     stateful_step_count=30,
@@ -293,3 +335,5 @@ TestPageManagerStateful = PageManagerMachine.TestCase
 TestPageManagerStateful.settings = FAST
 TestPageManagerWithoutCaching = PageManagerWithoutCachingMachine.TestCase
 TestPageManagerWithoutCaching.settings = settings(FAST, max_examples=30)
+TestWindowedPageManager = WindowedPageManagerMachine.TestCase
+TestWindowedPageManager.settings = settings(FAST, max_examples=40)

@@ -17,10 +17,14 @@ Attention layers are built by the backend named by ``attention_backend``:
   (``TransformerRuntimeMetadata``) goes to attention views, its ``recurrent`` part
   (``RecurrentRuntimeMetadata``) to recurrent views; both come from the same per-row counts.
 * ``"paged"``: one page pool per attention layer (``PagedCacheView``; sliding layers use the
-  paged cache's ``sliding_window``), all driven by one host ``jaxkv.pages.PageManager``, so
-  full and sliding layers share the paging geometry (``num_pages``, ``page_size``,
-  ``batch_size``, ``max_pages_per_seq``). Recurrent layers keep their per-row state, with as many
-  rows as a step's page table. One ``HybridPagedRuntimeMetadata`` drives a forward pass.
+  paged cache's ``sliding_window``). Full and sliding layers share ``page_size``, ``batch_size``
+  and ``max_pages_per_seq``. Either one host ``jaxkv.pages.PageManager`` drives every paged layer
+  (one page table; both kinds then have the same ``num_pages``), or the sliding layers get their
+  own, smaller pool and page table from a windowed manager that gives the pages before the window
+  back (``jaxkv.pages.HybridPageManager`` drives both in lockstep; ``paged_geometry()`` and
+  ``sliding_paged_geometry()`` give their arguments). Recurrent layers keep their per-row state,
+  with as many rows as a step's page table. One ``HybridPagedRuntimeMetadata`` drives a forward
+  pass (with its ``sliding_attention`` part for the second table).
 
 Two token layouts, one step (paged backend). Attention layers read the step's *packed* axis
 ``[num_tokens]`` (row ``i``'s new tokens at ``query_start_loc[i] .. query_start_loc[i + 1] - 1``,
@@ -130,7 +134,8 @@ class HybridCacheMetadata(BaseCacheMetadata):
 
     Each per-kind metadata has ``num_layers`` equal to the number of layers of its kind and the
     cache's ``batch_size``; it is present exactly when some layer has that kind. Paged full and
-    sliding metadata share ``PAGED_GEOMETRY``.
+    sliding metadata share ``PAGED_GEOMETRY`` (``num_pages`` may differ: see the module
+    docstring).
     """
 
     layer_kinds: tuple[str, ...]
@@ -267,7 +272,8 @@ class HybridCacheMetadata(BaseCacheMetadata):
                 if full != sliding:
                     raise ValueError(
                         f"{owner}: attention.{field}={full} and sliding_attention.{field}="
-                        f"{sliding} must be equal (one page manager drives every paged layer)"
+                        f"{sliding} must be equal (both kinds plan one token layout and one "
+                        f"page-table shape)"
                     )
 
     @property
@@ -319,6 +325,29 @@ class HybridCacheMetadata(BaseCacheMetadata):
             "page_size": paged.page_size,
             "max_num_seqs": paged.batch_size,
             "max_pages_per_seq": paged.max_pages_per_seq,
+        }
+
+    def sliding_paged_geometry(self) -> dict[str, int]:
+        """The arguments of the windowed ``jaxkv.pages.PageManager`` that drives the sliding
+        layers on their own pool: ``num_pages``, ``page_size``, ``max_num_seqs``,
+        ``max_pages_per_seq`` and ``sliding_window``.
+
+        Raises:
+            ValueError: the backend is not ``"paged"`` or no layer is ``"sliding_attention"``.
+        """
+        paged = self.sliding_attention
+        if self.attention_backend != "paged" or paged is None:
+            raise ValueError(
+                f"HybridCacheMetadata.sliding_paged_geometry: needs attention_backend='paged' and "
+                f"a sliding_attention layer, got attention_backend={self.attention_backend!r} and "
+                f"layer kinds {self.layer_kinds}"
+            )
+        return {
+            "num_pages": paged.num_pages,
+            "page_size": paged.page_size,
+            "max_num_seqs": paged.batch_size,
+            "max_pages_per_seq": paged.max_pages_per_seq,
+            "sliding_window": paged.sliding_window,
         }
 
     def layer_metadata(self, layer: int) -> BaseCacheMetadata | None:
@@ -640,21 +669,45 @@ class HybridCache(LayerCache):
             )
         return self, runtime.drop_slots(refused), refused
 
-    def copy_pages(self, copy_ops: jax.Array) -> HybridCache:
+    def copy_pages(
+        self, copy_ops: jax.Array, sliding_copy_ops: jax.Array | None = None
+    ) -> HybridCache:
         """Apply a step's ``(src, dst)`` page copies (``copy_ops: [C, 2]`` int, ``-1`` rows are
         no-ops) in every paged attention layer; jittable. The paged views apply their step's
         copies themselves in ``concatenate_to_cache``; this is for driving the pools by hand.
 
+        Args:
+            copy_ops: the copies of the global layers' pools (and of the sliding layers' when
+                one page table drives both).
+            sliding_copy_ops: the copies of the sliding layers' own pool (its windowed manager's
+                step), or ``None``: they take ``copy_ops``, which needs one pool geometry.
+
         Raises:
-            ValueError: the cache's backend is not ``"paged"``.
+            ValueError: the cache's backend is not ``"paged"``; ``sliding_copy_ops`` missing for
+                a sliding pool of another size (its page ids name other pages).
         """
+        owner = "HybridCache.copy_pages"
         if self.metadata.attention_backend != "paged":
             raise ValueError(
-                f"HybridCache.copy_pages: needs attention_backend='paged', got "
-                f"{self.metadata.attention_backend!r}"
+                f"{owner}: needs attention_backend='paged', got {self.metadata.attention_backend!r}"
             )
+        full, sliding = self.metadata.attention, self.metadata.sliding_attention
+        if (
+            sliding_copy_ops is None
+            and full is not None
+            and sliding is not None
+            and full.num_pages != sliding.num_pages
+        ):
+            raise ValueError(
+                f"{owner}: the sliding layers have their own pool ({sliding.num_pages} pages, "
+                f"the global layers {full.num_pages}); pass their step's copies as "
+                f"sliding_copy_ops"
+            )
+        ops = {"attention": copy_ops, "sliding_attention": copy_ops}
+        if sliding_copy_ops is not None:
+            ops["sliding_attention"] = sliding_copy_ops
         return self.with_views(
-            view.copy_pages(copy_ops) if kind in ATTENTION_KINDS else view
+            view.copy_pages(ops[kind]) if kind in ATTENTION_KINDS else view
             for view, kind in zip(self.views, self.metadata.layer_kinds, strict=True)
         )
 

@@ -117,6 +117,45 @@ def _check_token_index(
         raise ValueError(f"{owner}: token_index names a packed token twice: {token_index.tolist()}")
 
 
+_SHARED_LAYOUT = ("context_lens", "query_start_loc", "num_seqs", "positions", "logits_indices")
+"""Arrays the two page tables' runtimes of one step must agree on (one token layout)."""
+
+
+def _check_same_layout(owner: str, attention: PagedRuntimeMetadata, sliding: Any) -> None:
+    """``sliding`` is a ``PagedRuntimeMetadata`` of the same packed tokens as ``attention``
+    (shapes always; values when concrete)."""
+    if not isinstance(sliding, PagedRuntimeMetadata):
+        raise TypeError(
+            f"{owner}: sliding_attention must be None or PagedRuntimeMetadata, "
+            f"got {type(sliding).__name__}"
+        )
+    if sliding.max_query_len != attention.max_query_len or (
+        sliding.prefill_rows != attention.prefill_rows
+    ):
+        raise ValueError(
+            f"{owner}: sliding_attention has max_query_len={sliding.max_query_len}, "
+            f"prefill_rows={sliding.prefill_rows}; expected attention's {attention.max_query_len}, "
+            f"{attention.prefill_rows}"
+        )
+    for name in (*_SHARED_LAYOUT, "slot_mapping", "token_ids", "page_tables", "copy_ops"):
+        mine, theirs = getattr(attention, name), getattr(sliding, name)
+        if mine.shape != theirs.shape:
+            raise ValueError(
+                f"{owner}: sliding_attention.{name} has shape {theirs.shape}; expected "
+                f"attention.{name}'s {mine.shape} (both parts describe one step)"
+            )
+    for name in (*_SHARED_LAYOUT, "token_ids"):
+        mine, theirs = getattr(attention, name), getattr(sliding, name)
+        if not v.is_traced(mine, theirs) and not np.array_equal(
+            np.asarray(mine), np.asarray(theirs)
+        ):
+            raise ValueError(
+                f"{owner}: sliding_attention.{name} {np.asarray(theirs).tolist()} differs from "
+                f"attention.{name} {np.asarray(mine).tolist()}; both parts must describe the "
+                f"same scheduled tokens"
+            )
+
+
 @pytree_dataclass
 class HybridPagedRuntimeMetadata(BaseRunTimeMetadata):
     """Runtime metadata of one step through a hybrid stack with the ``"paged"`` backend.
@@ -135,6 +174,11 @@ class HybridPagedRuntimeMetadata(BaseRunTimeMetadata):
             padding. Each slot's real tokens form one run of consecutive packed indices -- its
             scheduled sequence's ``query_start_loc[i] .. query_start_loc[i + 1] - 1`` -- at the
             start (``"right"`` padding) or end (``"left"``) of the row.
+        sliding_attention: ``None`` (one page table drives every attention layer), or the
+            sliding layers' own ``PagedRuntimeMetadata`` (their windowed page manager's step:
+            the same packed tokens, positions and ``query_start_loc`` as ``attention``, its own
+            page tables, slot mapping and copy ops), what ``for_kind("sliding_attention")``
+            returns.
 
     The engine builds it from a host step (``jaxkv.engine.step_inputs.hybrid_paged_runtime``);
     see the module docstring for how slots stay stable.
@@ -143,6 +187,7 @@ class HybridPagedRuntimeMetadata(BaseRunTimeMetadata):
     attention: PagedRuntimeMetadata
     recurrent: RecurrentRuntimeMetadata
     token_index: jax.Array
+    sliding_attention: PagedRuntimeMetadata | None = None
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -151,6 +196,8 @@ class HybridPagedRuntimeMetadata(BaseRunTimeMetadata):
                 f"{owner}: attention must be PagedRuntimeMetadata, "
                 f"got {type(self.attention).__name__}"
             )
+        if self.sliding_attention is not None:
+            _check_same_layout(owner, self.attention, self.sliding_attention)
         if not isinstance(self.recurrent, RecurrentRuntimeMetadata):
             raise TypeError(
                 f"{owner}: recurrent must be RecurrentMetadata, got {type(self.recurrent).__name__}"
@@ -194,8 +241,12 @@ class HybridPagedRuntimeMetadata(BaseRunTimeMetadata):
         return int(self.token_index.shape[1])
 
     def for_kind(self, kind: str) -> PagedRuntimeMetadata | RecurrentRuntimeMetadata | None:
-        """The part a layer of ``kind`` takes (``None`` for ``"none"``)."""
-        return runtime_part(self, "HybridPagedMetadata.for_kind", kind)
+        """The part a layer of ``kind`` takes (``None`` for ``"none"``): sliding layers take
+        ``sliding_attention`` when the step has one."""
+        part = runtime_part(self, "HybridPagedMetadata.for_kind", kind)
+        if kind == "sliding_attention" and self.sliding_attention is not None:
+            return self.sliding_attention
+        return part
 
     def slot_offsets(self) -> jax.Array:
         """``[S]`` int32: for each slot with new tokens, the position of its first one (the
@@ -217,16 +268,22 @@ class HybridPagedRuntimeMetadata(BaseRunTimeMetadata):
             .at[jnp.where(packed >= 0, packed, num_tokens)]
             .set(True, mode="drop")
         )
-        attention = dataclasses.replace(
-            self.attention,
-            slot_mapping=jnp.where(dropped, -1, self.attention.slot_mapping),
-        )
+
+        def drop(part: PagedRuntimeMetadata | None) -> PagedRuntimeMetadata | None:
+            if part is None:
+                return None
+            return dataclasses.replace(part, slot_mapping=jnp.where(dropped, -1, part.slot_mapping))
+
         recurrent = dataclasses.replace(
             self.recurrent, new_lengths=jnp.where(slots, 0, self.recurrent.new_lengths)
         )
         token_index = jnp.where(slots[:, None], -1, self.token_index)
         return dataclasses.replace(
-            self, attention=attention, recurrent=recurrent, token_index=token_index
+            self,
+            attention=drop(self.attention),
+            recurrent=recurrent,
+            token_index=token_index,
+            sliding_attention=drop(self.sliding_attention),
         )
 
     def attention_inputs(self, hidden: jax.Array) -> jax.Array:

@@ -82,8 +82,10 @@ KIND_METADATA: dict[str, type] = {
 }
 """The metadata class of each kind that keeps a state with the ``"contiguous"`` backend."""
 
-PAGED_GEOMETRY = ("num_pages", "page_size", "batch_size", "max_pages_per_seq")
-"""Paged fields that full and sliding attention layers must share (one page manager)."""
+PAGED_GEOMETRY = ("page_size", "batch_size", "max_pages_per_seq")
+"""Paged fields that full and sliding attention layers must share (one token layout, one page-table
+shape). ``num_pages`` may differ: a windowed page manager gives the sliding pool's out-of-window
+pages back, so that pool can be much smaller."""
 
 
 AttentionMetadata = TransformerCacheMetadata | PagedCacheMetadata

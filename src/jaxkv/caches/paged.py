@@ -79,8 +79,10 @@ class PagedCacheMetadata(KVStorageMetadata, BaseCacheMetadata):
             ``jaxkv.pages``).
         max_pages_per_seq: width of the page table; a sequence holds at most
             ``max_pages_per_seq * page_size`` tokens.
-        sliding_window: ``None``, or the attention window ``W`` (every page stays in the pool;
-            attention skips the blocks before the window).
+        sliding_window: ``None``, or the attention window ``W`` (attention skips the blocks
+            before the window). Driven by a windowed ``PageManager``, the pages before the window
+            go back to the pool and their page-table entries become ``-1``, so ``num_pages`` may
+            then be below ``max_pages_per_seq``.
         dtype: dtype of keys and values (float32, bfloat16 or float16); with a codec, the dtype
             ``key_states()``/``value_states()`` return.
         kv_quantization: storage codec, one of ``jaxkv.quantization.CODECS`` (``"none"``:
@@ -244,10 +246,11 @@ class PagedCacheMetadata(KVStorageMetadata, BaseCacheMetadata):
         for name in ("num_layers", "num_pages", "page_size", "batch_size", "max_pages_per_seq"):
             v.require_size(owner, name, getattr(self, name))
         v.require_optional_int(owner, "sliding_window", self.sliding_window, minimum=1)
-        if self.max_pages_per_seq > self.num_pages:
+        if self.max_pages_per_seq > self.num_pages and self.sliding_window is None:
             raise ValueError(
                 f"{owner}: max_pages_per_seq={self.max_pages_per_seq} exceeds "
-                f"num_pages={self.num_pages}"
+                f"num_pages={self.num_pages} (only a sliding_window pool, whose windowed page "
+                f"manager releases the pages before the window, may be smaller)"
             )
         if self.num_pages * self.page_size > _MAX_SLOTS:
             raise ValueError(

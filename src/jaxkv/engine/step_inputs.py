@@ -5,10 +5,12 @@ plan crosses over.
 * ``paged_runtime(step)`` -> ``PagedRuntimeMetadata`` for a paged cache;
 * ``hybrid_page_manager(metadata)`` -> the ``PageManager`` of a hybrid paged stack (prefix
   caching off when the stack has recurrent layers);
+* ``hybrid_page_managers(metadata, window_margin=...)`` -> the ``HybridPageManager`` of a stack
+  of global and sliding-window layers whose sliding layers sit on their own, windowed pool;
 * ``hybrid_paged_runtime(step, slots=..., width=..., padding_side=...)`` ->
   ``HybridPagedRuntimeMetadata`` for a hybrid stack on the paged backend (which batch row, or
   *slot*, each scheduled sequence's recurrent state lives in, and where its tokens sit in the
-  ``[batch, T]`` layout).
+  ``[batch, T]`` layout); ``step`` is one manager's ``StepMetadata`` or a ``HybridStep`` of two.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from jaxkv._sizes import next_power_of_two
 from jaxkv.caches.hybrid import RECURRENT_KINDS, HybridCacheMetadata, HybridPagedRuntimeMetadata
 from jaxkv.caches.paged import RUNTIME_ARRAYS, PagedRuntimeMetadata
 from jaxkv.caches.recurrent import RecurrentRuntimeMetadata
-from jaxkv.pages import PageManager
+from jaxkv.pages import HybridPageManager, HybridStep, PageManager
 from jaxkv.pages.step import StepMetadata
 
 
@@ -55,6 +57,50 @@ def hybrid_page_manager(metadata: HybridCacheMetadata, **options: Any) -> PageMa
             )
         options["enable_prefix_caching"] = False
     return PageManager(**metadata.paged_geometry(), **options)
+
+
+def hybrid_page_managers(
+    metadata: HybridCacheMetadata, *, window_margin: int = 0, **options: Any
+) -> HybridPageManager:
+    """The ``HybridPageManager`` of a stack of global and sliding-window attention layers on the
+    paged backend: a ``PageManager`` of ``metadata.paged_geometry()`` for the global layers and a
+    windowed one of ``metadata.sliding_paged_geometry()`` for the sliding layers, both with
+    prefix caching off; ``options`` (e.g. ``token_buckets``) go to both.
+
+    Args:
+        metadata: the stack's paged ``HybridCacheMetadata``, with both kinds of attention layer
+            and no recurrent layer.
+        window_margin: tokens the sliding pool keeps before the window, so that ``truncate``
+            can roll back that far (size the pool for it: ``Gemma3Config.cache_metadata``'s
+            ``window_margin``).
+
+    Raises:
+        TypeError: ``metadata`` is not a ``HybridCacheMetadata``.
+        ValueError: a stack without both kinds of attention layer, with recurrent layers, or
+            ``enable_prefix_caching=True``.
+    """
+    owner = "hybrid_page_managers"
+    if not isinstance(metadata, HybridCacheMetadata):
+        raise TypeError(
+            f"{owner}: metadata must be HybridCacheMetadata, got {type(metadata).__name__}"
+        )
+    kinds = set(metadata.layer_kinds)
+    if not {"attention", "sliding_attention"} <= kinds or kinds & set(RECURRENT_KINDS):
+        raise ValueError(
+            f"{owner}: needs a stack of 'attention' and 'sliding_attention' layers (and no "
+            f"recurrent ones), got layer kinds {sorted(kinds)}"
+        )
+    if options.get("enable_prefix_caching"):
+        raise ValueError(
+            f"{owner}: enable_prefix_caching=True cannot serve a windowed sliding pool (its "
+            f"window's pages are released); use enable_prefix_caching=False"
+        )
+    options["enable_prefix_caching"] = False
+    full = PageManager(**metadata.paged_geometry(), **options)
+    sliding = PageManager(
+        **metadata.sliding_paged_geometry(), window_margin=window_margin, **options
+    )
+    return HybridPageManager(full, sliding)
 
 
 def query_bucket(step: StepMetadata) -> int:
@@ -125,7 +171,7 @@ def paged_runtime(
 
 
 def hybrid_paged_runtime(
-    step: StepMetadata,
+    step: StepMetadata | HybridStep,
     *,
     slots: Sequence[int] | Mapping[Hashable, int] | None = None,
     width: int | None = None,
@@ -134,7 +180,10 @@ def hybrid_paged_runtime(
     """The hybrid runtime of one host step (NumPy work on the host; arrays int32).
 
     Args:
-        step: the ``StepMetadata`` from ``PageManager.schedule``.
+        step: the ``StepMetadata`` from ``PageManager.schedule`` (one page table for every
+            attention layer), or the ``HybridStep`` from ``HybridPageManager.schedule``: its
+            ``full`` plan drives the global layers, its ``sliding`` plan (which must lay out the
+            same tokens) the sliding layers' own pool (``sliding_attention``).
         slots: the batch row (slot) of each scheduled sequence: a sequence of ints in
             ``step.seq_ids`` order, or a mapping ``seq_id -> slot`` holding every scheduled
             id (``jaxkv.pages.PagedRows.slots()``). Default: the ``i``-th scheduled sequence
@@ -146,14 +195,24 @@ def hybrid_paged_runtime(
         padding_side: where each slot's padding sits, ``"right"`` or ``"left"``.
 
     Raises:
-        TypeError: ``step`` is not a ``StepMetadata``; a slot that is not an int.
+        TypeError: ``step`` is not a ``StepMetadata`` or ``HybridStep``; a slot that is not an
+            int.
         ValueError: slots of the wrong count, repeated or out of range, a missing seq id;
             a ``width`` shorter than a row; a bad ``padding_side``; step arrays that
-            disagree (see ``paged_runtime``).
+            disagree (see ``paged_runtime``); the two plans of a ``HybridStep`` laying out other
+            tokens.
     """
     owner = "hybrid_paged_runtime"
+    sliding_step = None
+    if isinstance(step, HybridStep):
+        step, sliding_step = step.full, step.sliding
+        if not isinstance(step, StepMetadata) or not isinstance(sliding_step, StepMetadata):
+            raise TypeError(f"{owner}: a HybridStep must hold two StepMetadata")
+        _check_lockstep(owner, step, sliding_step)
     if not isinstance(step, StepMetadata):
-        raise TypeError(f"{owner}: step must be a StepMetadata, got {type(step).__name__}")
+        raise TypeError(
+            f"{owner}: step must be a StepMetadata or HybridStep, got {type(step).__name__}"
+        )
     v.require_choice(owner, "padding_side", padding_side, ("right", "left"))
     attention = paged_runtime(step)
     seqs = int(step.page_tables.shape[0])
@@ -178,13 +237,43 @@ def hybrid_paged_runtime(
     token_index[slot_of_row] = np.where(
         (rank >= 0) & (rank < counts[:, None]), starts[:, None] + rank, -1
     )
+    sliding = None
+    if sliding_step is not None:
+        sliding = paged_runtime(sliding_step).replace(max_query_len=width)
     return HybridPagedRuntimeMetadata(
         # The width bounds every row's new tokens, so it serves as paged attention's query
         # bound too: a jitted step then specialises on (num_tokens, width) only.
         attention=attention.replace(max_query_len=width),
         recurrent=RecurrentRuntimeMetadata.create(new_lengths, padding_side),
         token_index=jnp.asarray(token_index),
+        sliding_attention=sliding,
     )
+
+
+_LOCKSTEP = (
+    "seq_ids",
+    "num_new_tokens",
+    "num_tokens_padded",
+    "max_num_seqs",
+    "max_pages_per_seq",
+)
+_LOCKSTEP_ARRAYS = ("context_lens", "query_start_loc", "positions", "token_ids", "logits_indices")
+
+
+def _check_lockstep(owner: str, full: StepMetadata, sliding: StepMetadata) -> None:
+    """The two plans of one batch lay out the same tokens (they differ only in pages)."""
+    for name in _LOCKSTEP:
+        if getattr(full, name) != getattr(sliding, name):
+            raise ValueError(
+                f"{owner}: step.full.{name}={getattr(full, name)!r} and step.sliding.{name}="
+                f"{getattr(sliding, name)!r} must be equal (both plans of one scheduled batch)"
+            )
+    for name in _LOCKSTEP_ARRAYS:
+        if not np.array_equal(getattr(full, name), getattr(sliding, name)):
+            raise ValueError(
+                f"{owner}: step.full.{name} and step.sliding.{name} differ; both plans must lay "
+                f"out the same tokens (schedule both managers with the same batch)"
+            )
 
 
 def _resolve_slots(owner: str, step: StepMetadata, slots: Any, seqs: int) -> np.ndarray:

@@ -9,8 +9,10 @@ are ``jaxkv.caches.hybrid`` layer kinds (``"sliding_attention"`` and ``"attentio
 
 * ``attention_backend="contiguous"``: sliding layers on a ring of ``W`` slots per row, global
   layers on a contiguous cache (``HybridRuntimeMetadata``);
-* ``attention_backend="paged"``: both kinds on page pools driven by one ``PageManager``
-  (``HybridPagedRuntimeMetadata``).
+* ``attention_backend="paged"``: both kinds on page pools (``HybridPagedRuntimeMetadata``);
+  the sliding layers on their own, small pool whose windowed page manager gives the pages
+  before the window back (``jaxkv.engine.step_inputs.hybrid_page_managers`` drives both pools in
+  lockstep), so at 32k tokens they hold about ``W`` tokens per sequence, not 32k.
 
 Either may store keys and values quantised (``kv_quantization``). The model never looks inside a
 cache: each layer asks its view for the new tokens' positions, writes with
@@ -275,6 +277,9 @@ class Gemma3Config:
         page_size: int = 16,
         num_pages: int | None = None,
         rollback_depth: int = 0,
+        sliding_num_pages: int | None = None,
+        max_chunk_tokens: int | None = None,
+        window_margin: int = 0,
     ) -> HybridCacheMetadata:
         """Metadata of a ``HybridCache`` for this stack.
 
@@ -287,8 +292,18 @@ class Gemma3Config:
             kv_quantization: storage codec of both kinds (``"none"``, ``"int8"``, ``"int4"``,
                 ``"fp8"``).
             page_size: paged only: tokens per page.
-            num_pages: paged only: pages per layer's pool (default ``batch_size *
+            num_pages: paged only: pages per global layer's pool (default ``batch_size *
                 ceil(max_length / page_size)``, every row's worst case).
+            sliding_num_pages: paged only: pages per sliding layer's pool, driven by a windowed
+                page manager (``hybrid_page_managers``). Default: what ``batch_size`` rows
+                need at most, ``batch_size * (ceil((sliding_window + max_chunk_tokens +
+                window_margin) / page_size) + 1)``, capped at ``num_pages``. Pass
+                ``sliding_num_pages=num_pages`` to drive both kinds with one ``PageManager``.
+            max_chunk_tokens: paged only: most new tokens one row takes in one step, for the
+                default ``sliding_num_pages`` (default ``min(max_length, sliding_window)``).
+            window_margin: paged only: tokens the sliding pool keeps before the window (the
+                ``window_margin`` of its manager: how far ``truncate`` can roll back), for the
+                default ``sliding_num_pages``.
             rollback_depth: contiguous only: spare ring slots of the sliding layers, so the
                 cache can ``truncate`` / ``rollback`` up to that many of its last tokens (a
                 speculative-decoding verifier); global layers and page pools roll back anyway.
@@ -309,15 +324,34 @@ class Gemma3Config:
             dtype=dtype,
             kv_quantization=kv_quantization,
         )
+        sliding_settings: dict[str, Any] = {}
         if attention_backend == "paged":
             v.require_int(owner, "page_size", page_size, minimum=1)
             max_pages_per_seq = ceil_div(max_length, page_size)
             if num_pages is None:
                 num_pages = batch_size * max_pages_per_seq
+            v.require_int(owner, "num_pages", num_pages, minimum=1)
+            v.require_int(owner, "window_margin", window_margin, minimum=0)
+            if max_chunk_tokens is None:
+                max_chunk_tokens = min(max_length, self.sliding_window)
+            v.require_int(owner, "max_chunk_tokens", max_chunk_tokens, minimum=1)
+            if sliding_num_pages is None:
+                span = self.sliding_window + max_chunk_tokens + window_margin
+                sliding_num_pages = min(num_pages, batch_size * (ceil_div(span, page_size) + 1))
+            v.require_int(owner, "sliding_num_pages", sliding_num_pages, minimum=1)
             settings.update(
                 num_pages=num_pages, page_size=page_size, max_pages_per_seq=max_pages_per_seq
             )
+            sliding_settings = {"num_pages": sliding_num_pages}
         else:
+            for name, value in (
+                ("sliding_num_pages", sliding_num_pages),
+                ("max_chunk_tokens", max_chunk_tokens),
+            ):
+                if value is not None:
+                    raise ValueError(
+                        f"{owner}: {name}={value!r} applies to attention_backend='paged' only"
+                    )
             settings.update(max_length=max_length)
         kinds = self.layer_kinds
         v.require_int(owner, "rollback_depth", rollback_depth, minimum=0)
@@ -330,7 +364,12 @@ class Gemma3Config:
             attention_backend=attention_backend,
             attention=dict(settings) if GLOBAL in kinds else None,
             sliding_attention=(
-                dict(settings, sliding_window=self.sliding_window, **ring_settings)
+                dict(
+                    settings,
+                    sliding_window=self.sliding_window,
+                    **ring_settings,
+                    **sliding_settings,
+                )
                 if SLIDING in kinds
                 else None
             ),
@@ -517,6 +556,19 @@ def _check_inputs(owner, config, token_ids, cache, runtime, logits_indices):
                 f"{owner}: token_ids must be [batch, T] = {runtime.token_index.shape} like "
                 f"runtime.token_index, got {token_ids.shape}"
             )
+        full, sliding = cache.metadata.attention, cache.metadata.sliding_attention
+        if (
+            full is not None
+            and sliding is not None
+            and full.num_pages != sliding.num_pages
+            and runtime.sliding_attention is None
+        ):
+            raise ValueError(
+                f"{owner}: the sliding layers have their own pool ({sliding.num_pages} pages, "
+                f"the global layers {full.num_pages}) but the runtime has no sliding_attention "
+                f"part; schedule with jaxkv.engine.step_inputs.hybrid_page_managers(metadata) "
+                f"and pass its HybridStep to hybrid_paged_runtime"
+            )
     else:
         if runtime is None:
             runtime = HybridRuntimeMetadata.create()
@@ -592,12 +644,13 @@ def gemma3_forward(
     runtime = _check_inputs(owner, config, token_ids, cache, runtime, logits_indices)
     c = config
     cache, runtime, refused = cache.admit(runtime, token_ids.shape[1])
-    part = runtime.attention
     x = _embed(params, c, token_ids, compute_dtype)  # [B, T, hidden]
     paged = isinstance(runtime, HybridPagedRuntimeMetadata)
     # Positions in the attention layout: [B, T] (contiguous) or the packed [N] (paged).
     num_attention_tokens = runtime.num_tokens if paged else token_ids.shape[1]
-    positions = cache.views[0].query_positions(part, num_attention_tokens)
+    positions = cache.views[0].query_positions(
+        runtime.for_kind(c.layer_kinds[0]), num_attention_tokens
+    )
     rope = _rope_for_layers(jnp.maximum(positions, 0), c)
     scale = c.query_pre_attn_scalar**-0.5
     views = list(cache.views)
@@ -605,7 +658,7 @@ def gemma3_forward(
         h = rms_norm(x, layer["attn_norm"], c.rms_norm_eps)
         q, k, value = _project(runtime.attention_inputs(h), layer, c)  # [..., heads, D]
         q, k = apply_rope(q, rope[kind]), apply_rope(k, rope[kind])
-        kv, views[index] = views[index].concatenate_to_cache(k, value, part)
+        kv, views[index] = views[index].concatenate_to_cache(k, value, runtime.for_kind(kind))
         out = attention(
             q,
             kv,

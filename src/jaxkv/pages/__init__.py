@@ -4,7 +4,9 @@
 prompt prefixes through a hash-keyed prefix cache, forks sequences with copy-on-write, truncates
 them (rollback), and produces the `StepMetadata` arrays a jitted device step consumes. `PagedRows`
 does the batch row operations of the paged family (reset, truncate, select, reorder, repeat,
-insert, extract) on page tables through the manager. Nothing here imports JAX.
+insert, extract) on page tables through the manager. `HybridPageManager` drives a global and a
+windowed manager (sliding-window layers, whose out-of-window pages go back to the pool) in
+lockstep. Nothing here imports JAX.
 """
 
 from jaxkv.pages.allocator import PageAllocator
@@ -17,7 +19,8 @@ from jaxkv.pages.errors import (
     StepPendingError,
     UnknownSequenceError,
 )
-from jaxkv.pages.manager import PageManager, PageStats, SequenceInfo
+from jaxkv.pages.hybrid import HybridPageManager, HybridStep
+from jaxkv.pages.manager import NO_PAGE, PageManager, PageStats, SequenceInfo
 from jaxkv.pages.prefix_cache import ROOT_HASH, CachedPage, PrefixCache
 from jaxkv.pages.rows import ConsumedRowsError, PagedRows
 from jaxkv.pages.step import (
@@ -33,6 +36,9 @@ __all__ = [
     "CapacityError",
     "ConsumedRowsError",
     "DuplicateSequenceError",
+    "HybridPageManager",
+    "HybridStep",
+    "NO_PAGE",
     "OutOfPagesError",
     "PageAllocator",
     "PageManager",

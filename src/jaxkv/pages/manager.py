@@ -22,6 +22,22 @@ Life of a step:
    pages of the computed tokens that remain and drops the rest, like `free` does) and
    `free(seq_id)` drops it. `jaxkv.pages.rows.PagedRows` builds the batch row operations on these.
 
+Windowed mode (`sliding_window=W`, `window_margin=M`): the pool serves sliding-window attention
+layers, whose queries never see a key `W` or more positions behind them. After each committed step,
+every page of a sequence lying wholly before `num_computed - W - M` goes back to the allocator and
+its page-table entry becomes `NO_PAGE` (-1); the table keeps its logical indexing (entry i still
+stands for positions `i * page_size ..`), so attention reads it unchanged and masks the released
+positions, which lie outside every query's window. A sequence then holds about
+`ceil((W + M + chunk) / page_size) + 1` pages however long it grows, and the pool may be smaller
+than `max_pages_per_seq`. The `M` tokens of margin are what `truncate` may still roll back::
+
+    positions  | released (-1) | -1 |   held: the window, the margin, the new tokens   |
+               0                    ^ num_computed - W - M (rounded down to a page)
+                                                            ^ num_computed
+
+A `truncate` to a length whose window needs a released page is refused. Prefix caching is refused
+in windowed mode (a hit would need the pages of its window, which are released).
+
 Copy-on-write: `schedule` gives a sequence a private copy of the page its first new token lands in
 when that page is partially filled and either shared (refcount > 1, after a `fork`) or cached. A
 cached page is full and immutable, so a sequence holds one only partly after a `truncate` inside
@@ -47,8 +63,11 @@ Invariants (checked by `check_invariants`, written down where the data lives):
   truncated inside a cached page);
 - a sequence's `page_hashes[i]` is the chained digest of its tokens of page i, for each of its
   `num_computed // page_size` full computed pages (when prefix caching is on);
-- a sequence holds `ceil(end / page_size)` pages where `end` is `num_computed` (plus its pending
-  new tokens while a step is pending), and never more than `max_pages_per_seq`;
+- a sequence's page table has `ceil(end / page_size)` entries where `end` is `num_computed` (plus
+  its pending new tokens while a step is pending), never more than `max_pages_per_seq`; without a
+  window every entry is a page; in windowed mode the first `r` entries are `NO_PAGE` and the rest
+  pages, with `r >= (num_computed - W - M) // page_size` (released after every commit) and, when
+  `r > 0`, `r * page_size + W <= num_computed` (every position a future query can see is held);
 - every page a pending step writes is held by that sequence alone and is not cached;
 - once every sequence is freed, `num_free_pages + num_evictable_pages == num_pages` (no leak).
 """
@@ -86,6 +105,9 @@ from jaxkv.pages.step import (
 
 MAX_TOKEN_ID = MAX_INT32
 """Token ids travel to the device as int32."""
+
+NO_PAGE = -1
+"""The page-table entry of a released page (windowed mode): the position range has no page."""
 
 
 def _token_list(argument: str, token_ids: object, *, allow_empty: bool, limit: int) -> list[int]:
@@ -157,7 +179,8 @@ class _Sequence:
     """Mutable per-sequence state (internal).
 
     `tokens[:num_computed]` have KV on the device; `pages[i]` holds positions
-    `i * page_size .. (i + 1) * page_size - 1`; `page_hashes[i]` is the chained digest of full
+    `i * page_size .. (i + 1) * page_size - 1` (`NO_PAGE` once released, windowed mode only);
+    `page_hashes[i]` is the chained digest of full
     page i, kept for the first `num_computed // page_size` pages when prefix caching is on. After a
     `truncate` inside a cached page, `pages[-1]` is that cached page, of which the sequence has
     computed only a prefix; `schedule` copies it before writing into it.
@@ -193,7 +216,7 @@ class SequenceInfo:
         seq_id: its id.
         token_ids: every known token id (prompt, then appended).
         num_computed: how many of them have KV on the device.
-        page_ids: its page table, in position order.
+        page_ids: its page table, in position order (`NO_PAGE` for released pages, windowed mode).
         num_prompt_tokens: prompt length at `add_sequence`.
         num_cached_tokens: prompt tokens served by the prefix cache at `add_sequence`.
         cache_salt: the salt it was added with (bytes), or None.
@@ -276,6 +299,12 @@ class PageManager:
         record_evictions: remember every cached page evicted from the prefix cache until
             `take_evictions` hands them out (to copy their contents elsewhere before they are
             overwritten).
+        sliding_window: `None`, or `W`: windowed mode (see the module docstring), for a pool of
+            sliding-window attention layers that see `W` positions, the current one included.
+            Needs `enable_prefix_caching=False`; `num_pages` may then be below
+            `max_pages_per_seq`.
+        window_margin: windowed mode only: `M`, tokens kept before the window so that
+            `truncate` can roll a sequence back by up to `M` tokens (an int >= 0).
     """
 
     def __init__(
@@ -288,6 +317,8 @@ class PageManager:
         hash_key: bytes | None = None,
         token_buckets: Sequence[int] | None = None,
         record_evictions: bool = False,
+        sliding_window: int | None = None,
+        window_margin: int = 0,
     ) -> None:
         self._num_pages = positive_int("num_pages", num_pages)
         self._page_size = positive_int("page_size", page_size)
@@ -298,7 +329,24 @@ class PageManager:
                 f"num_pages * page_size = {self._num_pages * self._page_size} slots do not fit the "
                 f"int32 slot_mapping; expected at most {MAX_TOKEN_ID}"
             )
-        if self._max_pages_per_seq > self._num_pages:
+        if sliding_window is not None:
+            sliding_window = positive_int("sliding_window", sliding_window)
+            if enable_prefix_caching:
+                raise ValueError(
+                    f"enable_prefix_caching=True cannot serve sliding_window={sliding_window}: "
+                    "the pages before the window are released, so a prefix hit would miss the "
+                    "keys its window needs; use enable_prefix_caching=False"
+                )
+        if isinstance(window_margin, bool) or not isinstance(window_margin, int | np.integer):
+            raise TypeError(f"window_margin must be an int >= 0, got {window_margin!r}")
+        if window_margin < 0 or (window_margin and sliding_window is None):
+            raise ValueError(
+                f"window_margin={window_margin} must be 0 without a sliding_window and >= 0 with "
+                f"one (sliding_window={sliding_window})"
+            )
+        self._sliding_window = sliding_window
+        self._window_margin = int(window_margin)
+        if self._max_pages_per_seq > self._num_pages and sliding_window is None:
             raise ValueError(
                 f"max_pages_per_seq={self._max_pages_per_seq} exceeds num_pages={self._num_pages}; "
                 "one sequence could never hold that many pages"
@@ -353,6 +401,40 @@ class PageManager:
     def max_seq_len(self) -> int:
         """Most tokens one sequence may hold: `max_pages_per_seq * page_size`."""
         return self._max_pages_per_seq * self._page_size
+
+    @property
+    def sliding_window(self) -> int | None:
+        """`W` in windowed mode (pages before the window are released), else `None`."""
+        return self._sliding_window
+
+    @property
+    def window_margin(self) -> int:
+        """`M`, tokens kept before the window for `truncate` (0 without a window)."""
+        return self._window_margin
+
+    def min_truncate_length(self, seq_id: Hashable) -> int:
+        """The smallest `num_tokens` that `truncate(seq_id, num_tokens)` accepts: 0, or in windowed
+        mode, once pages were released, the first position the window needs still held
+        (`released * page_size + sliding_window`).
+
+        Raises:
+            UnknownSequenceError: `seq_id` is not live.
+        """
+        return self._min_length(self._lookup("seq_id", seq_id))
+
+    def _min_length(self, seq: _Sequence) -> int:
+        released = self._num_released(seq)
+        return released * self._page_size + self._sliding_window if released else 0
+
+    @staticmethod
+    def _num_released(seq: _Sequence) -> int:
+        """Leading `NO_PAGE` entries of the sequence's table (they form a prefix)."""
+        count = 0
+        for page in seq.pages:
+            if page != NO_PAGE:
+                break
+            count += 1
+        return count
 
     @property
     def token_buckets(self) -> tuple[int, ...]:
@@ -585,7 +667,8 @@ class PageManager:
             )
         self._refuse_if_pending("fork", parent)
         for page in parent.pages:
-            self._allocator.incref(page)
+            if page != NO_PAGE:
+                self._allocator.incref(page)
         self._seqs[child_id] = parent.copy(child_id)
 
     def free(self, seq_id: Hashable) -> None:
@@ -615,14 +698,19 @@ class PageManager:
         `schedule` of the sequence writes into a private copy of it (copy-on-write), never into
         the cached page. Allocates nothing.
 
+        In windowed mode the sequence cannot go back past the margin its released pages left:
+        a `num_tokens` below `min_truncate_length(seq_id)` is refused.
+
         Args:
             seq_id: a live sequence, not in the pending step.
-            num_tokens: `0 <= num_tokens <= len(token_ids)`.
+            num_tokens: `min_truncate_length(seq_id) <= num_tokens <= len(token_ids)` (the
+                minimum is 0 unless windowed mode released pages).
 
         Raises:
             UnknownSequenceError: `seq_id` is not live.
             TypeError: `num_tokens` is not an int.
-            ValueError: `num_tokens` is out of range.
+            ValueError: `num_tokens` is out of range, or (windowed) its window needs a released
+                page; nothing changes.
             StepPendingError: `seq_id` is in the pending step.
         """
         seq = self._lookup("seq_id", seq_id)
@@ -637,6 +725,14 @@ class PageManager:
                 f"0 <= num_tokens <= {len(seq.tokens)} (its known tokens)"
             )
         self._refuse_if_pending("truncate", seq)
+        floor = self._min_length(seq)
+        if num_tokens < floor:
+            raise ValueError(
+                f"num_tokens={num_tokens} for seq_id={seq_id!r} is below the smallest length its "
+                f"held pages can serve, {floor}: sliding_window={self._sliding_window} needs the "
+                f"positions before it, whose pages were released (window_margin="
+                f"{self._window_margin}); expected num_tokens >= {floor}"
+            )
 
         # Nothing can fail past this point.
         num_tokens = int(num_tokens)
@@ -909,6 +1005,8 @@ class PageManager:
             seq.num_computed += count
             if self._enable_prefix_caching:
                 self._register_full_pages(seq)
+            if self._sliding_window is not None:
+                self._release_before_window(seq)
         self._pending = None
 
     def abandon_step(self, step: StepMetadata) -> list[Hashable]:
@@ -984,10 +1082,26 @@ class PageManager:
         if len(self._seqs) > self._max_num_seqs:
             raise AssertionError(f"{len(self._seqs)} live sequences > max_num_seqs")
         for seq_id, seq in self._seqs.items():
-            if len(set(seq.pages)) != len(seq.pages):
+            released = self._num_released(seq)
+            held = seq.pages[released:]
+            if NO_PAGE in held or (released and self._sliding_window is None):
+                raise AssertionError(
+                    f"sequence {seq_id!r}: released entries must be a prefix of the table, and "
+                    f"only in windowed mode: {seq.pages}"
+                )
+            if len(set(held)) != len(held):
                 raise AssertionError(f"sequence {seq_id!r} holds a page twice: {seq.pages}")
-            for page in seq.pages:
+            for page in held:
                 holders[page] += 1
+            if self._sliding_window is not None:
+                window = self._sliding_window
+                due = max(seq.num_computed - window - self._window_margin, 0) // size
+                if released < due or (released and released * size + window > seq.num_computed):
+                    raise AssertionError(
+                        f"sequence {seq_id!r}: {released} released page(s) at num_computed="
+                        f"{seq.num_computed}; expected at least {due}, and the window's "
+                        f"positions from {max(seq.num_computed - window, 0)} held"
+                    )
             if not 0 <= seq.num_computed <= len(seq.tokens) <= self.max_seq_len:
                 raise AssertionError(
                     f"sequence {seq_id!r}: num_computed={seq.num_computed}, "
@@ -1012,7 +1126,7 @@ class PageManager:
                     )
                 parent = page_hash
             for index, page in enumerate(seq.pages):
-                if self._prefix_cache.is_cached(page):
+                if page != NO_PAGE and self._prefix_cache.is_cached(page):
                     entry = self._prefix_cache.entry(page)
                     # Positions of this page the sequence has computed: all of them, except in
                     # the last page of a sequence truncated inside a cached page (a prefix).
@@ -1142,11 +1256,24 @@ class PageManager:
         """Drop one hold on each page, last to first; a page nobody holds becomes evictable if
         cached, free otherwise."""
         for page in reversed(pages):
+            if page == NO_PAGE:
+                continue
             if self._allocator.decref(page) == 0:
                 if self._prefix_cache.is_cached(page):
                     self._prefix_cache.park(page)
                 else:
                     self._allocator.release(page)
+
+    def _release_before_window(self, seq: _Sequence) -> None:
+        """Windowed mode: give back every page wholly before `num_computed - W - M` (no current or
+        future query sees it, and `truncate` keeps `M` tokens of margin)."""
+        assert self._sliding_window is not None
+        floor = seq.num_computed - self._sliding_window - self._window_margin
+        released = self._num_released(seq)
+        gone = seq.pages[released : max(floor, 0) // self._page_size]
+        for index in range(released, released + len(gone)):
+            seq.pages[index] = NO_PAGE
+        self._release_pages(gone)
 
     def _take_page(self) -> int:
         """A page with refcount 1: the oldest free page, else the least recently used evictable

@@ -113,7 +113,8 @@ class StepRow:
     Attributes:
         seq_id: the sequence's id.
         page_ids: the sequence's page table AFTER this step's allocation and copy-on-write; it
-            covers positions `0 .. num_computed + len(new_token_ids) - 1`.
+            covers positions `0 .. num_computed + len(new_token_ids) - 1`. An entry may be -1
+            (no page: released before a sliding window) where the row does not write.
         num_computed: tokens whose KV is already on the device (the first new position).
         new_token_ids: the ids of the tokens computed this step.
     """
@@ -147,8 +148,8 @@ class StepMetadata:
         num_tokens: real tokens in the packed axis (`sum(num_new_tokens)`).
         num_tokens_padded: `T`, the smallest token bucket >= `num_tokens`.
         num_copies: real rows of `copy_ops`.
-        page_tables: int32 `[S, P]`; row i = row i's pages in position order, unused entries -1;
-            rows >= num_seqs all -1.
+        page_tables: int32 `[S, P]`; row i = row i's pages in position order, unused entries -1
+            (past the context, or released before a sliding window); rows >= num_seqs all -1.
         context_lens: int32 `[S]`; tokens in KV for row i AFTER this step's writes
             (`num_computed + num_new_tokens`), 0 for padding rows.
         query_start_loc: int32 `[S + 1]`; `query_start_loc[i]` is where row i's new tokens start in
@@ -294,7 +295,7 @@ def build_step_metadata(
         flat_positions.extend(range(start, end))
     # Types and ranges once per step, over the flattened values (a row's culprit is found only
     # on the way to an error); then these conversions cannot overflow.
-    _check_values(rows, "page_ids", flat_pages, pages_per_row, low=0, high=num_pages - 1)
+    _check_values(rows, "page_ids", flat_pages, pages_per_row, low=-1, high=num_pages - 1)
     _check_values(rows, "new_token_ids", flat_tokens, num_new, low=0, high=MAX_INT32)
     pages = np.asarray(flat_pages, dtype=np.int64)
     new_tokens = np.asarray(flat_tokens, dtype=np.int64)
@@ -304,6 +305,17 @@ def build_step_metadata(
     )
     written = (column_of_page >= np.asarray(first_written)[row_of_page]) & (
         column_of_page < np.asarray(end_written)[row_of_page]
+    )
+    missing = written & (pages < 0)
+    if missing.any():
+        at = int(np.argmax(missing))
+        raise ValueError(
+            f"{_row_name(*_at(rows, row_of_page[at]))}: page_ids[{int(column_of_page[at])}] is -1 "
+            "(no page) but the row writes there this step; only pages it reads may be released"
+        )
+    held = pages >= 0
+    pages, row_of_page, column_of_page, written = (
+        array[held] for array in (pages, row_of_page, column_of_page, written)
     )
     _check_exclusive(rows, pages, row_of_page, column_of_page, written, num_pages=num_pages)
     _check_copies(rows, copies, pages, row_of_page, column_of_page, written)
