@@ -974,7 +974,7 @@ def decode_on_device(
     ]
     values, finite = _group_kernel(signature)(words)  # the bytes go over in the call
     checks.append((tuple(item.name for item in plan), finite))
-    return values
+    return {item.key: values[item.key] for item in plan}  # plan order (jit sorts dict keys)
 
 
 @functools.cache

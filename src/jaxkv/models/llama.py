@@ -53,7 +53,8 @@ def params_to_device(params: Params, dtype: Any = jnp.float32, *, consume: bool 
     for index, layer in enumerate(params["layers"]):
         if consume:
             params["layers"][index] = None  # its arrays are freed once fused
-        layers.append(_fused_layer(layer, jnp.dtype(dtype)))
+        fused = _fused_layer(layer, jnp.dtype(dtype))
+        layers.append({key: fused[key] for key in LAYER_KEYS})  # jit returns keys sorted
     tied = params["lm_head"] is None
     return {
         "embed": None if tied else put(params["embed"]),
@@ -61,6 +62,10 @@ def params_to_device(params: Params, dtype: Any = jnp.float32, *, consume: bool 
         "lm_head": put(params["embed"]).T if tied else put(params["lm_head"]),
         "layers": layers,
     }
+
+
+LAYER_KEYS = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up", "w_down")
+"""The entries of one layer of device params, in the order the layer uses them."""
 
 
 @functools.partial(jax.jit, static_argnums=1)
