@@ -257,7 +257,6 @@ _LOCKSTEP = (
     "max_num_seqs",
     "max_pages_per_seq",
 )
-_LOCKSTEP_ARRAYS = ("context_lens", "query_start_loc", "positions", "token_ids", "logits_indices")
 
 
 def _check_lockstep(owner: str, full: StepMetadata, sliding: StepMetadata) -> None:
@@ -268,12 +267,7 @@ def _check_lockstep(owner: str, full: StepMetadata, sliding: StepMetadata) -> No
                 f"{owner}: step.full.{name}={getattr(full, name)!r} and step.sliding.{name}="
                 f"{getattr(sliding, name)!r} must be equal (both plans of one scheduled batch)"
             )
-    for name in _LOCKSTEP_ARRAYS:
-        if not np.array_equal(getattr(full, name), getattr(sliding, name)):
-            raise ValueError(
-                f"{owner}: step.full.{name} and step.sliding.{name} differ; both plans must lay "
-                f"out the same tokens (schedule both managers with the same batch)"
-            )
+    # Their token arrays are compared once, by HybridPagedRuntimeMetadata itself.
 
 
 def _resolve_slots(owner: str, step: StepMetadata, slots: Any, seqs: int) -> np.ndarray:

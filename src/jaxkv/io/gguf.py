@@ -839,20 +839,18 @@ def load_gguf(
                 _check_finite(resolved, name, meta.tensors[name], out, out_dtype)
             return out
 
-        def vector(name: str) -> np.ndarray:
-            return cast(name, dequantized(name))
-
-        def matrix(name: str, rope_heads: int = 0) -> np.ndarray:
-            """[in, out] copy of a GGUF [out, in] weight."""
-            weight = dequantized(name)
-            if rope_heads:
-                weight = _undo_rope_permutation(weight, rope_heads)
-            return cast(name, weight.T)
+        def tensor(item: DeviceTensor) -> Any:
+            """One tensor decoded on its own and laid out as ``item`` says."""
+            return cast(item.name, item.apply(dequantized(item.name)))
 
         params: Params = {
-            "embed": cast("token_embd.weight", dequantized("token_embd.weight")),
-            "final_norm": vector("output_norm.weight"),
-            "lm_head": None if config.tie_word_embeddings else matrix("output.weight"),
+            "embed": tensor(DeviceTensor("embed", "token_embd.weight")),
+            "final_norm": tensor(DeviceTensor("final_norm", "output_norm.weight")),
+            "lm_head": (
+                None
+                if config.tie_word_embeddings
+                else tensor(DeviceTensor("lm_head", "output.weight", transpose=True))
+            ),
             "layers": [],
         }
         for layer in range(config.num_layers):
@@ -871,14 +869,7 @@ def load_gguf(
             if device and decodable_on_device(meta, plan):
                 params["layers"].append(decode_on_device(buffer, meta, plan, checks))
                 continue
-            params["layers"].append(
-                {
-                    item.key: (
-                        matrix(item.name, item.rope_heads) if item.transpose else vector(item.name)
-                    )
-                    for item in plan
-                }
-            )
+            params["layers"].append({item.key: tensor(item) for item in plan})
         _report_device_checks(buffer, meta, checks)
     return config, params
 
@@ -939,6 +930,14 @@ class DeviceTensor:
     transpose: bool = False
     offset: float = 0.0
 
+    def apply(self, values: Any) -> Any:
+        """The decoded tensor (NumPy or JAX, traced or not) in the layout this names."""
+        if self.rope_heads:
+            values = _undo_rope_permutation(values, self.rope_heads)
+        if self.offset:
+            values = values + self.offset
+        return values.T if self.transpose else values
+
 
 def decodable_on_device(meta: GGUFMetadata, plan: tuple[DeviceTensor, ...]) -> bool:
     """Whether every tensor of ``plan`` has a device kernel (``jaxkv.io.dequantize``)."""
@@ -992,11 +991,7 @@ def _group_kernel(signature: tuple[tuple[Any, ...], ...]):
         ):
             tensor = on_device.decoder(ggml_type, shape)(stored)
             finite = finite & jnp.isfinite(tensor).all()
-            if rope_heads:
-                tensor = _undo_rope_permutation(tensor, rope_heads)
-            if offset:
-                tensor = tensor + offset
-            values[key] = tensor.T if transpose else tensor
+            values[key] = DeviceTensor(key, "", rope_heads, transpose, offset).apply(tensor)
         return values, finite
 
     return jax.jit(decode)

@@ -402,11 +402,7 @@ def load_gemma3_gguf(
 
         def tensor(item: DeviceTensor) -> Any:
             values = _dequantize_tensor(buffer, meta, item.name, device=device, checks=checks)
-            if item.offset:
-                values = values + item.offset
-            if item.transpose:
-                values = values.T
-            return finish(item.name, values)
+            return finish(item.name, item.apply(values))
 
         def layer(index: int) -> dict[str, Any]:
             plan = tuple(
