@@ -135,9 +135,9 @@ class PagedKV(_StoredKV):
     """What paged attention reads after a paged cache's write.
 
     Attributes:
-        key_pages: ``[num_pages, page_size, kv_heads, codec.stored_dim(head_dim)]`` pool of one
-            layer, as stored.
-        value_pages: ``[num_pages, page_size, kv_heads, codec.stored_dim(value_dim)]``, likewise.
+        key_pages: ``[num_pages, kv_heads, page_size, codec.stored_dim(head_dim)]`` pool of one
+            layer, as stored (each page one contiguous run, heads first within it).
+        value_pages: ``[num_pages, kv_heads, page_size, codec.stored_dim(value_dim)]``, likewise.
         page_tables: ``[batch, max_pages_per_seq]`` int32, each row's pages in position order,
             ``-1`` where unused.
         context_lens: ``[batch]`` int32, tokens in the pool per row after this step's writes
@@ -151,7 +151,7 @@ class PagedKV(_StoredKV):
             (the others have at most one).
         sliding_window: the cache's window (static), or ``None``.
         codec: the storage codec of the pools (static); ``None`` means plain float arrays.
-        key_scales: ``[num_pages, page_size, kv_heads, groups]`` uint16 (float16 bits) with a
+        key_scales: ``[num_pages, kv_heads, page_size, groups]`` uint16 (float16 bits) with a
             quantising codec, else ``None``.
         value_scales: likewise for values.
     """
@@ -175,4 +175,4 @@ class PagedKV(_StoredKV):
     @property
     def page_size(self) -> int:
         """Tokens per page."""
-        return self.key_pages.shape[1]
+        return self.key_pages.shape[2]

@@ -13,8 +13,8 @@ Three steps, as in MaxText:
    dimension, ``None`` for a dimension that is never split). Contiguous and ring keys/values are
    ``[batch, slots, kv_heads, head_dim]`` -> ``("batch", "sequence", "kv_heads", "head_dim")``;
    their quantisation scales ``[batch, slots, kv_heads, groups]`` follow them, minus the channel
-   dimension; paged pools ``[pages, page_size, kv_heads, head_dim]`` ->
-   ``("pages", None, "kv_heads", "head_dim")``; recurrent states ``("batch", "heads" or
+   dimension; paged pools ``[pages, kv_heads, page_size, head_dim]`` ->
+   ``("pages", "kv_heads", None, "head_dim")``; recurrent states ``("batch", "heads" or
    "channels", ...)``; every per-row ``lengths`` / ``overflow`` ``("batch",)``.
 2. *Rules*: logical axis -> mesh axis (or a tuple of mesh axes, or ``None``: replicated).
    ``DEFAULT_RULES`` split rows over ``"data"`` and heads, channels and the MLP width over
@@ -172,8 +172,8 @@ INDIVISIBLE_POLICIES: tuple[str, ...] = ("error", "replicate")
 _ROWS: LogicalAxes = ("batch",)
 _ROW_KV: LogicalAxes = ("batch", "sequence", "kv_heads", "head_dim")
 _ROW_KV_SCALES: LogicalAxes = ("batch", "sequence", "kv_heads", None)
-_POOL: LogicalAxes = ("pages", None, "kv_heads", "head_dim")
-_POOL_SCALES: LogicalAxes = ("pages", None, "kv_heads", None)
+_POOL: LogicalAxes = ("pages", "kv_heads", None, "head_dim")
+_POOL_SCALES: LogicalAxes = ("pages", "kv_heads", None, None)
 
 VIEW_AXES: Mapping[type, Mapping[str, LogicalAxes]] = types.MappingProxyType(
     {
@@ -192,9 +192,9 @@ VIEW_AXES: Mapping[type, Mapping[str, LogicalAxes]] = types.MappingProxyType(
         ),
         PagedCacheView: types.MappingProxyType(
             {
-                "key_pages": _POOL,  # [num_pages, page_size, kv_heads, stored head_dim]
+                "key_pages": _POOL,  # [num_pages, kv_heads, page_size, stored head_dim]
                 "value_pages": _POOL,
-                "key_scales": _POOL_SCALES,  # [num_pages, page_size, kv_heads, groups]
+                "key_scales": _POOL_SCALES,  # [num_pages, kv_heads, page_size, groups]
                 "value_scales": _POOL_SCALES,
             }
         ),

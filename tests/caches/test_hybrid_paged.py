@@ -56,7 +56,7 @@ def test_paged_backend_builds_one_pool_per_attention_layer():
         PagedCacheView,
     ]
     assert metadata.attention.num_layers == 2 and metadata.attention.max_num_seqs == 3
-    assert cache[0].key_pages.shape == (12, 4, 1, 4)
+    assert cache[0].key_pages.shape == (12, 1, 4, 4)  # [pages, kv_heads, page_size, dim]
     assert cache[2].metadata.sliding_window == 3 and cache[0].metadata.sliding_window is None
     assert cache[0].key_pages is not cache[5].key_pages
     assert metadata.batch_size == 3

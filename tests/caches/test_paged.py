@@ -237,7 +237,10 @@ def test_bfloat16_pool_is_stored_as_words_and_attends():
     assert keys.dtype == jnp.bfloat16
     page = step.page_tables[0, 0]
     written = _embed("k", 0, np.asarray(engine.tokens["a"][:4]), np.arange(4))
-    np.testing.assert_array_equal(keys[page], jnp.asarray(written).astype(jnp.bfloat16))
+    # A page is [kv_heads, page_size, dim].
+    np.testing.assert_array_equal(
+        keys[page].swapaxes(0, 1), jnp.asarray(written).astype(jnp.bfloat16)
+    )
 
 
 def _runtime(slot_mapping, positions=None, copy_ops=None, num_pages=None):
@@ -289,6 +292,12 @@ def _random_view(metadata, seed=4):
     )
 
 
+def _by_slot(pool):
+    """A ``[pages, kv_heads, page_size, dim]`` pool as ``[slots, kv_heads, dim]`` (a copy)."""
+    pool = np.asarray(pool)
+    return pool.swapaxes(1, 2).reshape(-1, *pool.shape[1:2], pool.shape[-1]).copy()
+
+
 def test_padding_slots_write_nothing_and_positions_are_minus_one():
     metadata = _metadata(max_pages_per_seq=MAX_PAGES, num_pages=MAX_PAGES)
     view = _random_view(metadata)
@@ -296,16 +305,16 @@ def test_padding_slots_write_nothing_and_positions_are_minus_one():
     runtime = _runtime(slots, positions=[5, 4, 0, 6, 0, 0], num_pages=MAX_PAGES)
     key = jnp.asarray(np.random.default_rng(5).standard_normal((6, KV_HEADS, DIM)), jnp.float32)
     kv, new_view = jax.jit(lambda v, k, r: v.concatenate_to_cache(k, k, r))(view, key, runtime)
-    before = np.asarray(view.key_pages).reshape(-1, KV_HEADS, DIM)
-    after = np.asarray(new_view.key_pages).reshape(-1, KV_HEADS, DIM)
+    before = _by_slot(view.key_pages)
+    after = _by_slot(new_view.key_pages)
     expected = before.copy()
     for row, slot in enumerate(slots):
         if slot >= 0:
             expected[slot] = np.asarray(key[row])
     np.testing.assert_array_equal(after, expected)  # in particular the last slot is untouched
-    values = np.array(view.value_pages).reshape(-1, KV_HEADS, DIM)
+    values = _by_slot(view.value_pages)
     values[[21, 8, 9]] = np.asarray(key)[[0, 1, 3]]
-    np.testing.assert_array_equal(np.asarray(new_view.value_pages).reshape(values.shape), values)
+    np.testing.assert_array_equal(_by_slot(new_view.value_pages), values)
     assert isinstance(kv, PagedKV)
     np.testing.assert_array_equal(kv.query_positions, [5, 4, -1, 6, -1, -1])
     np.testing.assert_array_equal(view.query_positions(runtime, 6), [5, 4, -1, 6, -1, -1])

@@ -194,7 +194,7 @@ def test_paged_attends_over_dequantised_keys(name, window):
     view = cache[0]
     assert view.key_pages.dtype == metadata.codec.word_dtype
     assert view.key_scales.dtype == np.uint16
-    assert view.key_states().shape == (NUM_PAGES, PAGE_SIZE, KV_HEADS, DIM)
+    assert view.key_states().shape == (NUM_PAGES, KV_HEADS, PAGE_SIZE, DIM)
 
 
 def test_paged_copy_pages_copies_scales_with_words():

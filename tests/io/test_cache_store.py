@@ -10,6 +10,7 @@ recurrent views) with random keys, values and states and ragged row counts.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -738,11 +739,53 @@ def test_a_newer_layout_version_is_refused(tmp_path, monkeypatch):
     future = _fingerprint(source, tokens).replace(layout_version=CACHE_LAYOUT_VERSION + 1)
     save_cache(path, source, tokens, future, rows=0)
     monkeypatch.undo()
-    with pytest.raises(CacheFileVersionError, match="layout version 2 is newer") as caught:
+    newer = CACHE_LAYOUT_VERSION + 1
+    with pytest.raises(CacheFileVersionError, match=f"layout version {newer} is newer") as caught:
         load_cache(path, _fingerprint(source, tokens), _transformer(), rows=0)
-    assert (caught.value.version, caught.value.supported) == (2, 1)
+    assert (caught.value.version, caught.value.supported) == (newer, CACHE_LAYOUT_VERSION)
     with pytest.raises(CacheFileVersionError):
         read_cache_info(path)
+
+
+def test_a_file_of_an_older_layout_version_is_refused_and_the_pool_left_alone(
+    tmp_path, monkeypatch
+):
+    # Version 1 stored paged pools [pages, page_size, kv_heads, dim]; read as today's
+    # [pages, kv_heads, page_size, dim] they would be scrambled, so such a file must not load.
+    prompt = _tokens(10)
+    manager = _manager(8)
+    manager.add_sequence("a", prompt)
+    step = manager.schedule([("a", len(prompt))])
+    _, source = _run_step(PagedCache.init_cache(_paged_metadata(8)), step, np.random.default_rng(0))
+    manager.commit_step(step)
+    pages = manager.get_sequence("a").page_ids
+    path = tmp_path / "old.jkv"
+    monkeypatch.setattr(cache_store, "CACHE_LAYOUT_VERSION", 1)
+    old = _fingerprint(source, prompt).replace(layout_version=1)
+    save_cache(path, source, prompt, old, pages=pages)
+    monkeypatch.undo()
+    assert read_cache_info(path).fingerprint.layout_version == 1
+    target = _filled_paged_target()
+    before = [np.asarray(view.key_pages).copy() for view in target]
+    with pytest.raises(FingerprintMismatchError, match="layout_version"):
+        load_cache(path, _fingerprint(target, prompt), target, pages=pages)
+    for view, kept in zip(target, before, strict=True):
+        np.testing.assert_array_equal(np.asarray(view.key_pages), kept)
+
+
+def _filled_paged_target():
+    """A paged cache whose pools hold random data (what a load must not disturb)."""
+    rng = np.random.default_rng(9)
+    cache = PagedCache.init_cache(_paged_metadata(8))
+    return cache.with_views(
+        [
+            dataclasses.replace(
+                view,
+                key_pages=jnp.asarray(rng.standard_normal(view.key_pages.shape), jnp.float32),
+            )
+            for view in cache
+        ]
+    )
 
 
 # -- wrong targets and arguments --------------------------------------------------------------

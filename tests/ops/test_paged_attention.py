@@ -43,8 +43,10 @@ def _ragged_batch(
     """
     max_seqs = max_seqs or len(contexts)
     pages = rng.permutation(NUM_PAGES)
-    keys = rng.standard_normal((NUM_PAGES, PAGE_SIZE, kv_heads, key_dim)).astype(np.float32)
-    values = rng.standard_normal((NUM_PAGES, PAGE_SIZE, kv_heads, value_dim)).astype(np.float32)
+    # Pools are [pages, kv_heads, page_size, dim]; tokens_first views them [pages, page_size, ...].
+    keys = rng.standard_normal((NUM_PAGES, kv_heads, PAGE_SIZE, key_dim)).astype(np.float32)
+    values = rng.standard_normal((NUM_PAGES, kv_heads, PAGE_SIZE, value_dim)).astype(np.float32)
+    tokens_first_keys, tokens_first_values = keys.swapaxes(1, 2), values.swapaxes(1, 2)
     tables = np.full((max_seqs, MAX_PAGES), -1, np.int32)
     context_lens = np.zeros((max_seqs,), np.int32)
     start = np.full((max_seqs + 1,), sum(new_counts), np.int32)
@@ -63,8 +65,9 @@ def _ragged_batch(
         query[cursor : cursor + count] = q
         positions[cursor : cursor + count] = np.arange(context - count, context)
         cursor += count
-        flat_keys = keys[tables[row, :used]].reshape(-1, kv_heads, key_dim)[:context]
-        flat_values = values[tables[row, :used]].reshape(-1, kv_heads, value_dim)[:context]
+        flat_keys = tokens_first_keys[tables[row, :used]].reshape(-1, kv_heads, key_dim)[:context]
+        flat_values = tokens_first_values[tables[row, :used]].reshape(-1, kv_heads, value_dim)
+        flat_values = flat_values[:context]
         history.append((q, flat_keys, flat_values, np.arange(context - count, context)))
     kv = PagedKV(
         key_pages=jnp.asarray(keys),

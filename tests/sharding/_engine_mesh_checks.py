@@ -131,7 +131,7 @@ def test_divisible_heads_are_split_and_a_decode_step_gathers_no_cache(cache):
         rows = backend.rows
         args = backend._inputs(np.zeros((rows, 1), np.int32), np.zeros(rows, np.int32), False)
     else:
-        assert spec(engine, view.key_pages) == PartitionSpec(None, None, "tensor")
+        assert spec(engine, view.key_pages) == PartitionSpec(None, "tensor")
         args = _decode_args(backend, backend.rows)  # the decode step of every row
     compiled, seconds = compiled_forward(
         engine.model.config, *args, step=forward_step, keep_cache_sharding=True

@@ -113,7 +113,7 @@ def test_keys_rows_and_pools_get_the_declared_specs():
     assert keys.key_scales.spec == PartitionSpec("data", None, "tensor")
     assert keys.lengths.spec == keys.overflow.spec == PartitionSpec("data")
     pool = sharding.cache_shardings(_cache("paged"), mesh)[1]
-    assert pool.key_pages.spec == PartitionSpec(None, None, "tensor")  # pages replicated
+    assert pool.key_pages.spec == PartitionSpec(None, "tensor")  # pages replicated
     state = sharding.cache_shardings(_cache("mamba2"), mesh)[0]
     assert state.conv_state.spec == PartitionSpec("data", "tensor")
     assert state.ssm_state.spec == PartitionSpec("data", "tensor")

@@ -1,11 +1,12 @@
 """Paged KV cache: every layer's keys and values in one pool of fixed-size pages.
 
-Layout. Each layer holds ``key_pages: [num_pages, page_size, num_kv_heads, head_dim]`` and
-``value_pages: [num_pages, page_size, num_kv_heads, value_dim]`` (as the storage codec's words). A
-token lives at ``slot = page * page_size + offset``; keeping the page axis outermost makes a page
-one contiguous run of memory, so a page copy, a page read during attention and a token write are
-each one contiguous move. (Heads-outer layouts suit accelerator kernels that read one head at a
-time; here whole pages are gathered, and one contiguous page per gather index is what that wants.)
+Layout. Each layer holds ``key_pages: [num_pages, num_kv_heads, page_size, head_dim]`` and
+``value_pages: [num_pages, num_kv_heads, page_size, value_dim]`` (as the storage codec's words). A
+token lives at ``slot = page * page_size + offset``. The page axis is outermost, so a page is one
+contiguous run of memory and a page copy or a page read during attention is one contiguous move
+(a token write is one short run per head). Within a page the heads come first: a gathered page
+is then, per head, the ``[page_size, head_dim]`` matrix attention multiplies by, with no
+transposing copy of the block in between (``jaxkv.ops.paged_attention``).
 
 Which page holds which token is decided on the host by ``jaxkv.pages.PageManager``; the engine
 turns its step plan into a ``PagedRuntimeMetadata`` (``jaxkv.engine.step_inputs.paged_runtime``),
@@ -24,7 +25,7 @@ they take.
 Storage goes through the metadata's storage codec (``jaxkv.quantization``): floats, 16-bit ones
 held as ``uint16`` words so that XLA's CPU backend scatters into the pool in place; or with
 ``kv_quantization`` (``"int8"``, ``"int4"``, ``"fp8"``) the codec's words plus
-``[num_pages, page_size, num_kv_heads, groups]`` scale pools.
+``[num_pages, num_kv_heads, page_size, groups]`` scale pools.
 
 Capacity is the host's business: the manager never hands out a slot outside the pool, and the
 device drops any write whose slot is ``-1`` (or otherwise outside the pool) instead of letting
@@ -514,13 +515,13 @@ class PagedCacheView(AttentionCacheView, RowOperations):
     """One layer of a paged cache.
 
     Attributes:
-        key_pages: ``[num_pages, page_size, num_kv_heads, storage.stored_dim(head_dim)]`` stored
+        key_pages: ``[num_pages, num_kv_heads, page_size, storage.stored_dim(head_dim)]`` stored
             words of the metadata's storage codec (``key_states()`` gives the floats).
-        value_pages: ``[num_pages, page_size, num_kv_heads, storage.stored_dim(value_dim)]``,
+        value_pages: ``[num_pages, num_kv_heads, page_size, storage.stored_dim(value_dim)]``,
             likewise.
         metadata: the cache's ``PagedCacheMetadata`` (static).
         layer_index: which layer this view belongs to (static).
-        key_scales: with a quantising codec, ``[num_pages, page_size, num_kv_heads, groups]``
+        key_scales: with a quantising codec, ``[num_pages, num_kv_heads, page_size, groups]``
             uint16 (float16 bits); ``None`` unquantised.
         value_scales: likewise for values.
 
@@ -544,7 +545,7 @@ class PagedCacheView(AttentionCacheView, RowOperations):
                 f"got {type(metadata).__name__}"
             )
         m = metadata
-        lead = (m.num_pages, m.page_size, m.num_kv_heads)
+        lead = (m.num_pages, m.num_kv_heads, m.page_size)
         key_pages, key_scales = m.storage.allocate(lead, m.head_dim)
         value_pages, value_scales = m.storage.allocate(lead, m.value_dim)
         return cls(
@@ -557,13 +558,13 @@ class PagedCacheView(AttentionCacheView, RowOperations):
         )
 
     def key_states(self) -> jax.Array:
-        """``[num_pages, page_size, num_kv_heads, head_dim]`` keys as ``metadata.dtype`` floats
+        """``[num_pages, num_kv_heads, page_size, head_dim]`` keys as ``metadata.dtype`` floats
         (a quantised pool is dequantised whole: for inspection; attention reads block by
         block)."""
         return decode_states(self.key_pages, self.key_scales, self.metadata)
 
     def value_states(self) -> jax.Array:
-        """``[num_pages, page_size, num_kv_heads, value_dim]`` values as ``metadata.dtype``
+        """``[num_pages, num_kv_heads, page_size, value_dim]`` values as ``metadata.dtype``
         floats."""
         return decode_states(self.value_pages, self.value_scales, self.metadata)
 
@@ -628,7 +629,8 @@ class PagedCacheView(AttentionCacheView, RowOperations):
         def write(pool: jax.Array | None, new: jax.Array | None) -> jax.Array | None:
             if pool is None:
                 return None
-            return pool.at[pages, offsets].set(new, mode="drop")
+            # Token t's [heads, dim] goes to pool[pages[t], :, offsets[t]].
+            return pool.at[pages, :, offsets].set(new, mode="drop")
 
         storage = m.storage
         key_words, key_scale = storage.encode(key)

@@ -38,13 +38,16 @@ The engine restores a saved prompt into a paged cache like this (a page id of ``
     loaded = load_cache(path, expected, cache, pages=pages)
     manager.commit_step(step)                           # the load stood in for the step
 
-File layout (``CACHE_LAYOUT_VERSION`` 1). A safetensors file whose tensors are named
+File layout (``CACHE_LAYOUT_VERSION`` 2). A safetensors file whose tensors are named
 ``layer.{i}.{field}`` (as the view names its arrays), ``tokens`` (int32, every sequence's ids one
 after another) and, with paged layers, ``page_table`` (int32, the source page ids). Its string
 metadata (the safetensors ``__metadata__``) holds:
 
 * ``format``: ``"jaxkv.cache"``;
-* ``layout_version``: ``"1"`` (read first: a newer file is refused before anything else);
+* ``layout_version``: ``"2"`` (read first: a newer file is refused before anything else; an
+  older one is refused by the fingerprint check, since its ``layout_version`` differs: version 1
+  stored paged pools ``[pages, page_size, kv_heads, dim]``, version 2 stores them as the pool
+  holds them, ``[pages, kv_heads, page_size, dim]``);
 * ``header``: canonical JSON with ``layout_version``, ``fingerprint`` (the ``CacheFingerprint``),
   ``cache`` (cache class, and the ``HybridCacheMetadata`` JSON for a hybrid cache),
   ``layers`` (per layer: view class, metadata class and JSON, ``{field: axis}`` saved, or
@@ -104,8 +107,9 @@ from jaxkv.errors import (
     FingerprintMismatchError,
 )
 
-CACHE_LAYOUT_VERSION = 1
-"""Version of the file layout this module writes, and the newest it reads."""
+CACHE_LAYOUT_VERSION = 2
+"""Version of the file layout this module writes, and the newest it reads (a fingerprint
+carries it, so a file of another version never loads into a cache of this one)."""
 
 FILE_FORMAT = "jaxkv.cache"
 """The ``format`` entry of every cache file's metadata."""

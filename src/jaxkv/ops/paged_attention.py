@@ -1,7 +1,7 @@
 """Ragged attention over a paged KV pool: prefill chunks and decodes of many sequences in one call.
 
 A paged cache keeps every layer's keys and values in a pool of pages,
-``[num_pages, page_size, kv_heads, head_dim]``; a sequence's tokens live in the pages its row of
+``[num_pages, kv_heads, page_size, head_dim]``; a sequence's tokens live in the pages its row of
 ``page_tables`` lists, in position order. One step packs the new tokens of up to ``max_num_seqs``
 sequences into one axis (``query_start_loc`` says where each sequence's run starts), so some
 sequences prefill a chunk while others decode a single token.
@@ -13,8 +13,11 @@ sequence's pages once, and scatters the outputs back to the packed order. The nu
 is a *dynamic* loop trip count, ``ceil(max(context_lens) / (pages_per_block * page_size))`` (with
 a sliding window, blocks wholly before every query's window are skipped), so the cost follows
 the live context, never ``max_pages_per_seq``. Each block reads
-``[max_num_seqs, pages_per_block * page_size, kv_heads, head_dim]``: one read of the live keys per
-sequence, whether it decodes one token or prefills a chunk.
+``[max_num_seqs, pages_per_block, kv_heads, page_size, head_dim]``: one read of the live keys per
+sequence, whether it decodes one token or prefills a chunk. A decode step (one query per row)
+attends each gathered page in place (``online_softmax_update_pages``); a step with longer query
+runs lays each block out heads first once and attends it as one run of slots per head, the copy
+paid for by all the block's queries.
 
 Masking is by absolute position, as in ``jaxkv.ops.attention``: a query at position ``q`` of
 sequence ``s`` sees the keys of ``s`` at positions ``k`` with ``k <= q``, ``k < context_lens[s]``
@@ -43,6 +46,7 @@ from jaxkv.ops.softmax import (
     finish_softmax,
     init_softmax_state,
     online_softmax_update,
+    online_softmax_update_pages,
     two_block_size,
 )
 
@@ -64,7 +68,7 @@ def _check_inputs(query, kv, scale, logit_soft_cap, sliding_window, pages_per_bl
         owner, ("kv.key_scales", "kv.value_scales"), kv.codec, kv.key_scales, kv.value_scales
     )
     num_tokens, query_heads, key_dim = query.shape
-    kv_heads, pool_key_dim = kv.key_pages.shape[2], kv.key_dim
+    kv_heads, pool_key_dim = kv.key_pages.shape[1], kv.key_dim
     if pool_key_dim != key_dim:
         raise ValueError(
             f"{owner}: query key_dim {key_dim} does not match the pool's key_dim {pool_key_dim}"
@@ -114,11 +118,10 @@ def paged_attention(
         logit_soft_cap: if set, logits become ``cap * tanh(logits / cap)``.
         sliding_window: an extra window on top of the cache's own (the smaller wins).
         pages_per_block: pages read per loop step; default ``DEFAULT_BLOCK_SIZE`` tokens' worth
-            (at least one page, at most ``max_pages_per_seq``), for decoding rows too: unlike
-            the contiguous kernel, which reads a block in place, this one gathers each block's
-            pages into a copy first, and at one row of 8,192 live tokens blocks of 256 slots
-            (whose copy stays in the CPU's cache) take about 40% less time than blocks of
-            ``DECODE_BLOCK_SIZE`` (512), while at 8 rows of 2,048 they are as fast.
+            (at least one page, at most ``max_pages_per_seq``), for decoding rows too: this
+            kernel gathers each block's pages into a copy first, and blocks of 256 slots (whose
+            copy stays in the CPU's cache) decode as fast as blocks of 512 or 1,024 at one row
+            of 8,192 live tokens and at 8 rows of 2,048.
 
     Returns:
         ``[num_tokens, query_heads, value_dim]`` in ``query.dtype``; softmax and accumulation run
@@ -143,8 +146,8 @@ def _attend(query, kv, *, scale, soft_cap, window, pages_per_block):
     """The kernel behind ``paged_attention``, on checked inputs; jitted on its own so that a
     model's layers trace it once per step shape (see ``jaxkv.ops.attention._attend``)."""
     num_tokens, query_heads, key_dim = query.shape
-    _, page_size, kv_heads, _ = kv.key_pages.shape
     max_pages = kv.page_tables.shape[1]
+    kv_heads = kv.key_pages.shape[1]
     groups = query_heads // kv_heads
     num_seqs = kv.page_tables.shape[0]
     max_query_len = min(kv.max_query_len or num_tokens, num_tokens)
@@ -153,6 +156,7 @@ def _attend(query, kv, *, scale, soft_cap, window, pages_per_block):
     codec = kv.storage
     q_all = codec.to_attention_basis(query.astype(jnp.float32)) * scale
 
+    page_size = kv.page_size
     pages = max(1, DEFAULT_BLOCK_SIZE // page_size) if pages_per_block is None else pages_per_block
     block = two_block_size(pages, max_pages)  # see two_block_size
 
@@ -173,7 +177,7 @@ def _attend_rows(q_all, kv, rows, max_query_len, *, block, window, soft_cap, gro
     ``[rows, max_query_len]``; ``[num_tokens, heads, value_dim]`` float32 with zeros at every
     other row's tokens (in the attention basis of the codec)."""
     num_tokens, query_heads, key_dim = q_all.shape
-    _, page_size, kv_heads, _ = kv.key_pages.shape
+    _, kv_heads, page_size, _ = kv.key_pages.shape
     value_dim = kv.value_dim
     max_pages = kv.page_tables.shape[1]
     pages_per_block = block
@@ -212,14 +216,17 @@ def _attend_rows(q_all, kv, rows, max_query_len, *, block, window, soft_cap, gro
     query_pos_3d = query_pos[:, :, None]
 
     def gather(pool, pages):
-        blocks = pool.at[pages].get(mode="promise_in_bounds")  # [S, ppb, page_size, h, d]
-        return blocks.reshape(num_seqs, block, *pool.shape[2:])
+        return pool.at[pages].get(mode="promise_in_bounds")  # [S, ppb, h, page_size, d]
+
+    def heads_first(run):  # [S, ppb, h, page_size, d] -> [S, h, block, d]
+        return run.transpose(0, 2, 1, 3, 4).reshape(num_seqs, kv_heads, block, run.shape[-1])
 
     def read(pool, scales, pages):
-        """The block's slots as float32 ``[S, block, kv_heads, dim]`` channel runs
-        (``codec.decode_parts``)."""
+        """The block's pages as float32 channel runs (``codec.decode_parts``):
+        ``[S, ppb, kv_heads, page_size, dim]`` when decoding, else ``[S, kv_heads, block, dim]``."""
         scales = None if scales is None else gather(scales, pages)
-        return codec.decode_parts(gather(pool, pages), scales)
+        runs = codec.decode_parts(gather(pool, pages), scales)
+        return runs if decoding else tuple(heads_first(run) for run in runs)
 
     def body(index, carry):
         nominal_page = index * pages_per_block
@@ -235,8 +242,15 @@ def _attend_rows(q_all, kv, rows, max_query_len, *, block, window, soft_cap, gro
         visible = fresh & (key_pos < context) & (key_pos <= query_pos_3d) & real[:, :, None]
         if window is not None:
             visible &= query_pos_3d - key_pos < window
-        return online_softmax_update(carry, q_parts, keys, values, visible, soft_cap=soft_cap)
+        if decoding:
+            return online_softmax_update_pages(
+                carry, q_parts, keys, values, visible, soft_cap=soft_cap
+            )
+        return online_softmax_update(
+            carry, q_parts, keys, values, visible, soft_cap=soft_cap, slots_first=False
+        )
 
+    decoding = max_query_len == 1
     q_parts = codec.split_query(q)
     state = lax.fori_loop(start_block, end_block, body, state)
     out = finish_softmax(state, max_query_len)  # [S, Q, Hq, Dv]

@@ -103,6 +103,7 @@ def online_softmax_update(
     visible: jax.Array,
     *,
     soft_cap: float | None,
+    slots_first: bool = True,
 ) -> SoftmaxState:
     """Fold one block of keys into the online-softmax carry.
 
@@ -116,23 +117,100 @@ def online_softmax_update(
             accumulator holds them side by side.
         visible: ``[batch, new_tokens, slots]`` bool, which keys each query may see.
         soft_cap: if set, logits become ``cap * tanh(logits / cap)``.
+        slots_first: ``False`` when ``keys`` and ``values`` come heads first,
+            ``[batch, heads, slots, dim]``.
     """
-    q_runs, key_runs, value_runs = (
-        (x,) if isinstance(x, jax.Array) else tuple(x) for x in (q, keys, values)
-    )
-    running_max, denominator, accumulator = state
-    if _token_major(q_runs[0].shape[1]):
-        query_axes, visible = "tg", visible[:, None, :, None, :]
-    else:
-        query_axes, visible = "gt", visible[:, None, None, :, :]
+    q_runs, key_runs, value_runs = _runs(q, keys, values)
+    token_major = _token_major(q_runs[0].shape[1])
+    query_axes = "tg" if token_major else "gt"
+    block = "bshd" if slots_first else "bhsd"
     # Slots no query may see can hold stale or uninitialised data; zero them so that even a NaN
     # there cannot reach the output through 0 * NaN.
-    slot_used = jnp.any(visible, axis=(1, 2, 3))[:, :, None, None]
+    slot_used = jnp.any(visible, axis=1)[:, :, None, None]
+    if not slots_first:
+        slot_used = slot_used.reshape(slot_used.shape[0], 1, -1, 1)
     value_runs = [jnp.where(slot_used, run, 0.0) for run in value_runs]
     logits = sum(
-        jnp.einsum(f"bthgd,bshd->bh{query_axes}s", q_run, key_run)
+        jnp.einsum(f"bthgd,{block}->bh{query_axes}s", q_run, key_run)
         for q_run, key_run in zip(q_runs, key_runs, strict=True)
     )
+
+    def weigh(probs):
+        return [
+            jnp.einsum(f"bh{query_axes}s,{block}->bh{query_axes}d", probs, v) for v in value_runs
+        ]
+
+    return _fold(state, logits, visible, weigh, token_major=token_major, soft_cap=soft_cap)
+
+
+def online_softmax_update_pages(
+    state: SoftmaxState,
+    q: jax.Array | Sequence[jax.Array],
+    keys: jax.Array | Sequence[jax.Array],
+    values: jax.Array | Sequence[jax.Array],
+    visible: jax.Array,
+    *,
+    soft_cap: float | None,
+) -> SoftmaxState:
+    """``online_softmax_update`` for one query per row over a block of whole pages, read in the
+    pool's own layout.
+
+    Each page's keys are a small matrix of their own here: the products run batched over rows,
+    pages and heads, so the block is used where the page gather put it. Attending the block as
+    one ``[slots, dim]`` run per head instead needs a heads-major copy of every gathered block
+    first, and on XLA's CPU backend that copy, not the arithmetic, was most of a batch-1 decode
+    step at long contexts (``benchmarks/long_context.py``).
+
+    Args:
+        state: the decode carry (see ``SoftmaxState``).
+        q: ``[batch, 1, heads, groups, key_dim]`` float32, already scaled, or its channel runs.
+        keys: ``[batch, pages, heads, page_size, key_dim]`` float32, or its channel runs.
+        values: ``[batch, pages, heads, page_size, value_dim]`` float32, or its channel runs.
+        visible: ``[batch, 1, pages * page_size]`` bool, in page-then-offset order.
+        soft_cap: as for ``online_softmax_update``.
+    """
+    q_runs, key_runs, value_runs = _runs(q, keys, values)
+    batch, pages, heads, page_size, _ = key_runs[0].shape
+    groups = q_runs[0].shape[3]
+    slot_used = jnp.any(visible, axis=1).reshape(batch, pages, 1, page_size, 1)
+    value_runs = [jnp.where(slot_used, run, 0.0) for run in value_runs]
+    logits = sum(
+        jnp.einsum(
+            "bnhgd,bnhpd->bnhgp",
+            jnp.broadcast_to(q_run[:, :1], (batch, pages, *q_run.shape[2:])),
+            key_run,
+        )
+        for q_run, key_run in zip(q_runs, key_runs, strict=True)
+    )
+    # -> [batch, heads, groups, 1, slots], the decode carry's order.
+    logits = logits.transpose(0, 2, 3, 1, 4).reshape(batch, heads, groups, 1, pages * page_size)
+
+    def weigh(probs):
+        per_page = probs.reshape(batch, heads, groups, pages, page_size).transpose(0, 3, 1, 2, 4)
+        # One product per page, summed after: contracting pages and offsets in one product
+        # would make XLA lay the values out heads first again.
+        return [
+            jnp.einsum("bnhgp,bnhpd->bnhgd", per_page, v).sum(axis=1)[:, :, :, None, :]
+            for v in value_runs
+        ]
+
+    return _fold(state, logits, visible, weigh, token_major=False, soft_cap=soft_cap)
+
+
+def _runs(*parts):
+    """Each of ``parts`` as a tuple of channel runs (a single array is one run)."""
+    return tuple((x,) if isinstance(x, jax.Array) else tuple(x) for x in parts)
+
+
+def _fold(state, logits, visible, weigh, *, token_major, soft_cap):
+    """The carry after one block: ``logits`` ``[batch, heads, <query axes>, slots]`` (the
+    carry's order) masked by ``visible`` ``[batch, new_tokens, slots]``; ``weigh(probs)`` gives
+    the probability-weighted value runs, ``[batch, heads, <query axes>, dim]`` each."""
+    running_max, denominator, accumulator = state
+    if token_major:
+        visible = visible[:, None, :, None, :]
+    else:
+        visible = visible[:, None, None, :, :]
     if soft_cap is not None:
         logits = soft_cap * jnp.tanh(logits / soft_cap)
     logits = jnp.where(visible, logits, -jnp.inf)
@@ -142,7 +220,7 @@ def online_softmax_update(
     probs = jnp.exp(logits - safe_max[..., None])
     correction = jnp.exp(running_max - safe_max)
     denominator = denominator * correction + jnp.sum(probs, axis=-1)
-    weighted = [jnp.einsum(f"bh{query_axes}s,bshd->bh{query_axes}d", probs, v) for v in value_runs]
+    weighted = weigh(probs)
     weighted = weighted[0] if len(weighted) == 1 else jnp.concatenate(weighted, axis=-1)
     accumulator = accumulator * correction[..., None] + weighted
     return new_max, denominator, accumulator
