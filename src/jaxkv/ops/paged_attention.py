@@ -252,6 +252,10 @@ def _attend_rows(q_all, kv, rows, max_query_len, *, block, window, soft_cap, gro
 
     decoding = max_query_len == 1
     q_parts = codec.split_query(q)
+    if decoding:  # each row's query once per page of a block, made once for every block
+        q_parts = [
+            jnp.broadcast_to(run, (num_seqs, pages_per_block, *run.shape[2:])) for run in q_parts
+        ]
     state = lax.fori_loop(start_block, end_block, body, state)
     out = finish_softmax(state, max_query_len)  # [S, Q, Hq, Dv]
     scatter_index = jnp.where(present, packed_index, num_tokens)  # absent slots are dropped

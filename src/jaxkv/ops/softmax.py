@@ -163,7 +163,9 @@ def online_softmax_update_pages(
 
     Args:
         state: the decode carry (see ``SoftmaxState``).
-        q: ``[batch, 1, heads, groups, key_dim]`` float32, already scaled, or its channel runs.
+        q: ``[batch, pages, heads, groups, key_dim]`` float32, already scaled: each row's one
+            query repeated for every page of the block (made once, outside the block loop), or
+            its channel runs.
         keys: ``[batch, pages, heads, page_size, key_dim]`` float32, or its channel runs.
         values: ``[batch, pages, heads, page_size, value_dim]`` float32, or its channel runs.
         visible: ``[batch, 1, pages * page_size]`` bool, in page-then-offset order.
@@ -175,11 +177,7 @@ def online_softmax_update_pages(
     slot_used = jnp.any(visible, axis=1).reshape(batch, pages, 1, page_size, 1)
     value_runs = [jnp.where(slot_used, run, 0.0) for run in value_runs]
     logits = sum(
-        jnp.einsum(
-            "bnhgd,bnhpd->bnhgp",
-            jnp.broadcast_to(q_run[:, :1], (batch, pages, *q_run.shape[2:])),
-            key_run,
-        )
+        jnp.einsum("bnhgd,bnhpd->bnhgp", q_run, key_run)
         for q_run, key_run in zip(q_runs, key_runs, strict=True)
     )
     # -> [batch, heads, groups, 1, slots], the decode carry's order.
