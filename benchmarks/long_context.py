@@ -9,7 +9,8 @@ One run of this script measures, on this machine and with the same float32 weigh
   (``logits_to_keep=1``, as ``generate`` does) and its argmax, then ``--steps`` decode steps, each
   ``model(input_ids=next[:, None], past_key_values=cache, use_cache=True)`` and its argmax;
 - jaxkv with a contiguous ``TransformerCache`` (float32, int8 and int4 KV) and with a paged cache
-  (float32 KV, 16-token pages, each sequence's pages contiguous in the pool): the same loop, a
+  (float32 KV, ``--page-size``-token pages, default 16, each sequence's pages contiguous in
+  the pool): the same loop, a
   jitted step of ``jaxkv.models.llama.forward`` with the cache donated and the argmax inside;
   the prompt is prefilled in calls of ``--prefill-chunk`` tokens per row (default 256, as a
   serving engine chunks it, so peak memory does not grow with the prompt; 0 for one call;
@@ -34,8 +35,9 @@ One run of this script measures, on this machine and with the same float32 weigh
   included); ``% of bound = bound time / measured step time``;
 - how many of the first 8 greedy tokens of each jaxkv implementation equal HF's (the worst row);
 - that decode cost stays flat in capacity (skipped by ``--quick``): jaxkv contiguous and paged
-  decode after the same 1 x 2,048-token prompt in caches of 2,304 and 32,768 tokens; the larger
-  cache's median step should be within 10% of the smaller one's.
+  decode after the same 1 x 2,048-token prompt in caches of 2,304 and 32,768 tokens, the two
+  caches' runs taking turns; the larger cache's median step should be within 10% of the smaller
+  one's.
 
 At ``1x8192`` the decode steps run at positions 8,192 and on, past SmolLM2's 8,192-token
 context: both sides apply RoPE there alike (speed is unaffected, and the first generated token
@@ -54,8 +56,8 @@ HF workers need torch and transformers, which jaxkv does not: they run under ``-
 (default: this interpreter when it can import both); ``--only jaxkv`` skips them.
 
 Run: ``.venv/bin/python benchmarks/long_context.py [--hf-python PATH] [--cases 8x2048,1x8192]
-[--steps 32] [--repeats 3] [--prefill-chunk 256] [--png plot.png] [--sweep-batch 1] [--only jaxkv]
-[--quick]``
+[--steps 32] [--repeats 3] [--prefill-chunk 256] [--page-size 16] [--png plot.png]
+[--sweep-batch 1] [--only jaxkv] [--quick]``
 """
 
 from __future__ import annotations
@@ -241,20 +243,41 @@ def _run_sweep(runner_for, spec: dict[str, Any]) -> dict[str, Any]:
 def _run_capacity_check(runner_for, spec: dict[str, Any]) -> dict[str, Any]:
     """Decode steps after the same prompt in caches of each capacity of
     ``spec["capacity_check"]``: the step should cost what the live tokens cost, not the
-    capacity."""
+    capacity. Every cache is filled first and their decode runs then take turns (a run on each
+    cache per repeat), so a slow spell of a shared machine falls on all of them alike."""
     check = spec["capacity_check"]
     prompt = check["prompt"]
-    results = {}
+    start, steps = len(prompt[0]), spec["steps"]
+    positions = [start + i for i in range(steps)]
+    results: dict[str, Any] = {}
+    ready = {}  # capacity -> (runner, first tokens)
     for capacity in check["capacities"]:
         try:
             runner = runner_for(len(prompt), capacity)
             _, first = _prefill(runner, prompt, spec.get("prefill_chunk"))
-            runs = _decode_runs(runner, first, len(prompt[0]), spec["steps"], spec["repeats"])
-            results[str(capacity)] = {"step_s": runs["step_s"]}
-            del runner
+            runner.prepare_decode(positions)
+            ready[capacity] = (runner, first)
         except Exception as error:
             traceback.print_exc(file=sys.stderr)
             results[str(capacity)] = {"error": _error_text(error)}
+    step_s: dict[int, list[float]] = {capacity: [] for capacity in ready}
+    for attempt in range(spec["repeats"] + 1):  # the first run of each cache warms it up
+        for capacity, (runner, first) in list(ready.items()):
+            try:
+                if attempt:
+                    runner.rewind(start)
+                tokens = first
+                for position in positions:
+                    begin = time.perf_counter()
+                    tokens = runner.decode(tokens, position)
+                    if attempt:
+                        step_s[capacity].append(time.perf_counter() - begin)
+            except Exception as error:
+                traceback.print_exc(file=sys.stderr)
+                results[str(capacity)] = {"error": _error_text(error)}
+                del ready[capacity]
+    for capacity in ready:
+        results[str(capacity)] = {"step_s": step_s[capacity]}
     return results
 
 
@@ -262,12 +285,14 @@ class _JaxkvRunner:
     """A jaxkv cache of ``batch`` rows of ``capacity`` tokens, driven one greedy step at a time.
 
     ``layout`` is ``"contiguous"`` (``TransformerCache``; ``token_ids: [B, T]``, the cache keeps
-    each row's length) or ``"paged"`` (``PagedCache`` of ``batch * capacity / PAGE_SIZE`` pages,
+    each row's length) or ``"paged"`` (``PagedCache`` of ``batch * capacity / page_size`` pages,
     row ``b`` owning pages ``b * P .. (b + 1) * P - 1``; ``token_ids: [B * T]`` packed, row-major,
     with a ``PagedRuntimeMetadata`` per call).
     """
 
-    def __init__(self, model, batch: int, capacity: int, layout: str, codec: str):
+    def __init__(
+        self, model, batch: int, capacity: int, layout: str, codec: str, page_size: int = PAGE_SIZE
+    ):
         import jax
         import jax.numpy as jnp
         import numpy as np
@@ -282,12 +307,13 @@ class _JaxkvRunner:
         self.jax, self.jnp, self.np = jax, jnp, np
         self.model, self.batch, self.layout = model, batch, layout
         c = model.config
+        self.page_size = page_size
         if layout == "paged":
-            pages_per_seq = capacity // PAGE_SIZE
+            pages_per_seq = capacity // page_size
             metadata = PagedCacheMetadata.create(
                 c.num_layers,
                 batch * pages_per_seq,
-                PAGE_SIZE,
+                page_size,
                 c.num_kv_heads,
                 c.head_dim,
                 batch,
@@ -320,16 +346,17 @@ class _JaxkvRunner:
         np, batch = self.np, self.batch
         positions = np.tile(np.arange(start, start + count), batch)  # [B * T] packed, row-major
         rows = np.repeat(np.arange(batch), count)
-        pages = self.page_tables[rows, positions // PAGE_SIZE]
+        page_size = self.page_size
+        pages = self.page_tables[rows, positions // page_size]
         return PagedRuntimeMetadata.create(
             num_pages=self.metadata.num_pages,
-            page_size=PAGE_SIZE,
+            page_size=page_size,
             max_query_len=count,
             page_tables=self.page_tables,
             context_lens=np.full((batch,), start + count),
             query_start_loc=np.arange(batch + 1) * count,
             num_seqs=np.asarray(batch),
-            slot_mapping=pages * PAGE_SIZE + positions % PAGE_SIZE,
+            slot_mapping=pages * page_size + positions % page_size,
             positions=positions,
             token_ids=np.zeros((batch * count,), np.int64),  # the step reads its token_ids arg
             copy_ops=np.full((batch, 2), -1),
@@ -456,7 +483,8 @@ def _jaxkv_worker(spec: dict[str, Any], name: str) -> dict[str, Any]:
     info = {"load_s": time.perf_counter() - begin, "versions": f"jax {jax.__version__}"}
 
     def runner_for(batch: int, capacity: int) -> _JaxkvRunner:
-        return _JaxkvRunner(model, batch, capacity, layout, codec)
+        page_size = spec.get("page_size", PAGE_SIZE)
+        return _JaxkvRunner(model, batch, capacity, layout, codec, page_size)
 
     if "sweep" in spec:
         return {**info, "sweep": _run_sweep(runner_for, spec)}
@@ -848,6 +876,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sweep-batch", type=int, default=1, help="batch size of the --png sweep (default 1)"
     )
     parser.add_argument(
+        "--page-size",
+        type=int,
+        default=PAGE_SIZE,
+        help=f"tokens per page of the jaxkv paged cache (default {PAGE_SIZE}; it must divide "
+        f"{CAPACITY_MULTIPLE}, the multiple every cache capacity is rounded up to)",
+    )
+    parser.add_argument(
         "--prefill-chunk",
         type=int,
         default=DEFAULT_PREFILL_CHUNK,
@@ -868,6 +903,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{option} must be >= 1, got {value}")
     if args.sweep_batch < 1:
         parser.error(f"--sweep-batch must be >= 1, got {args.sweep_batch}")
+    if args.page_size < 1 or CAPACITY_MULTIPLE % args.page_size:
+        parser.error(f"--page-size must be a divisor of {CAPACITY_MULTIPLE}, got {args.page_size}")
     if args.worker_timeout <= 0:
         parser.error(f"--worker-timeout must be > 0, got {args.worker_timeout}")
     try:
@@ -919,6 +956,7 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": repeats,
         "torch_threads": TORCH_THREADS,
         "prefill_chunk": args.prefill_chunk,
+        "page_size": args.page_size,
     }
     started = time.perf_counter()
     load_at_start = os.getloadavg()[0]
@@ -968,6 +1006,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\nLong-context benchmark: {gguf.name}, float32 weights; greedy; {steps} decode steps x "
         f"{repeats} run(s) per case (median step); random prompt ids (seed {PROMPT_SEED}); "
+        f"paged cache of {args.page_size}-token pages; "
         f"{os.cpu_count()} CPUs, 1-minute load average {load_at_start:.1f} at the start"
     )
     if load_at_start > 0.5 * (os.cpu_count() or 1):
