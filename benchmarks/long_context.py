@@ -166,15 +166,24 @@ def _decode_runs(runner, first, start: int, steps: int, repeats: int) -> dict[st
     for attempt in range(repeats):
         if attempt:
             runner.rewind(start)
-        tokens = first
-        for position in positions:
-            begin = time.perf_counter()
-            tokens = runner.decode(tokens, position)
-            step_s.append(time.perf_counter() - begin)
-            if attempt == 0:
-                columns.append(tokens)
+        seconds, tokens = _decode_run(runner, first, positions)
+        step_s += seconds
+        if attempt == 0:
+            columns += tokens
     rows = [list(row) for row in zip(*map(runner.tokens_to_list, columns), strict=True)]
     return {"step_s": step_s, "tokens": rows}
+
+
+def _decode_run(runner, first, positions: list[int]) -> tuple[list[float], list[Any]]:
+    """One run of timed greedy decode steps at ``positions`` from ``first``: each step's
+    seconds and the tokens it gave (device or torch arrays ``[B]``)."""
+    step_s, columns, tokens = [], [], first
+    for position in positions:
+        begin = time.perf_counter()
+        tokens = runner.decode(tokens, position)
+        step_s.append(time.perf_counter() - begin)
+        columns.append(tokens)
+    return step_s, columns
 
 
 def _run_cases(runner_for, spec: dict[str, Any]) -> dict[str, Any]:
@@ -266,12 +275,9 @@ def _run_capacity_check(runner_for, spec: dict[str, Any]) -> dict[str, Any]:
             try:
                 if attempt:
                     runner.rewind(start)
-                tokens = first
-                for position in positions:
-                    begin = time.perf_counter()
-                    tokens = runner.decode(tokens, position)
-                    if attempt:
-                        step_s[capacity].append(time.perf_counter() - begin)
+                seconds, _ = _decode_run(runner, first, positions)
+                if attempt:
+                    step_s[capacity] += seconds
             except Exception as error:
                 traceback.print_exc(file=sys.stderr)
                 results[str(capacity)] = {"error": _error_text(error)}
